@@ -1,0 +1,6 @@
+"""Entry point for ``python -m gateway``."""
+
+from gateway.cli import console_main
+
+if __name__ == "__main__":
+    console_main()

@@ -1,0 +1,152 @@
+"""Command line: ``python -m gateway [run] --config F``, ``check --config F`` and ``init …``.
+
+Contract: :func:`main` takes the argument list and returns the process exit status; it never lets a traceback
+reach the user for an expected failure. Exit status 0 = success, 2 = bad configuration or bad arguments
+(argparse's own convention), 1 = the gateway stopped on a runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway import __version__
+from gateway.errors import ConfigError, ConfigProblem
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+_SUBCOMMANDS = ("run", "check", "init")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway",
+        description="IBKR Web API gateway: holds the OAuth session, serves IBKR as a plain local API.",
+    )
+    parser.add_argument("--version", action="version", version=f"ibkr-oauth-gateway {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="{run,check,init}")
+
+    run = commands.add_parser("run", help="run the gateway (the default command)")
+    run.add_argument("--config", required=True, help="path to the TOML config, e.g. gateway.toml")
+
+    check = commands.add_parser("check", help="validate a config and its key files, then exit")
+    check.add_argument("--config", required=True, help="path to the TOML config")
+
+    init = commands.add_parser("init", help="check IBKR credentials and write a complete config")
+    init.add_argument("--keys-dir", required=True, help="folder with the PEM files IBKR's set-up produced")
+    init.add_argument("--consumer-key", required=True)
+    init.add_argument("--access-token", required=True)
+    init.add_argument(
+        "--access-token-secret",
+        help="base64 secret as IBKR issued it (default: read from $GATEWAY__IBKR__ACCESS_TOKEN_SECRET)",
+    )
+    init.add_argument("--output", required=True, help="config file to write, e.g. gateway.prod.toml")
+    init.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    init.add_argument("--signature-key", default="private_signature.pem", help="file name in --keys-dir")
+    init.add_argument("--encryption-key", default="private_encryption.pem", help="file name in --keys-dir")
+    init.add_argument("--dh-param", default="dhparam.pem", help="file name in --keys-dir")
+    init.add_argument("--realm", default=None, help="default: test_realm for TESTCONS, else limited_poa")
+    init.add_argument("--base-url", default="https://api.ibkr.com")
+    return parser
+
+
+def _print_problems(problems: Sequence[ConfigProblem]) -> None:
+    """One line per problem on stderr; errors are prefixed ``error:``, warnings carry their own prefix."""
+    for problem in problems:
+        print(f"error: {problem}" if problem.severity == "error" else str(problem), file=sys.stderr)
+
+
+def _cmd_check(config_path: str) -> int:
+    from gateway.config import load_config
+
+    try:
+        loaded = load_config(config_path)
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        return EXIT_CONFIG
+    _print_problems(loaded.warnings)
+    config = loaded.config
+    target = "the built-in simulator" if config.simulator.enabled else config.ibkr.base_url
+    print(
+        f"{config_path}: ok — listens on {config.server.host}:{config.server.port}, upstream {target}, "
+        f"{len(config.routes)} route(s)"
+    )
+    return EXIT_OK
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from gateway.init import InitRequest, write_config
+
+    secret = args.access_token_secret or os.environ.get("GATEWAY__IBKR__ACCESS_TOKEN_SECRET")
+    if not secret:
+        print(
+            "error: init: give --access-token-secret or set GATEWAY__IBKR__ACCESS_TOKEN_SECRET",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    request = InitRequest(
+        keys_dir=Path(args.keys_dir),
+        output=Path(args.output),
+        consumer_key=args.consumer_key,
+        access_token=args.access_token,
+        access_token_secret=secret,
+        signature_key=args.signature_key,
+        encryption_key=args.encryption_key,
+        dh_param=args.dh_param,
+        realm=args.realm,
+        base_url=args.base_url,
+        force=args.force,
+    )
+    try:
+        warnings = write_config(request)
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        return EXIT_CONFIG
+    _print_problems(warnings)
+    print(f"wrote {args.output} (mode 0600); check it with: python -m gateway check --config {args.output}")
+    return EXIT_OK
+
+
+def _cmd_run(config_path: str) -> int:
+    from gateway.config import load_config
+
+    try:
+        loaded = load_config(config_path)
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        return EXIT_CONFIG
+    _print_problems(loaded.warnings)
+    from gateway.runtime import run_gateway  # imported late: bad configs exit before the server stack loads
+
+    return run_gateway(loaded)
+
+
+def main(argv: Sequence[str]) -> int:
+    """Run the command line with ``argv`` (without the program name) and return the exit status."""
+    args_list = list(argv)
+    if not args_list or (args_list[0] not in _SUBCOMMANDS and args_list[0] not in ("-h", "--help", "--version")):
+        args_list.insert(0, "run")
+    parser = _parser()
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:  # argparse reports its own error (one line plus usage)
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_CONFIG
+    if args.command == "check":
+        return _cmd_check(args.config)
+    if args.command == "init":
+        return _cmd_init(args)
+    return _cmd_run(args.config)
+
+
+def console_main() -> None:
+    """Entry point of the ``ibkr-gateway`` console script and ``python -m gateway``."""
+    try:
+        status = main(sys.argv[1:])
+    except KeyboardInterrupt:
+        status = 130
+    sys.exit(status)

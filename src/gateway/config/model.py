@@ -1,0 +1,116 @@
+"""The typed, immutable configuration the rest of the gateway reads (no parsing, no I/O here)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+
+from gateway.oauth.dh import DHParams
+from gateway.oauth.signer import OAuthIdentity
+from gateway.redact import Secret
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """``[server]``: where the gateway listens and whom it trusts."""
+
+    host: str = "127.0.0.1"
+    port: int = 5000
+    trusted_proxies: tuple[IPNetwork, ...] = (
+        ipaddress.ip_network("127.0.0.1/32"),
+        ipaddress.ip_network("::1/128"),
+    )
+    allowed_origins: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class IbkrConfig:
+    """``[ibkr]``: the upstream and the credentials IBKR issued (key paths already resolved)."""
+
+    base_url: str = "https://api.ibkr.com"
+    consumer_key: str = ""
+    access_token: str = ""
+    access_token_secret: Secret[str] = field(default_factory=lambda: Secret(""))
+    signature_key: Path | None = None
+    encryption_key: Path | None = None
+    dh_param: Path | None = None
+    realm: str = "limited_poa"
+    user_agent: str = "ibkr-oauth-gateway"
+    compete: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """``[session]``: tickle cadence, reconnect back-off and how long requests wait for a session."""
+
+    tickle_interval_s: float = 60.0
+    reconnect_delay_s: float = 1.0
+    reconnect_max_delay_s: float = 300.0
+    ready_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorConfig:
+    """``[simulator]``: run the built-in IBKR simulator on loopback instead of talking to IBKR."""
+
+    enabled: bool = False
+    port: int = 0
+    lenient: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """``[logging]``: level and format of the log lines written to stderr."""
+
+    level: LogLevel = "info"
+    format: LogFormat = "text"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """One ``[[routes]]`` entry: an allow-listed path (``/x/*`` = everything below ``/x/``) and its methods.
+
+    ``methods`` is ``None`` when any method is allowed; otherwise upper-case method names.
+    """
+
+    path: str
+    methods: tuple[str, ...] | None = None
+
+    @property
+    def is_prefix(self) -> bool:
+        """True when the route ends in ``/*`` and so matches everything below its prefix."""
+        return self.path.endswith("/*")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration. ``source`` is the file it came from (for messages)."""
+
+    source: str
+    server: ServerConfig = field(default_factory=ServerConfig)
+    ibkr: IbkrConfig = field(default_factory=IbkrConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+    simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    routes: tuple[RouteConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Key material loaded and checked at start-up: everything the OAuth handshake needs.
+
+    ``prepend`` is the lower-case hex of the decrypted access-token secret (a secret).
+    """
+
+    identity: OAuthIdentity
+    signature_key: RSAPrivateKey = field(repr=False)
+    prepend: Secret[str]
+    dh: DHParams

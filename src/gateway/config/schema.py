@@ -1,0 +1,291 @@
+"""The configuration schema: every section and key, its type check, default and documentation, in one table.
+
+The parser, the ``init`` writer and the README's configuration reference all read this table, so a key's
+name, default and meaning are written down exactly once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+Converter = Callable[[object], Any]
+"""Checks a raw TOML value and returns the typed value; raises ``ValueError`` with a message on bad input."""
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+_HEADER_SAFE = re.compile(r"^[\x21-\x7e]+$")
+_TOKEN = re.compile(r"^[A-Za-z0-9._~\-]+$")
+
+
+def _type_name(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array"}
+    return names.get(type(value), "a table" if isinstance(value, dict) else type(value).__name__)
+
+
+def string(*, pattern: re.Pattern[str] | None = None, what: str = "") -> Converter:
+    """A non-empty string, optionally matching ``pattern`` (``what`` describes the pattern in messages)."""
+
+    def convert(value: object) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string, not {_type_name(value)}")
+        if not value.strip():
+            raise ValueError("must not be empty")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise ValueError(f"must be {what}")
+        return value
+
+    return convert
+
+
+def integer(low: int, high: int) -> Converter:
+    """An integer in ``[low, high]`` (booleans are not integers here)."""
+
+    def convert(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be an integer, not {_type_name(value)}")
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return convert
+
+
+def seconds(low: float, high: float = 86400.0 * 7) -> Converter:
+    """A duration in seconds, integer or float, in ``[low, high]``."""
+
+    def convert(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"must be a number of seconds, not {_type_name(value)}")
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low:g} and {high:g} seconds, got {value:g}")
+        return float(value)
+
+    return convert
+
+
+def boolean(value: object) -> bool:
+    """``true`` or ``false``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, not {_type_name(value)}")
+    return value
+
+
+def choice(*options: str) -> Converter:
+    """One of ``options`` (case-insensitive; returned lower-case)."""
+
+    def convert(value: object) -> str:
+        if not isinstance(value, str) or value.lower() not in options:
+            raise ValueError(f"must be one of {', '.join(repr(o) for o in options)}, got {value!r}")
+        return value.lower()
+
+    return convert
+
+
+def array(item: Converter, *, what: str) -> Converter:
+    """An array whose items each pass ``item``; returns a tuple. ``what`` names the items in messages."""
+
+    def convert(value: object) -> tuple[Any, ...]:
+        if not isinstance(value, list):
+            raise ValueError(f"must be an array of {what}, not {_type_name(value)}")
+        out = []
+        for index, element in enumerate(value):
+            try:
+                out.append(item(element))
+            except ValueError as exc:
+                raise ValueError(f"item {index} ({element!r}): {exc}") from None
+        return tuple(out)
+
+    return convert
+
+
+def ip_network(value: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """An IP address or CIDR network such as ``127.0.0.1`` or ``10.0.0.0/8``."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not {_type_name(value)}")
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError("is not an IP address or CIDR network") from None
+
+
+def origin(value: object) -> str:
+    """A browser origin ``scheme://host[:port]`` with no path, compared exactly (lower-cased)."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not {_type_name(value)}")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must look like https://host or http://host:port")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("must be an origin only (scheme://host[:port]), without path, query or user")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
+def base_url(value: object) -> str:
+    """An http(s) URL of the IBKR host, without path, query or credentials; returned without a trailing slash."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not {_type_name(value)}")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an http:// or https:// URL such as https://api.ibkr.com")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("must be scheme://host[:port] only (paths such as /v1/api are added by the gateway)")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+def base64_text(value: object) -> str:
+    """Base64 text such as IBKR's access-token secret (whitespace removed)."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not {_type_name(value)}")
+    compact = "".join(value.split())
+    if not compact:
+        raise ValueError("must not be empty")
+    try:
+        base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("is not valid base64 (paste it exactly as IBKR issued it)") from None
+    return compact
+
+
+def route_path(value: object) -> str:
+    """An absolute path, exact (``/v1/api/tickle``) or a prefix (``/v1/api/iserver/*``)."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not {_type_name(value)}")
+    if not value.startswith("/"):
+        raise ValueError("must start with /")
+    body = value[:-2] if value.endswith("/*") else value
+    if "*" in body:
+        raise ValueError("may only use * as its last segment, as in /v1/api/iserver/*")
+    segments = body.split("/")[1:]
+    if any(s in (".", "..") for s in segments) or "//" in value or any(c in value for c in "?#%\\ "):
+        raise ValueError("must be a plain, canonical path (no //, ., .., %, ?, # or spaces)")
+    return value
+
+
+def method(value: object) -> str:
+    """An HTTP method name; returned upper-case."""
+    if not isinstance(value, str) or value.upper() not in HTTP_METHODS:
+        raise ValueError(f"must be one of {', '.join(HTTP_METHODS)}")
+    return value.upper()
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """One configuration key: its converter, its default (``None`` = required or absent) and its documentation.
+
+    ``secret`` keys are never echoed; ``path`` keys are resolved relative to the config file's folder;
+    ``credential`` keys are required unless the simulator is enabled.
+    """
+
+    convert: Converter
+    default: object
+    doc: str
+    secret: bool = False
+    path: bool = False
+    credential: bool = False
+
+    @property
+    def takes_string(self) -> bool:
+        """True when an environment override is taken verbatim rather than parsed as a TOML value."""
+        return isinstance(self.default, str) or self.path or self.credential
+
+
+_KEY_TEXT = re.compile(r"^[\x21-\x7e]+$")
+_PRINTABLE_NO_QUOTE = re.compile(r"^[\x21\x23-\x2b\x2d-\x7e]+$")
+
+SECTIONS: Mapping[str, Mapping[str, Key]] = {
+    "server": {
+        "host": Key(string(), "127.0.0.1", "listen address; keep it on loopback and put nginx in front"),
+        "port": Key(integer(0, 65535), 5000, "listen port (0 = any free port)"),
+        "trusted_proxies": Key(
+            array(ip_network, what="IP addresses or CIDR networks"),
+            ["127.0.0.1", "::1"],
+            "X-Forwarded-* headers are honoured only from these peers",
+        ),
+        "allowed_origins": Key(
+            array(origin, what="origins such as https://dash.example.com"),
+            [],
+            "CORS and WebSocket Origin allow-list (exact origins)",
+        ),
+    },
+    "ibkr": {
+        "base_url": Key(base_url, "https://api.ibkr.com", "REST base; the WebSocket URL is derived from it"),
+        "consumer_key": Key(
+            string(pattern=_PRINTABLE_NO_QUOTE, what="printable ASCII without quotes or commas"),
+            None,
+            "consumer key from IBKR's self-service portal",
+            credential=True,
+        ),
+        "access_token": Key(
+            string(pattern=_PRINTABLE_NO_QUOTE, what="printable ASCII without quotes or commas"),
+            None,
+            "access token from IBKR's self-service portal",
+            credential=True,
+        ),
+        "access_token_secret": Key(
+            base64_text,
+            None,
+            "base64 RSA ciphertext exactly as IBKR issues it (prefer GATEWAY__IBKR__ACCESS_TOKEN_SECRET)",
+            secret=True,
+            credential=True,
+        ),
+        "signature_key": Key(
+            string(), None, "private signature key (PEM), relative to this file", path=True, credential=True
+        ),
+        "encryption_key": Key(
+            string(), None, "private encryption key (PEM), relative to this file", path=True, credential=True
+        ),
+        "dh_param": Key(
+            string(), None, "Diffie-Hellman parameters (PEM), relative to this file", path=True, credential=True
+        ),
+        "realm": Key(
+            string(pattern=_TOKEN, what="a token such as limited_poa"),
+            "limited_poa",
+            "limited_poa for every real consumer; test_realm only for TESTCONS",
+        ),
+        "user_agent": Key(
+            string(pattern=re.compile(r"^[\x20-\x7e]+$"), what="printable ASCII"),
+            "ibkr-oauth-gateway",
+            "User-Agent sent upstream (IBKR's edge answers 403 without one)",
+        ),
+        "compete": Key(boolean, True, "take over a brokerage session open elsewhere for the same user"),
+    },
+    "session": {
+        "tickle_interval_s": Key(seconds(1.0, 3600.0), 60, "seconds between tickles (never faster than 1/s)"),
+        "reconnect_delay_s": Key(seconds(0.01, 3600.0), 1, "first back-off step after a failure"),
+        "reconnect_max_delay_s": Key(seconds(0.01, 86400.0), 300, "back-off cap"),
+        "ready_timeout_s": Key(seconds(0.0, 600.0), 10, "how long a request waits for a ready session before 503"),
+    },
+    "simulator": {
+        "enabled": Key(boolean, False, "true: run against the built-in IBKR simulator on loopback, not IBKR"),
+        "port": Key(integer(0, 65535), 0, "simulator's loopback port (0 = any free port)"),
+        "lenient": Key(boolean, False, "simulator also accepts the two other query-signing rules seen in clients"),
+    },
+    "logging": {
+        "level": Key(choice("debug", "info", "warning", "error"), "info", "debug, info, warning or error"),
+        "format": Key(choice("text", "json"), "text", "text or json; logs go to stderr"),
+    },
+}
+
+ROUTE_KEYS: Mapping[str, Key] = {
+    "path": Key(route_path, None, 'allow-listed path; "/x/*" matches everything below /x/'),
+    "methods": Key(array(method, what="HTTP methods"), None, "optional; omitted = any method"),
+}
+
+ENV_PREFIX = "GATEWAY__"

@@ -1,0 +1,97 @@
+"""The gateway's one error tree; every error knows the HTTP status it becomes at the edge.
+
+Hierarchy::
+
+    GatewayError                    500  base of everything the gateway raises on purpose
+    ├── ConfigError                      bad configuration (carries every problem found, not just the first)
+    ├── OAuthError                  502  the OAuth protocol could not be carried out
+    │   ├── KeyMaterialError             a PEM, key or DH parameter set is unusable
+    │   ├── SecretDecryptError           the access-token secret does not decrypt to an IBKR prepend
+    │   └── LiveSessionTokenError        IBKR's live_session_token_signature does not match the derived LST
+    └── (session, upstream and edge errors join here as the gateway grows)
+
+Contract: no message of any error here contains secret material (key bytes, the access-token secret, the
+prepend, a live session token, a signature or a session cookie). Messages name *what* is wrong and *where*.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises deliberately.
+
+    ``status`` is the HTTP status the error becomes when it reaches a client; ``code`` is a short, stable,
+    machine-readable identifier used in JSON error bodies and logs.
+    """
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "gateway_error"
+
+
+class OAuthError(GatewayError):
+    """The OAuth handshake or request signing could not be carried out."""
+
+    status = 502
+    code = "oauth_error"
+
+
+class KeyMaterialError(OAuthError):
+    """A PEM file, RSA key or DH parameter set is missing, malformed or of the wrong kind."""
+
+    code = "key_material"
+
+
+class SecretDecryptError(OAuthError):
+    """The access-token secret is not valid base64 or does not decrypt to IBKR's 32-byte prepend.
+
+    With current OpenSSL a PKCS#1 v1.5 decryption under the wrong key returns random bytes instead of failing
+    (implicit rejection), so a wrong length is reported as "wrong key or damaged secret".
+    """
+
+    code = "secret_decrypt"
+
+
+class LiveSessionTokenError(OAuthError):
+    """The live session token derived locally does not match IBKR's ``live_session_token_signature``."""
+
+    code = "lst_validation"
+
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One problem found in a configuration: where it is and what is wrong.
+
+    ``source`` is a file path or an environment variable name; ``key`` the dotted key (``ibkr.consumer_key``),
+    or ``""`` for a problem with the file as a whole; ``line`` the 1-based line when known.
+    """
+
+    source: str
+    key: str
+    message: str
+    severity: Severity = "error"
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = self.source
+        if self.line is not None:
+            where += f":{self.line}"
+        if self.key:
+            where += f": {self.key}"
+        prefix = "warning: " if self.severity == "warning" else ""
+        return f"{where}: {prefix}{self.message}"
+
+
+class ConfigError(GatewayError):
+    """The configuration is unusable. Carries every problem found, each on its own line."""
+
+    code = "config"
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))

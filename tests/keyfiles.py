@@ -1,0 +1,102 @@
+"""Test helper: throwaway IBKR-shaped key material (RSA PEMs, a PKCS#3 DH PEM, an encrypted secret)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+VECTORS_PATH = Path(__file__).parent / "vectors" / "ibkr-oauth-vectors.json"
+
+
+def vectors() -> dict[str, object]:
+    """The known-answer vectors file, parsed."""
+    data: dict[str, object] = json.loads(VECTORS_PATH.read_text())
+    return data
+
+
+def group14_prime() -> int:
+    """RFC 3526 group 14, taken from the vectors file (not pasted)."""
+    cases = vectors()["synthetic_lst"]
+    assert isinstance(cases, dict)
+    return int(cases["cases"][0]["prime_hex"], 16)
+
+
+def _der_integer(value: int) -> bytes:
+    body = value.to_bytes(value.bit_length() // 8 + 1, "big")
+    return b"\x02" + _der_length(len(body)) + body
+
+
+def _der_length(length: int) -> bytes:
+    if length < 0x80:
+        return bytes([length])
+    raw = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(raw)]) + raw
+
+
+def dh_params_pem(p: int, g: int = 2) -> bytes:
+    """PKCS#3 ``DH PARAMETERS`` PEM for ``(p, g)``, DER-encoded by hand."""
+    body = _der_integer(p) + _der_integer(g)
+    der = b"\x30" + _der_length(len(body)) + body
+    b64 = base64.encodebytes(der).decode().replace("\n", "")
+    lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
+    return ("-----BEGIN DH PARAMETERS-----\n" + "\n".join(lines) + "\n-----END DH PARAMETERS-----\n").encode()
+
+
+def pkcs8_pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def pkcs1_pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+
+
+def encrypt_secret(key: rsa.RSAPrivateKey, plaintext: bytes) -> str:
+    """base64(RSAES-PKCS1-v1_5(public half of ``key``, plaintext)) — IBKR's access-token-secret shape."""
+    return base64.b64encode(key.public_key().encrypt(plaintext, padding.PKCS1v15())).decode()
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """One set of IBKR-shaped credentials (the prepend is the hex of ``plaintext``)."""
+
+    signature_key: rsa.RSAPrivateKey
+    encryption_key: rsa.RSAPrivateKey
+    plaintext: bytes
+    consumer_key: str = "TESTKEY01"
+    access_token: str = "0123456789abcdef0123"
+
+    @property
+    def access_token_secret(self) -> str:
+        return encrypt_secret(self.encryption_key, self.plaintext)
+
+    def write(self, folder: Path) -> None:
+        """Write the three PEM files under IBKR's usual names, mode 0600."""
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {
+            "private_signature.pem": pkcs8_pem(self.signature_key),
+            "private_encryption.pem": pkcs1_pem(self.encryption_key),
+            "dhparam.pem": dh_params_pem(group14_prime()),
+        }
+        for name, data in files.items():
+            path = folder / name
+            path.write_bytes(data)
+            os.chmod(path, 0o600)
+
+
+def new_keyset(bits: int = 2048) -> KeySet:
+    """Fresh RSA key pairs and a random 32-byte prepend."""
+    return KeySet(
+        signature_key=rsa.generate_private_key(public_exponent=65537, key_size=bits),
+        encryption_key=rsa.generate_private_key(public_exponent=65537, key_size=bits),
+        plaintext=os.urandom(32),
+    )

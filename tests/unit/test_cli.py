@@ -1,0 +1,145 @@
+"""The command line: ``check`` and ``init`` through ``main(argv)``, and the real entry points as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+from gateway.config import load_config
+from tests.keyfiles import KeySet, encrypt_secret, new_keyset
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def keys() -> KeySet:
+    return new_keyset()
+
+
+def init_args(keys: KeySet, keys_dir: Path, output: Path, *extra: str, secret: str | None = None) -> list[str]:
+    return [
+        "init",
+        "--keys-dir",
+        str(keys_dir),
+        "--consumer-key",
+        keys.consumer_key,
+        "--access-token",
+        keys.access_token,
+        "--access-token-secret",
+        keys.access_token_secret if secret is None else secret,
+        "--output",
+        str(output),
+        *extra,
+    ]
+
+
+def test_check_default_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--config", str(REPO / "gateway.toml")]) == 0
+    out = capsys.readouterr()
+    assert "ok" in out.out
+    assert "the built-in simulator" in out.out
+    assert out.err == ""
+
+
+def test_check_bad_config_exit_2_one_line_per_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text('[server]\nport = "x"\nbogus = 1\n[simulator]\nenabled = true\n')
+    assert main(["check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"error: {path}:2: server.port: must be an integer, not a string",
+        f"error: {path}:3: server.bogus: unknown key",
+    ]
+
+
+def test_init_writes_a_config_that_checks(tmp_path: Path, keys: KeySet, capsys: pytest.CaptureFixture[str]) -> None:
+    keys.write(tmp_path / "keys")
+    output = tmp_path / "conf" / "gateway.prod.toml"
+    output.parent.mkdir()
+    assert main(init_args(keys, tmp_path / "keys", output)) == 0
+    assert stat.S_IMODE(output.stat().st_mode) == 0o600
+    text = output.read_text()
+    assert 'signature_key = "../keys/private_signature.pem"' in text
+    assert "# consumer key from IBKR's self-service portal" in text
+    loaded = load_config(output, env={})
+    assert loaded.credentials is not None
+    assert loaded.credentials.prepend.reveal() == keys.plaintext.hex()
+    assert loaded.config.ibkr.realm == "limited_poa"
+    assert not loaded.config.simulator.enabled
+    assert main(["check", "--config", str(output)]) == 0
+    assert keys.access_token_secret not in capsys.readouterr().out
+
+
+def test_init_never_overwrites_without_force(tmp_path: Path, keys: KeySet, capsys: pytest.CaptureFixture[str]) -> None:
+    keys.write(tmp_path / "keys")
+    output = tmp_path / "g.toml"
+    output.write_text("precious")
+    assert main(init_args(keys, tmp_path / "keys", output)) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert output.read_text() == "precious"
+    assert main(init_args(keys, tmp_path / "keys", output, "--force")) == 0
+    assert "consumer_key" in output.read_text()
+
+
+def test_init_rejects_secret_for_another_key(tmp_path: Path, keys: KeySet, capsys: pytest.CaptureFixture[str]) -> None:
+    keys.write(tmp_path / "keys")
+    output = tmp_path / "g.toml"
+    secret = encrypt_secret(new_keyset(bits=1024).encryption_key, keys.plaintext)
+    assert main(init_args(keys, tmp_path / "keys", output, secret=secret)) == 2
+    err = capsys.readouterr().err
+    assert "ibkr.access_token_secret: does not decrypt with ibkr.encryption_key" in err
+    assert secret not in err
+    assert not output.exists()
+
+
+def test_init_reports_missing_pem_files(tmp_path: Path, keys: KeySet, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "keys").mkdir()
+    assert main(init_args(keys, tmp_path / "keys", tmp_path / "g.toml")) == 2
+    err = capsys.readouterr().err
+    for name in ("private_signature.pem", "private_encryption.pem", "dhparam.pem"):
+        assert f"{name} does not exist" in err
+
+
+def test_init_realm_for_testcons(tmp_path: Path, keys: KeySet) -> None:
+    keys.write(tmp_path / "keys")
+    args = init_args(keys, tmp_path / "keys", tmp_path / "g.toml")
+    args[args.index(keys.consumer_key)] = "TESTCONS"
+    assert main(args) == 0
+    assert load_config(tmp_path / "g.toml", env={}).config.ibkr.realm == "test_realm"
+
+
+def test_unknown_option_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", "x.toml", "--bogus"]) == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def _run(*args: str, env_extra: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY__")} | (env_extra or {})
+    started = time.monotonic()
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env, check=False)
+    return proc, time.monotonic() - started
+
+
+def test_python_m_gateway_bad_config_fast_no_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text("[server\n")
+    proc, elapsed = _run(sys.executable, "-m", "gateway", "--config", str(path))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"error: {path}:1: is not valid TOML")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr
+    assert elapsed < 5  # the bar is 1 s of our own time; interpreter start-up on a loaded CI box is extra
+
+
+def test_console_script_version() -> None:
+    script = Path(sys.executable).parent / "ibkr-gateway"
+    proc, _ = _run(str(script), "--version")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("ibkr-oauth-gateway ")
