@@ -65,6 +65,23 @@ def encrypt_secret(key: rsa.RSAPrivateKey, plaintext: bytes) -> str:
     return base64.b64encode(key.public_key().encrypt(plaintext, padding.PKCS1v15())).decode()
 
 
+def secret_for_wrong_key(right_key: rsa.RSAPrivateKey, plaintext: bytes) -> str:
+    """A secret encrypted to a different key, chosen so that ``right_key`` visibly fails to decrypt it.
+
+    OpenSSL's implicit rejection makes a wrong-key PKCS#1 v1.5 decryption return random bytes, which have the
+    right length (32) about once in 245 tries; such a ciphertext is re-drawn so tests never flake.
+    """
+    other = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    while True:
+        secret = encrypt_secret(other, plaintext)
+        try:
+            wrong = right_key.decrypt(base64.b64decode(secret), padding.PKCS1v15())
+        except ValueError:
+            return secret
+        if len(wrong) != len(plaintext):
+            return secret
+
+
 @dataclass(frozen=True)
 class KeySet:
     """One set of IBKR-shaped credentials (the prepend is the hex of ``plaintext``)."""

@@ -13,7 +13,7 @@ import pytest
 
 from gateway.cli import main
 from gateway.config import load_config
-from tests.keyfiles import KeySet, encrypt_secret, new_keyset
+from tests.keyfiles import KeySet, new_keyset, secret_for_wrong_key
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -91,7 +91,7 @@ def test_init_never_overwrites_without_force(tmp_path: Path, keys: KeySet, capsy
 def test_init_rejects_secret_for_another_key(tmp_path: Path, keys: KeySet, capsys: pytest.CaptureFixture[str]) -> None:
     keys.write(tmp_path / "keys")
     output = tmp_path / "g.toml"
-    secret = encrypt_secret(new_keyset(bits=1024).encryption_key, keys.plaintext)
+    secret = secret_for_wrong_key(keys.encryption_key, keys.plaintext)
     assert main(init_args(keys, tmp_path / "keys", output, secret=secret)) == 2
     err = capsys.readouterr().err
     assert "ibkr.access_token_secret: does not decrypt with ibkr.encryption_key" in err

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from gateway.config import load_config, parse_config
 from gateway.config.render import render_config
 from gateway.errors import ConfigError
-from tests.keyfiles import KeySet, encrypt_secret, new_keyset
+from tests.keyfiles import KeySet, encrypt_secret, new_keyset, secret_for_wrong_key
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -246,8 +246,7 @@ def test_dh_file_holding_rsa_key(config_dir: Path, keys: KeySet) -> None:
 
 
 def test_secret_encrypted_to_another_key(config_dir: Path, keys: KeySet) -> None:
-    other = new_keyset(bits=1024)
-    secret = encrypt_secret(other.encryption_key, keys.plaintext)
+    secret = secret_for_wrong_key(keys.encryption_key, keys.plaintext)
     with pytest.raises(ConfigError) as excinfo:
         load_config(write_config(config_dir, keys, secret=secret), env={})
     (problem,) = problems_of(excinfo)
@@ -345,7 +344,7 @@ def test_rendered_defaults_parse_back_to_defaults(tmp_path: Path) -> None:
     assert len(config.routes) == 6
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(
     st.recursive(
         st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
