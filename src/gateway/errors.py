@@ -8,7 +8,13 @@ Hierarchy::
     │   ├── KeyMaterialError             a PEM, key or DH parameter set is unusable
     │   ├── SecretDecryptError           the access-token secret does not decrypt to an IBKR prepend
     │   └── LiveSessionTokenError        IBKR's live_session_token_signature does not match the derived LST
-    └── (session, upstream and edge errors join here as the gateway grows)
+    ├── UpstreamError               502  IBKR (or the simulator) could not be reached or answered wrongly
+    │   ├── UpstreamConnectError    502  connection refused, reset, DNS or TLS failure before a response
+    │   ├── UpstreamTimeout         504  no (complete) answer within the configured deadline
+    │   └── UpstreamStatusError     502  a session call got an unexpected HTTP status or body
+    └── SessionError                503  no usable brokerage session
+        ├── SessionNotReady         503  no session became ready within ready_timeout_s
+        └── SessionEnded            503  the session ended (tickle failed, 401, LST expiry, shutdown)
 
 Contract: no message of any error here contains secret material (key bytes, the access-token secret, the
 prepend, a live session token, a signature or a session cookie). Messages name *what* is wrong and *where*.
@@ -95,3 +101,55 @@ class ConfigError(GatewayError):
     def __init__(self, problems: list[ConfigProblem]) -> None:
         self.problems = tuple(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class UpstreamError(GatewayError):
+    """IBKR (or the simulator) could not be reached or answered in a way the gateway cannot use."""
+
+    status = 502
+    code = "upstream_error"
+
+
+class UpstreamConnectError(UpstreamError):
+    """The connection to the upstream failed before any response (refused, reset, DNS, TLS)."""
+
+    code = "upstream_connect"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer (completely) within the configured deadline."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+class UpstreamStatusError(UpstreamError):
+    """A session call (LST, ssodh/init, tickle, logout) got an unexpected status or body.
+
+    ``upstream_status`` is the HTTP status IBKR answered with (``0`` when the body, not the status, was wrong).
+    """
+
+    code = "upstream_status"
+
+    def __init__(self, message: str, *, upstream_status: int = 0) -> None:
+        super().__init__(message)
+        self.upstream_status = upstream_status
+
+
+class SessionError(GatewayError):
+    """No usable brokerage session."""
+
+    status = 503
+    code = "session_error"
+
+
+class SessionNotReady(SessionError):
+    """No session became ready within ``session.ready_timeout_s``."""
+
+    code = "session_not_ready"
+
+
+class SessionEnded(SessionError):
+    """The session ended: tickle failure, ``authenticated:false``, an upstream 401, LST expiry or shutdown."""
+
+    code = "session_ended"

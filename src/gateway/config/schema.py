@@ -130,6 +130,8 @@ def origin(value: object) -> str:
     host = parts.hostname.lower()
     if ":" in host:
         host = f"[{host}]"
+    if port == {"http": 80, "https": 443}[parts.scheme]:
+        port = None  # browsers omit the default port from Origin
     return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
 
 

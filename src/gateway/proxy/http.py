@@ -1,0 +1,214 @@
+"""One proxied HTTP exchange: wait for a session, sign, stream the request up and the response down.
+
+Contract:
+- The request goes upstream with the client's method, raw path and raw query unchanged, only allow-listed
+  headers, the configured User-Agent, and an ``Authorization`` header signed last under the session's current LST.
+- Bodies stream both ways with backpressure (nothing is buffered whole); response bytes are passed raw, so
+  ``Content-Encoding`` and ``Content-Length`` stay consistent.
+- No ready session within ``ready_timeout_s`` → 503 JSON with ``Retry-After``. Upstream connect failure → 502,
+  timeout → 504, each with a JSON body saying what failed.
+- IBKR 401 → the session is renewed; a request without a body and an idempotent method (GET, HEAD, OPTIONS) is
+  re-signed with a fresh nonce and sent once more under the new session; anything else is never re-sent (503).
+- If the upstream fails after the response started, the client connection is aborted (a chunked response never
+  gets its last chunk, a sized one is cut short): a truncated body never looks complete.
+- If the client disconnects, the upstream exchange is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import trio
+
+from gateway.asgi import Receive, Scope, Send, send_error
+from gateway.errors import SessionNotReady
+from gateway.proxy import transforms
+from gateway.session.supervisor import LiveSession, SessionManager
+from gateway.upstream.client import map_httpx_error
+
+log = logging.getLogger("gateway.proxy")
+
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was fully received."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """What one exchange needs from the config."""
+
+    base_url: str
+    user_agent: bytes
+    ready_timeout_s: float
+
+
+async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
+    """The client's request body as it arrives (ASGI ``http.request`` messages)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def _wait_for_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    """After the body is read, the next ASGI message can only be ``http.disconnect``: cancel the exchange."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+class HttpProxy:
+    """Proxies allow-listed HTTP requests to IBKR under the current session."""
+
+    def __init__(self, *, manager: SessionManager, client: httpx.AsyncClient, settings: ProxySettings) -> None:
+        self._manager = manager
+        self._client = client
+        self._settings = settings
+        self.in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no proxied exchange is in flight (used by the graceful drain)."""
+        while self.in_flight:
+            await self._idle.wait()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI ``http`` exchange whose path and route were already checked by the dispatcher."""
+        method: str = scope["method"]
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("ascii")
+        query: bytes = scope.get("query_string", b"")
+        path_text = raw_path.decode("ascii")
+        started = time.monotonic()
+        status, sent = 0, 0
+        self.in_flight += 1
+        self._idle = trio.Event() if self.in_flight == 1 else self._idle
+        try:
+            status, sent = await self._exchange(scope, receive, send, method, raw_path, query)
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight:
+                self._idle.set()
+            log.info(
+                "%s %s -> %s %.1f ms %d bytes",
+                method,
+                path_text,
+                status or "aborted",
+                (time.monotonic() - started) * 1000,
+                sent,
+            )
+
+    async def _exchange(
+        self, scope: Scope, receive: Receive, send: Send, method: str, raw_path: bytes, query: bytes
+    ) -> tuple[int, int]:
+        settings = self._settings
+        where = f"{method} {raw_path.decode('ascii')}"
+        try:
+            session = await self._manager.wait_ready(settings.ready_timeout_s)
+        except SessionNotReady as exc:
+            retry = str(self._manager.retry_after_s()).encode()
+            await send_error(send, 503, exc.code, str(exc), headers=[(b"retry-after", retry)])
+            return 503, 0
+        url = transforms.upstream_url(settings.base_url, raw_path, query)
+        client_headers: list[tuple[bytes, bytes]] = scope["headers"]
+        headers = transforms.upstream_request_headers(client_headers)
+        headers.append((b"user-agent", settings.user_agent))
+        if transforms.header_value(headers, b"accept-encoding") is None:
+            headers.append((b"accept-encoding", b"identity"))
+        length = transforms.header_value(client_headers, b"content-length")
+        chunked = transforms.header_value(client_headers, b"transfer-encoding") is not None
+        has_body = chunked or (length is not None and length.strip() not in (b"", b"0"))
+        if length is not None and not chunked:
+            headers.append((b"content-length", length.strip()))
+        retryable = method in IDEMPOTENT and not has_body
+
+        with trio.CancelScope() as exchange_scope:
+            async with trio.open_nursery() as watchers:
+                body = _request_body(receive) if has_body else None
+                if not has_body:
+                    # Drain the (empty) request so the next receive() reports a disconnect.
+                    await receive()
+                    watchers.start_soon(_wait_for_disconnect, receive, exchange_scope)
+                try:
+                    result = await self._send_upstream(send, session, method, url, headers, body, retryable, where)
+                finally:
+                    watchers.cancel_scope.cancel()
+                return result
+        # Only reached when the client disconnected and the exchange was cancelled.
+        return 499, 0
+
+    async def _send_upstream(
+        self,
+        send: Send,
+        session: LiveSession,
+        method: str,
+        url: str,
+        headers: list[tuple[bytes, bytes]],
+        body: AsyncIterator[bytes] | None,
+        retryable: bool,
+        where: str,
+    ) -> tuple[int, int]:
+        for attempt in (0, 1):
+            signed = [*headers, (b"authorization", session.signer.authorization(method, url).encode("ascii"))]
+            request = self._client.build_request(method, url, headers=signed, content=body)
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                error = map_httpx_error(exc, where)
+                await send_error(send, error.status, error.code, str(error))
+                return error.status, 0
+            except ClientGone:
+                return 499, 0
+            if response.status_code == 401 and attempt == 0:
+                await response.aclose()
+                self._manager.report_unauthorized(session, where)
+                if not retryable:
+                    await send_error(
+                        send,
+                        503,
+                        "session_renewing",
+                        f"{where}: IBKR rejected the session (401); it is being renewed. "
+                        "This request was not re-sent because it is not idempotent; retry it.",
+                        headers=[(b"retry-after", b"1")],
+                    )
+                    return 503, 0
+                try:
+                    session = await self._manager.wait_ready(self._settings.ready_timeout_s)
+                except SessionNotReady as exc:
+                    retry = str(self._manager.retry_after_s()).encode()
+                    await send_error(send, 503, exc.code, str(exc), headers=[(b"retry-after", retry)])
+                    return 503, 0
+                continue
+            try:
+                return await self._relay_response(send, response, where)
+            finally:
+                await response.aclose()
+        raise AssertionError("unreachable: the second attempt always returns")
+
+    async def _relay_response(self, send: Send, response: httpx.Response, where: str) -> tuple[int, int]:
+        headers = transforms.downstream_response_headers(response.headers.raw)
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        sent = 0
+        try:
+            async for chunk in response.aiter_raw():
+                sent += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            # Returning without the final body message makes the server close the connection mid-response.
+            log.warning("%s: upstream failed mid-response after %d bytes: %s", where, sent, map_httpx_error(exc, where))
+            return response.status_code, sent
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return response.status_code, sent

@@ -1,0 +1,233 @@
+"""One WebSocket relay between a client and IBKR's ``/v1/api/ws``, owned by the session's nursery.
+
+Contract:
+- The handler (hypercorn's task) waits for a ready session and starts the relay *in that session's nursery*, then
+  waits for it; if the client leaves, the handler cancels the relay. If the session ends, the session nursery
+  cancels the relay, which closes the client with the session's close code (1012 restart, 1001 shutdown).
+- Upstream is opened with ``?oauth_token=<access token>``, ``Cookie: api=<session from tickle>`` and the
+  configured User-Agent; no Authorization header. Text and binary frames pass both ways unchanged.
+- Either side closing closes the other with the same code where that code may be sent (1005/1006/1015 and
+  reserved codes become 1011 toward the client, 1000 toward IBKR).
+- A relay never raises into the session nursery, and every close is shielded and bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+import trio
+import trio_websocket
+
+from gateway.asgi import Receive, Scope, Send
+from gateway.errors import SessionNotReady
+from gateway.session.supervisor import LiveSession, SessionManager
+
+log = logging.getLogger("gateway.websocket")
+
+_CLOSE_TIMEOUT_S = 2.0
+_UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
+
+
+def relay_close_code(code: int | None, *, default: int = 1011) -> int:
+    """A close code that may be sent on the other leg: valid codes pass, the rest become ``default``."""
+    if code is None or code in _UNSENDABLE:
+        return default
+    if 1000 <= code <= 1014 or 3000 <= code <= 4999:
+        return code
+    return default
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    """What a relay needs from the config."""
+
+    ws_base_url: str  # ws:// or wss:// + host
+    access_token: str
+    user_agent: str
+    ready_timeout_s: float
+    max_message_bytes: int = 1 << 20
+    tls: ssl.SSLContext | None = None
+
+
+@dataclass
+class RelayCounters:
+    """Live numbers for the status page (no secrets)."""
+
+    open: int = 0
+    opened_total: int = 0
+    messages_up: int = 0
+    messages_down: int = 0
+
+
+@dataclass(eq=False)
+class _Relay:
+    """State of one relay, shared between the handler and the task in the session nursery."""
+
+    scope: Scope
+    receive: Receive
+    send: Send
+    path: str
+    done: trio.Event = field(default_factory=trio.Event)
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    accepted: bool = False
+    client_closed: bool = False
+
+
+class WebSocketRelay:
+    """Relays allow-listed WebSocket upgrades to IBKR under the current session."""
+
+    def __init__(self, *, manager: SessionManager, settings: RelaySettings) -> None:
+        self._manager = manager
+        self._settings = settings
+        self.counters = RelayCounters()
+        self._none_open = trio.Event()
+        self._none_open.set()
+
+    async def wait_all_closed(self) -> None:
+        """Return once no relay is open (used by the graceful drain)."""
+        while self.counters.open:
+            await self._none_open.wait()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one ASGI ``websocket`` connection whose path, route and origin were already checked."""
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        path = (scope.get("raw_path") or scope["path"].encode()).decode("ascii")
+        relay = _Relay(scope=scope, receive=receive, send=send, path=path)
+        try:
+            while True:
+                try:
+                    session = await self._manager.wait_ready(self._settings.ready_timeout_s)
+                except SessionNotReady:
+                    await send({"type": "websocket.close", "code": 1013})  # try again later; before accept → 403
+                    return
+                try:
+                    await session.nursery.start(self._run, relay, session)
+                except RuntimeError:  # the session nursery is closing: wait for the next session
+                    await trio.lowlevel.checkpoint()
+                    continue
+                break
+            await relay.done.wait()
+        finally:
+            relay.cancel_scope.cancel()
+
+    def _upstream_url(self, path: str, query: bytes) -> str:
+        token = "oauth_token=" + quote(self._settings.access_token, safe="")
+        url = self._settings.ws_base_url + path + "?" + token
+        return url + ("&" + query.decode("ascii") if query else "")
+
+    async def _run(self, relay: _Relay, session: LiveSession, *, task_status: trio.TaskStatus[None]) -> None:
+        """The relay task (in the session nursery): never raises; always closes both legs."""
+        task_status.started()
+        settings = self._settings
+        try:
+            with relay.cancel_scope:
+                headers = [
+                    (b"cookie", b"api=" + session.cookie.reveal().encode("ascii")),
+                    (b"user-agent", settings.user_agent.encode("ascii")),
+                ]
+                try:
+                    async with trio_websocket.open_websocket_url(
+                        self._upstream_url(relay.path, relay.scope.get("query_string", b"")),
+                        ssl_context=settings.tls if settings.ws_base_url.startswith("wss:") else None,
+                        extra_headers=headers,
+                        max_message_size=settings.max_message_bytes,
+                        message_queue_size=16,
+                        connect_timeout=10,
+                        disconnect_timeout=_CLOSE_TIMEOUT_S,
+                    ) as upstream:
+                        await relay.send({"type": "websocket.accept"})
+                        relay.accepted = True
+                        self.counters.open += 1
+                        self.counters.opened_total += 1
+                        if self.counters.open == 1:
+                            self._none_open = trio.Event()
+                        try:
+                            await self._pump(relay, upstream)
+                        finally:
+                            self.counters.open -= 1
+                            if not self.counters.open:
+                                self._none_open.set()
+                except trio_websocket.HandshakeError as exc:
+                    log.warning("%s: upstream WebSocket refused: %s", relay.path, _describe(exc))
+                    await self._close_client(relay, 1011)
+                except OSError as exc:
+                    log.warning("%s: cannot connect upstream WebSocket: %s", relay.path, exc.strerror or exc)
+                    await self._close_client(relay, 1011)
+            if relay.cancel_scope.cancelled_caught and not relay.client_closed:
+                await self._close_client(relay, session.close_code)
+        except trio.Cancelled:
+            raise
+        except Exception:  # a relay must never take its siblings down
+            log.exception("%s: relay failed", relay.path)
+        finally:
+            if not relay.client_closed and session.ended.is_set():
+                with trio.CancelScope(shield=True):
+                    await self._close_client(relay, session.close_code)
+            relay.done.set()
+
+    async def _pump(self, relay: _Relay, upstream: trio_websocket.WebSocketConnection) -> None:
+        async with trio.open_nursery() as pump:
+            pump.start_soon(self._client_to_upstream, relay, upstream, pump.cancel_scope)
+            pump.start_soon(self._upstream_to_client, relay, upstream, pump.cancel_scope)
+
+    async def _client_to_upstream(
+        self, relay: _Relay, upstream: trio_websocket.WebSocketConnection, done: trio.CancelScope
+    ) -> None:
+        while True:
+            message = await relay.receive()
+            kind = message["type"]
+            if kind == "websocket.disconnect":
+                relay.client_closed = True
+                code = relay_close_code(message.get("code"), default=1000)
+                with trio.move_on_after(_CLOSE_TIMEOUT_S) as scope:
+                    scope.shield = True
+                    await upstream.aclose(code)
+                done.cancel()
+                return
+            if kind != "websocket.receive":
+                continue
+            data = message.get("bytes")
+            payload: str | bytes = data if data is not None else message.get("text") or ""
+            try:
+                await upstream.send_message(payload)
+            except trio_websocket.ConnectionClosed:
+                return  # the other direction sees the close and handles it
+            self.counters.messages_up += 1
+
+    async def _upstream_to_client(
+        self, relay: _Relay, upstream: trio_websocket.WebSocketConnection, done: trio.CancelScope
+    ) -> None:
+        while True:
+            try:
+                payload = await upstream.get_message()
+            except trio_websocket.ConnectionClosed as exc:
+                code = relay_close_code(exc.reason.code if exc.reason else None)
+                await self._close_client(relay, code)
+                done.cancel()
+                return
+            key = "bytes" if isinstance(payload, bytes) else "text"
+            await relay.send({"type": "websocket.send", key: payload})
+            self.counters.messages_down += 1
+
+    async def _close_client(self, relay: _Relay, code: int) -> None:
+        """Close the client leg once (shielded, bounded); before accept this rejects the handshake."""
+        if relay.client_closed:
+            return
+        relay.client_closed = True
+        with trio.move_on_after(_CLOSE_TIMEOUT_S) as scope:
+            scope.shield = True
+            try:
+                await relay.send({"type": "websocket.close", "code": code})
+            except Exception as exc:  # the client may already be gone; nothing left to tell it
+                log.debug("%s: client close not delivered: %s", relay.path, type(exc).__name__)
+
+
+def _describe(exc: trio_websocket.HandshakeError) -> str:
+    if isinstance(exc, trio_websocket.ConnectionRejected):
+        return f"HTTP {exc.status_code}"
+    return type(exc).__name__

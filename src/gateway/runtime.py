@@ -1,0 +1,262 @@
+"""Composition root: builds the gateway from a loaded config and runs it in one trio task tree.
+
+::
+
+    serve_gateway ── root nursery ── simulator (only when [simulator] enabled)
+                                  ├── hypercorn.trio.serve(Dispatcher)     listening socket: survives session restarts
+                                  └── SessionManager.run ── per-session nursery (tickle, refresh, relays)
+
+Contract: :func:`serve_gateway` reports a :class:`Gateway` handle through ``task_status`` once the socket is
+bound and the session loop runs (not necessarily ready). :meth:`Gateway.request_shutdown` drains: the session
+ends with 1001 to WebSocket clients, ``/health`` turns 503, hypercorn stops accepting and lets in-flight requests
+finish, then the gateway logs out of IBKR and everything stops. :func:`run_gateway` is the process entry point:
+it handles SIGINT/SIGTERM and returns the exit status.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import hypercorn.trio
+import trio
+from hypercorn.config import Config as HypercornConfig
+
+from gateway.config.load import LoadedConfig
+from gateway.config.model import Config, Credentials
+from gateway.logs import configure_logging, register_secret
+from gateway.oauth.dh import parse_dh_params_pem
+from gateway.oauth.keys import decrypt_access_token_secret, load_rsa_private_key
+from gateway.oauth.signer import OAuthIdentity
+from gateway.proxy.http import HttpProxy, ProxySettings
+from gateway.proxy.websocket import RelayCounters, RelaySettings, WebSocketRelay
+from gateway.redact import Secret
+from gateway.session.state import Backoff
+from gateway.session.supervisor import SessionManager, SessionSettings
+from gateway.simulator import Simulator, SimulatorCredentials, generate_credentials
+from gateway.upstream.client import Timeouts, build_client, tls_context
+from gateway.web.dispatch import Dispatcher, DispatchSettings
+from gateway.web.pages import build_pages_app
+from gateway.web.status import StatusSource
+
+log = logging.getLogger("gateway")
+
+MAX_WS_MESSAGE_BYTES = 1 << 20
+GRACEFUL_TIMEOUT_S = 20.0
+
+
+@dataclass(eq=False)
+class Gateway:
+    """A running gateway: where it listens, its session manager, and (in simulator mode) the simulator."""
+
+    url: str
+    config: Config
+    manager: SessionManager
+    relays: RelayCounters
+    upstream_url: str
+    simulator: Simulator | None = None
+    _shutdown: trio.Event = field(default_factory=trio.Event)
+    _stopped: trio.Event = field(default_factory=trio.Event)
+
+    def request_shutdown(self) -> None:
+        """Begin the graceful drain (idempotent); :meth:`wait_stopped` returns when it is over."""
+        self._shutdown.set()
+
+    async def wait_stopped(self) -> None:
+        """Return once the gateway has drained, logged out and stopped."""
+        await self._stopped.wait()
+
+    @property
+    def ws_url(self) -> str:
+        """The gateway's own ``ws://`` base URL."""
+        return "ws" + self.url.removeprefix("http")
+
+
+def simulator_credentials(creds: SimulatorCredentials) -> Credentials:
+    """Load the simulator's throwaway credentials exactly as IBKR-issued ones are loaded."""
+    encryption_key = load_rsa_private_key(creds.encryption_key_pem, what="simulator encryption key")
+    return Credentials(
+        identity=OAuthIdentity(consumer_key=creds.consumer_key, access_token=creds.access_token, realm=creds.realm),
+        signature_key=load_rsa_private_key(creds.signature_key_pem, what="simulator signature key"),
+        prepend=Secret(decrypt_access_token_secret(encryption_key, creds.access_token_secret)),
+        dh=parse_dh_params_pem(creds.dh_param_pem),
+    )
+
+
+def _hypercorn_config(host: str, port: int) -> HypercornConfig:
+    config = HypercornConfig()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.include_server_header = False
+    config.graceful_timeout = GRACEFUL_TIMEOUT_S
+    config.keep_alive_timeout = 5
+    config.read_timeout = 60
+    config.websocket_ping_interval = 20
+    config.websocket_max_message_size = MAX_WS_MESSAGE_BYTES
+    config.h11_max_incomplete_size = 16 * 1024
+    return config
+
+
+async def _serve_http(
+    app: Dispatcher,
+    config: HypercornConfig,
+    trigger: trio.Event,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    # hypercorn's own graceful wait is not used: its WebSocket ping task outlives a closed connection by up to
+    # websocket_ping_interval, so the drain waits on the gateway's own in-flight accounting instead.
+    await hypercorn.trio.serve(app, config, shutdown_trigger=trigger.wait, task_status=task_status)  # type: ignore[arg-type]
+
+
+def _register_secrets(credentials: Credentials, access_token_secret: str) -> None:
+    register_secret(credentials.prepend.reveal())
+    register_secret(access_token_secret)
+    register_secret(credentials.identity.access_token)
+
+
+async def serve_gateway(
+    loaded: LoadedConfig,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    simulator: Simulator | None = None,
+    task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the gateway until :meth:`Gateway.request_shutdown`; see the module contract.
+
+    ``host``/``port`` override ``[server]`` (tests bind port 0 and read the real port from the handle's URL).
+    ``simulator`` is a not-yet-started simulator to use in simulator mode instead of a default one (tests pass
+    one with short timers or shared credentials).
+    """
+    config = loaded.config
+    started_at = time.time()
+    async with trio.open_nursery() as root:
+        if config.simulator.enabled:
+            if simulator is None:
+                simulator = Simulator(generate_credentials(), lenient=config.simulator.lenient)
+            base_url = await root.start(simulator.serve, "127.0.0.1", config.simulator.port)
+            credentials = simulator_credentials(simulator.credentials)
+            _register_secrets(credentials, simulator.credentials.access_token_secret)
+            log.info("simulator mode: the built-in IBKR simulator listens on %s (this is NOT IBKR)", base_url)
+        else:
+            simulator = None
+            if loaded.credentials is None:
+                raise RuntimeError("credentials are required when the simulator is disabled")
+            credentials = loaded.credentials
+            base_url = config.ibkr.base_url
+            _register_secrets(credentials, config.ibkr.access_token_secret.reveal())
+
+        tls = tls_context()
+        async with build_client(Timeouts(), tls=tls) as client:
+            manager = SessionManager(
+                client=client,
+                credentials=credentials,
+                settings=SessionSettings(
+                    base_url=base_url,
+                    user_agent=config.ibkr.user_agent,
+                    compete=config.ibkr.compete,
+                    tickle_interval_s=config.session.tickle_interval_s,
+                    backoff=Backoff(config.session.reconnect_delay_s, config.session.reconnect_max_delay_s),
+                ),
+            )
+            relay = WebSocketRelay(
+                manager=manager,
+                settings=RelaySettings(
+                    ws_base_url="ws" + base_url.removeprefix("http"),
+                    access_token=credentials.identity.access_token,
+                    user_agent=config.ibkr.user_agent,
+                    ready_timeout_s=config.session.ready_timeout_s,
+                    max_message_bytes=MAX_WS_MESSAGE_BYTES,
+                    tls=tls,
+                ),
+            )
+            proxy = HttpProxy(
+                manager=manager,
+                client=client,
+                settings=ProxySettings(
+                    base_url=base_url,
+                    user_agent=config.ibkr.user_agent.encode("ascii"),
+                    ready_timeout_s=config.session.ready_timeout_s,
+                ),
+            )
+            source = StatusSource(
+                manager=manager,
+                relays=relay.counters,
+                upstream=base_url,
+                simulator=simulator is not None,
+                started_at=started_at,
+            )
+            app = Dispatcher(
+                settings=DispatchSettings(
+                    routes=config.routes, allowed_origins=frozenset(config.server.allowed_origins)
+                ),
+                pages=build_pages_app(source),
+                http_proxy=proxy,
+                relay=relay,
+            )
+            trigger = trio.Event()
+            hconfig = _hypercorn_config(host or config.server.host, config.server.port if port is None else port)
+            urls = await root.start(partial(_serve_http, app, hconfig, trigger))
+            await root.start(manager.run)
+            gateway = Gateway(
+                url=urls[0],
+                config=config,
+                manager=manager,
+                relays=relay.counters,
+                upstream_url=base_url,
+                simulator=simulator,
+            )
+            log.info("gateway listening on %s, upstream %s", gateway.url, base_url)
+            task_status.started(gateway)
+            try:
+                await gateway._shutdown.wait()
+                log.info("shutting down: closing WebSockets, draining requests")
+                await manager.stop()
+                trigger.set()  # hypercorn stops accepting and closes idle keep-alive connections
+                with trio.move_on_after(GRACEFUL_TIMEOUT_S) as drain:
+                    await proxy.wait_idle()
+                    await relay.wait_all_closed()  # relays were told to close (1001); wait until they have
+                if drain.cancelled_caught:
+                    log.warning("drain deadline passed with %d request(s) in flight", proxy.in_flight)
+                await manager.logout()
+            finally:
+                root.cancel_scope.cancel()
+                gateway._stopped.set()
+    log.info("gateway stopped")
+
+
+async def _main(loaded: LoadedConfig) -> None:
+    async with trio.open_nursery() as nursery:
+        gateway: Gateway = await nursery.start(serve_gateway, loaded)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if gateway._shutdown.is_set():
+                    log.warning("second %s: stopping now", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+                log.info("%s received", signal.Signals(signum).name)
+                gateway.request_shutdown()
+                nursery.start_soon(_exit_when_stopped, gateway, nursery.cancel_scope)
+
+
+async def _exit_when_stopped(gateway: Gateway, scope: trio.CancelScope) -> None:
+    await gateway.wait_stopped()
+    scope.cancel()
+
+
+def run_gateway(loaded: LoadedConfig) -> int:
+    """Process entry point for ``python -m gateway``: run until SIGINT/SIGTERM, return the exit status."""
+    configure_logging(loaded.config.logging.level, loaded.config.logging.format)
+    try:
+        trio.run(_main, loaded)
+    except OSError as exc:  # e.g. the port is taken
+        log.error("cannot start: %s", exc.strerror or exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

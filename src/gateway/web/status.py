@@ -1,0 +1,69 @@
+"""The status snapshot shown on ``/``, ``/session`` and ``/health``: what the session is doing, never a secret."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.proxy.websocket import RelayCounters
+from gateway.session.state import State
+from gateway.session.supervisor import SessionManager
+
+
+def _iso(epoch_s: float | None) -> str | None:
+    if epoch_s is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
+
+
+@dataclass(frozen=True, slots=True)
+class StatusSource:
+    """Where the snapshot reads from. ``upstream`` is the base URL; ``simulator`` says it is not IBKR."""
+
+    manager: SessionManager
+    relays: RelayCounters
+    upstream: str
+    simulator: bool
+    started_at: float
+
+
+def healthy(source: StatusSource) -> bool:
+    """Ready and IBKR says the brokerage session is authenticated."""
+    return source.manager.active is not None and source.manager.stats.authenticated
+
+
+def snapshot(source: StatusSource) -> dict[str, Any]:
+    """A JSON-able dict of the gateway's state. Contract: contains no token, secret, signature or cookie."""
+    manager = source.manager
+    stats = manager.stats
+    session = manager.active
+    lst_expiry = session.lst_expires_at_ms / 1000 if session is not None else None
+    return {
+        "state": manager.state.value,
+        "ready": manager.state is State.READY and session is not None,
+        "healthy": healthy(source),
+        "since": _iso(manager.since),
+        "upstream": source.upstream,
+        "simulator": source.simulator,
+        "mode": "simulator (not IBKR)" if source.simulator else "IBKR",
+        "generation": session.generation if session is not None else None,
+        "authenticated": stats.authenticated,
+        "competing": stats.competing,
+        "last_tickle": _iso(stats.last_tickle_at),
+        "lst_expires": _iso(lst_expiry),
+        "handshakes": stats.handshakes,
+        "handshake_failures": stats.handshake_failures,
+        "sessions_ended": stats.sessions_ended,
+        "lst_refreshes": stats.lst_refreshes,
+        "last_error": stats.last_error or None,
+        "last_error_at": _iso(stats.last_error_at),
+        "next_attempt": _iso(stats.next_attempt_at),
+        "relays": {
+            "open": source.relays.open,
+            "opened_total": source.relays.opened_total,
+            "messages_up": source.relays.messages_up,
+            "messages_down": source.relays.messages_down,
+        },
+        "uptime_s": round(time.time() - source.started_at, 1),
+    }

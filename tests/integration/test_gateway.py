@@ -1,0 +1,272 @@
+"""The gateway end to end against the simulator over loopback: proxy, relay, session lifecycle, status, shutdown."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import trio
+import trio.lowlevel
+import trio_websocket
+
+from gateway.simulator import Record, SimulatorCredentials
+from gateway.testing import TestGateway, open_test_gateway
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+@pytest.fixture
+async def gw(ibkr_sim_credentials: SimulatorCredentials) -> AsyncIterator[TestGateway]:
+    async with open_test_gateway(
+        {"session": {"tickle_interval_s": 1}},
+        credentials=ibkr_sim_credentials,
+        simulator_options={"tick_interval_s": 0.05, "heartbeat_s": 0.5},
+    ) as gateway:
+        yield gateway
+
+
+def upstream_records(gw: TestGateway, path: str) -> list[Record]:
+    return [r for r in gw.simulator.records if r.path == path]
+
+
+async def test_signed_get_with_query_is_accepted(gw: TestGateway) -> None:
+    async with gw.client() as http:
+        r = await http.get(
+            "/v1/api/iserver/marketdata/snapshot", params={"conids": "265598,8314", "fields": "31,84,86"}
+        )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert {item["conid"] for item in body} == {265598, 8314}
+    (record,) = upstream_records(gw, "/v1/api/iserver/marketdata/snapshot")
+    assert record.accepted
+    assert record.raw_query == "conids=265598%2C8314&fields=31%2C84%2C86"
+
+
+async def test_post_with_json_body_is_accepted(gw: TestGateway) -> None:
+    async with gw.client() as http:
+        r = await http.post("/v1/api/iserver/secdef/search", json={"symbol": "AAPL"})
+    assert r.status_code == 200, r.text
+    assert any(item.get("symbol") == "AAPL" for item in r.json())
+    (record,) = upstream_records(gw, "/v1/api/iserver/secdef/search")
+    assert record.accepted and record.method == "POST"
+
+
+async def test_client_authorization_and_cookie_never_reach_upstream(gw: TestGateway) -> None:
+    async with gw.client() as http:
+        r = await http.get(
+            "/v1/api/sim/echo?x=1",
+            headers={
+                "Authorization": "Bearer client-secret",
+                "Cookie": "api=stolen",
+                "X-Forwarded-For": "6.6.6.6",
+                "Proxy-Authorization": "Basic eA==",
+                "User-Agent": "client-agent",
+                "Accept": "application/json",
+            },
+        )
+    assert r.status_code == 200, r.text
+    seen = {name.lower(): value for name, value in r.json()["headers"]}
+    (record,) = upstream_records(gw, "/v1/api/sim/echo")
+    authorization = record.header("authorization")
+    assert authorization is not None
+    assert authorization.startswith("OAuth ")
+    assert record.accepted
+    assert "client-secret" not in json.dumps(r.json())
+    assert "cookie" not in seen
+    assert "x-forwarded-for" not in seen
+    assert "proxy-authorization" not in seen
+    assert seen["user-agent"] == "ibkr-oauth-gateway"
+    assert seen["accept"] == "application/json"
+    assert "server" not in r.headers
+
+
+async def test_routes_not_allow_listed_never_reach_upstream(gw: TestGateway) -> None:
+    before = len(gw.simulator.records)
+    async with gw.client() as http:
+        for method, path in [
+            ("POST", "/v1/api/logout"),
+            ("POST", "/v1/api/tickle"),
+            ("POST", "/v1/api/oauth/live_session_token"),
+            ("GET", "/v1/api/unknown"),
+            ("GET", "/v1/api/iserver/../logout"),
+            ("GET", "/v1/api/iserver/%2e%2e/logout"),
+        ]:
+            r = await http.request(method, path)
+            assert r.status_code in (400, 404), (method, path, r.status_code)
+            assert r.json()["source"] == "gateway"
+    client_paths = {r.path for r in gw.simulator.records[before:]} - {"/v1/api/tickle"}
+    assert client_paths == set()
+
+
+async def test_streaming_download_and_upload(gw: TestGateway) -> None:
+    size = 8 * 1024 * 1024
+    async with gw.client() as http:
+        digest, received = hashlib.sha256(), 0
+        async with http.stream("GET", f"/v1/api/sim/stream?bytes={size}&chunk=65536") as r:
+            assert r.status_code == 200
+            async for chunk in r.aiter_raw():
+                received += len(chunk)
+                digest.update(chunk)
+        assert received == size
+
+        payload = os.urandom(3 * 1024 * 1024)
+
+        async def body() -> AsyncIterator[bytes]:
+            for i in range(0, len(payload), 100_000):
+                yield payload[i : i + 100_000]
+                await trio.lowlevel.checkpoint()
+
+        r = await http.post("/v1/api/sim/upload", content=body())
+    assert r.status_code == 200, r.text
+    assert r.json()["bytes"] == len(payload)
+    assert r.json()["sha256"] == hashlib.sha256(payload).hexdigest()
+
+
+async def _subscribe(ws: trio_websocket.WebSocketConnection, conid: int = 265598) -> dict[str, object]:
+    await ws.send_message(f'smd+{conid}+{{"fields":["31","84","86"]}}')
+    with trio.fail_after(5):
+        while True:
+            message = json.loads(await ws.get_message())
+            if message.get("topic") == f"smd+{conid}":
+                return dict(message)
+
+
+async def test_websocket_relay_streams_ticks(gw: TestGateway) -> None:
+    async with trio_websocket.open_websocket_url(gw.ws_url + "/v1/api/ws") as ws:
+        first = await _subscribe(ws)
+        assert first["conid"] == 265598
+        second = await _subscribe(ws)
+        assert second["topic"] == "smd+265598"
+    assert gw.gateway.relays.opened_total == 1
+    with trio.fail_after(3):
+        while gw.gateway.relays.open:  # noqa: ASYNC110 - polls a counter owned by the gateway
+            await trio.sleep(0.01)
+
+
+async def test_session_failure_closes_relays_1012_and_new_relays_work(gw: TestGateway) -> None:
+    generation = (await gw.manager.wait_ready(5)).generation
+    async with trio_websocket.open_websocket_url(gw.ws_url + "/v1/api/ws") as ws:
+        await _subscribe(ws)
+        gw.simulator.faults.set_tickle_unauthenticated(True)
+        with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            while True:
+                await ws.get_message()
+        assert closed.value.reason is not None
+        assert closed.value.reason.code == 1012
+    gw.simulator.faults.set_tickle_unauthenticated(False)
+    assert await gw.wait_new_session(generation) > generation
+    async with trio_websocket.open_websocket_url(gw.ws_url + "/v1/api/ws") as ws:
+        await _subscribe(ws)
+
+
+async def test_lst_expiry_mid_traffic_get_retried_post_not_replayed(gw: TestGateway) -> None:
+    generation = (await gw.manager.wait_ready(5)).generation
+    gw.simulator.faults.expire_lst()
+    async with gw.client() as http:
+        r = await http.get("/v1/api/portfolio/accounts")
+        assert r.status_code == 200, r.text
+        assert gw.manager.active is not None and gw.manager.active.generation > generation
+
+        generation = gw.manager.active.generation
+        gw.simulator.faults.expire_lst()
+        posts_before = len(upstream_records(gw, "/v1/api/iserver/secdef/search"))
+        r = await http.post("/v1/api/iserver/secdef/search", json={"symbol": "IBM"})
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "1"
+        assert "not re-sent" in r.json()["error"]
+        assert len(upstream_records(gw, "/v1/api/iserver/secdef/search")) == posts_before + 1
+        await gw.wait_new_session(generation)
+        r = await http.post("/v1/api/iserver/secdef/search", json={"symbol": "IBM"})
+        assert r.status_code == 200
+
+
+async def test_requests_during_rehandshake_wait_and_succeed(gw: TestGateway) -> None:
+    session = await gw.manager.wait_ready(5)
+    gw.simulator.faults.set_delay(0.3)  # make the next handshake take a while
+    gw.manager.report_unauthorized(session, "test")
+    results: list[int] = []
+    async with gw.client() as http:
+
+        async def one() -> None:
+            r = await http.get("/v1/api/iserver/accounts")
+            results.append(r.status_code)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(one)
+    gw.simulator.faults.set_delay(0)
+    assert results == [200] * 10
+    assert gw.manager.active is not None and gw.manager.active.generation > session.generation
+
+
+async def test_status_endpoints_say_simulator_and_hold_no_secret(
+    gw: TestGateway, ibkr_sim_credentials: SimulatorCredentials
+) -> None:
+    async with gw.client() as http:
+        health = await http.get("/health")
+        session = await http.get("/session")
+        page = await http.get("/")
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok"
+    status = session.json()
+    assert status["state"] == "ready"
+    assert status["simulator"] is True
+    assert status["mode"] == "simulator (not IBKR)"
+    assert status["lst_expires"] is not None and status["last_tickle"] is not None
+    assert "built-in IBKR simulator" in page.text
+    cookie = gw.simulator.current_session
+    assert cookie
+    for text in (health.text, session.text, page.text):
+        for secret in (ibkr_sim_credentials.access_token_secret, cookie, ibkr_sim_credentials.access_token):
+            assert secret not in text
+
+
+async def test_health_503_while_upstream_down(ibkr_sim_credentials: SimulatorCredentials) -> None:
+    async with open_test_gateway({"session": {"ready_timeout_s": 1}}, credentials=ibkr_sim_credentials) as gw:
+        await gw.simulator.faults.down()
+        session = gw.manager.active
+        assert session is not None
+        gw.manager.report_unauthorized(session, "test")
+        async with gw.client() as http:
+            r = await http.get("/health")
+            assert r.status_code == 503
+            r = await http.get("/v1/api/iserver/accounts", timeout=20)
+            assert r.status_code == 503
+            assert "retry-after" in r.headers
+        await gw.simulator.faults.up()
+        await gw.wait_ready(10)
+
+
+async def test_clean_shutdown_logs_out(ibkr_sim_credentials: SimulatorCredentials) -> None:
+    async with open_test_gateway(credentials=ibkr_sim_credentials) as gw:
+        simulator = gw.simulator
+        async with trio_websocket.open_websocket_url(gw.ws_url + "/v1/api/ws") as ws:
+            await _subscribe(ws)
+            gw.gateway.request_shutdown()
+            with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                while True:
+                    await ws.get_message()
+            assert closed.value.reason is not None
+            assert closed.value.reason.code == 1001
+    logouts = [r for r in simulator.records if r.path == "/v1/api/logout"]
+    assert len(logouts) == 1 and logouts[0].accepted
+
+
+async def test_unready_gateway_answers_503_with_retry_after(ibkr_sim_credentials: SimulatorCredentials) -> None:
+    async with open_test_gateway(
+        {"session": {"ready_timeout_s": 0.2}}, credentials=ibkr_sim_credentials, wait_ready=False
+    ) as gw:
+        await gw.simulator.faults.down()
+        session = gw.manager.active
+        if session is not None:
+            gw.manager.report_unauthorized(session, "test")
+        async with httpx.AsyncClient(base_url=gw.url) as http:
+            r = await http.get("/v1/api/iserver/accounts")
+        assert r.status_code == 503
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.json()["code"] == "session_not_ready"
+        await gw.simulator.faults.up()
