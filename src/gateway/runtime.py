@@ -152,7 +152,9 @@ async def serve_gateway(
             _register_secrets(credentials, config.ibkr.access_token_secret.reveal())
 
         tls = tls_context()
-        async with build_client(Timeouts(), tls=tls) as client:
+        up = config.upstream
+        timeouts = Timeouts(up.connect_timeout_s, up.read_timeout_s, up.write_timeout_s, up.pool_timeout_s)
+        async with build_client(timeouts, tls=tls) as client:
             manager = SessionManager(
                 client=client,
                 credentials=credentials,

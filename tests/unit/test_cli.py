@@ -143,3 +143,72 @@ def test_console_script_version() -> None:
     proc, _ = _run(str(script), "--version")
     assert proc.returncode == 0
     assert proc.stdout.startswith("ibkr-oauth-gateway ")
+
+
+def _case_files(tmp_path: Path, keys: KeySet, case: str) -> Path:
+    """Write a config for one bad-config case of the issue; returns the config path."""
+    keys.write(tmp_path / "keys")
+    secret = keys.access_token_secret
+    body = {
+        "consumer_key": f'"{keys.consumer_key}"',
+        "access_token": f'"{keys.access_token}"',
+        "access_token_secret": f'"{secret}"',
+        "signature_key": '"keys/private_signature.pem"',
+        "encryption_key": '"keys/private_encryption.pem"',
+        "dh_param": '"keys/dhparam.pem"',
+    }
+    extra = ""
+    if case == "unknown key":
+        extra = "colour = 1\n"
+    elif case == "wrong type":
+        body["compete"] = '"yes"'
+    elif case == "missing file":
+        body["dh_param"] = '"keys/nope.pem"'
+    elif case == "unreadable PEM":
+        (tmp_path / "keys" / "private_encryption.pem").write_text("-----BEGIN PRIVATE KEY-----\n!!\n")
+    elif case == "secret for another key":
+        body["access_token_secret"] = f'"{secret_for_wrong_key(keys.encryption_key, keys.plaintext)}"'
+    elif case == "missing required field":
+        del body["access_token"]
+    text = "[ibkr]\n" + "".join(f"{k} = {v}\n" for k, v in body.items()) + extra
+    if case == "broken TOML":
+        text += "[server\n"
+    text += '\n[[routes]]\npath = "/v1/api/iserver/*"\n'
+    path = tmp_path / "gateway.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("broken TOML", ":8: is not valid TOML"),
+        ("unknown key", ":8: ibkr.colour: unknown key"),
+        ("wrong type", ":8: ibkr.compete: must be true or false, not a string"),
+        ("missing file", ":7: ibkr.dh_param: file "),
+        ("unreadable PEM", ":6: ibkr.encryption_key: "),
+        ("secret for another key", ":4: ibkr.access_token_secret: does not decrypt with ibkr.encryption_key"),
+        ("missing required field", ": ibkr.access_token: is required (or set GATEWAY__IBKR__ACCESS_TOKEN)"),
+    ],
+)
+def test_every_bad_config_case_exits_2_with_one_clear_line(
+    tmp_path: Path, keys: KeySet, capsys: pytest.CaptureFixture[str], case: str, expected: str
+) -> None:
+    path = _case_files(tmp_path, keys, case)
+    assert main(["check", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"error: {path}")
+    assert expected in lines[0]
+    assert "Traceback" not in err
+    assert keys.access_token_secret not in err
+
+
+def test_group_readable_key_warns_but_checks(tmp_path: Path, keys: KeySet, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _case_files(tmp_path, keys, "valid")
+    os.chmod(tmp_path / "keys" / "private_signature.pem", 0o640)
+    assert main(["check", "--config", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "ibkr.signature_key: warning: " in err
+    assert "readable by group or others (mode 0640)" in err

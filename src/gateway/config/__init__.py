@@ -10,6 +10,7 @@ from gateway.config.model import (
     ServerConfig,
     SessionConfig,
     SimulatorConfig,
+    UpstreamConfig,
 )
 from gateway.config.parse import parse_config
 
@@ -23,6 +24,7 @@ __all__ = [
     "ServerConfig",
     "SessionConfig",
     "SimulatorConfig",
+    "UpstreamConfig",
     "load_config",
     "load_credentials",
     "parse_config",

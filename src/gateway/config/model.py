@@ -48,6 +48,16 @@ class IbkrConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """``[upstream]``: deadlines for talking to IBKR."""
+
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 15.0
+    write_timeout_s: float = 15.0
+    pool_timeout_s: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
 class SessionConfig:
     """``[session]``: tickle cadence, reconnect back-off and how long requests wait for a session."""
 
@@ -97,6 +107,7 @@ class Config:
     source: str
     server: ServerConfig = field(default_factory=ServerConfig)
     ibkr: IbkrConfig = field(default_factory=IbkrConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

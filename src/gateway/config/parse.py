@@ -24,6 +24,7 @@ from gateway.config.model import (
     ServerConfig,
     SessionConfig,
     SimulatorConfig,
+    UpstreamConfig,
 )
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.redact import Secret
@@ -227,6 +228,7 @@ def parse_config(
         source=source,
         server=ServerConfig(**values["server"]),
         ibkr=IbkrConfig(**ibkr),
+        upstream=UpstreamConfig(**values["upstream"]),
         session=SessionConfig(**session),
         simulator=SimulatorConfig(**values["simulator"]),
         logging=LoggingConfig(**values["logging"]),

@@ -268,6 +268,12 @@ SECTIONS: Mapping[str, Mapping[str, Key]] = {
         ),
         "compete": Key(boolean, True, "take over a brokerage session open elsewhere for the same user"),
     },
+    "upstream": {
+        "connect_timeout_s": Key(seconds(0.1, 120.0), 5, "seconds to open a connection to IBKR"),
+        "read_timeout_s": Key(seconds(0.1, 600.0), 15, "seconds to wait for each read from IBKR (then 504)"),
+        "write_timeout_s": Key(seconds(0.1, 600.0), 15, "seconds to wait for each write to IBKR"),
+        "pool_timeout_s": Key(seconds(0.1, 120.0), 2, "seconds a request waits for a free upstream connection"),
+    },
     "session": {
         "tickle_interval_s": Key(seconds(1.0, 3600.0), 60, "seconds between tickles (never faster than 1/s)"),
         "reconnect_delay_s": Key(seconds(0.01, 3600.0), 1, "first back-off step after a failure"),

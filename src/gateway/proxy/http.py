@@ -7,8 +7,9 @@ Contract:
   ``Content-Encoding`` and ``Content-Length`` stay consistent.
 - No ready session within ``ready_timeout_s`` → 503 JSON with ``Retry-After``. Upstream connect failure → 502,
   timeout → 504, each with a JSON body saying what failed.
-- IBKR 401 → the session is renewed; a request without a body and an idempotent method (GET, HEAD, OPTIONS) is
-  re-signed with a fresh nonce and sent once more under the new session; anything else is never re-sent (503).
+- IBKR 401 → the session is renewed (unless the request merely raced an LST refresh: it was signed with the token
+  just replaced); a request without a body and an idempotent method (GET, HEAD, OPTIONS) is re-signed with a fresh
+  nonce and sent once more under the current token; anything else is never re-sent (503).
 - If the upstream fails after the response started, the client connection is aborted (a chunked response never
   gets its last chunk, a sized one is cut short): a truncated body never looks complete.
 - If the client disconnects, the upstream exchange is cancelled.
@@ -37,6 +38,14 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 
 class ClientGone(Exception):
     """The client disconnected before its request body was fully received."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the client was sent, for the log line: status (``499`` = client left first) and body bytes."""
+
+    status: int = 499
+    sent: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,35 +102,36 @@ class HttpProxy:
         query: bytes = scope.get("query_string", b"")
         path_text = raw_path.decode("ascii")
         started = time.monotonic()
-        status, sent = 0, 0
+        outcome = Outcome()
         self.in_flight += 1
         self._idle = trio.Event() if self.in_flight == 1 else self._idle
         try:
-            status, sent = await self._exchange(scope, receive, send, method, raw_path, query)
+            await self._exchange(scope, receive, send, method, raw_path, query, outcome)
         finally:
             self.in_flight -= 1
             if not self.in_flight:
                 self._idle.set()
             log.info(
-                "%s %s -> %s %.1f ms %d bytes",
+                "%s %s -> %d %.1f ms %d bytes",
                 method,
                 path_text,
-                status or "aborted",
+                outcome.status,
                 (time.monotonic() - started) * 1000,
-                sent,
+                outcome.sent,
             )
 
     async def _exchange(
-        self, scope: Scope, receive: Receive, send: Send, method: str, raw_path: bytes, query: bytes
-    ) -> tuple[int, int]:
+        self, scope: Scope, receive: Receive, send: Send, method: str, raw_path: bytes, query: bytes, outcome: Outcome
+    ) -> None:
         settings = self._settings
         where = f"{method} {raw_path.decode('ascii')}"
         try:
             session = await self._manager.wait_ready(settings.ready_timeout_s)
         except SessionNotReady as exc:
             retry = str(self._manager.retry_after_s()).encode()
+            outcome.status = 503
             await send_error(send, 503, exc.code, str(exc), headers=[(b"retry-after", retry)])
-            return 503, 0
+            return
         url = transforms.upstream_url(settings.base_url, raw_path, query)
         client_headers: list[tuple[bytes, bytes]] = scope["headers"]
         headers = transforms.upstream_request_headers(client_headers)
@@ -143,12 +153,9 @@ class HttpProxy:
                     await receive()
                     watchers.start_soon(_wait_for_disconnect, receive, exchange_scope)
                 try:
-                    result = await self._send_upstream(send, session, method, url, headers, body, retryable, where)
+                    await self._send_upstream(send, session, method, url, headers, body, retryable, where, outcome)
                 finally:
                     watchers.cancel_scope.cancel()
-                return result
-        # Only reached when the client disconnected and the exchange was cancelled.
-        return 499, 0
 
     async def _send_upstream(
         self,
@@ -160,22 +167,27 @@ class HttpProxy:
         body: AsyncIterator[bytes] | None,
         retryable: bool,
         where: str,
-    ) -> tuple[int, int]:
+        outcome: Outcome,
+    ) -> None:
         for attempt in (0, 1):
-            signed = [*headers, (b"authorization", session.signer.authorization(method, url).encode("ascii"))]
+            signer = session.signer
+            signed = [*headers, (b"authorization", signer.authorization(method, url).encode("ascii"))]
             request = self._client.build_request(method, url, headers=signed, content=body)
             try:
                 response = await self._client.send(request, stream=True)
             except httpx.HTTPError as exc:
                 error = map_httpx_error(exc, where)
+                outcome.status = error.status
                 await send_error(send, error.status, error.code, str(error))
-                return error.status, 0
+                return
             except ClientGone:
-                return 499, 0
+                return
             if response.status_code == 401 and attempt == 0:
                 await response.aclose()
-                self._manager.report_unauthorized(session, where)
+                if session.signer is signer:  # not a request that raced an LST refresh: the session is gone
+                    self._manager.report_unauthorized(session, where)
                 if not retryable:
+                    outcome.status = 503
                     await send_error(
                         send,
                         503,
@@ -184,31 +196,37 @@ class HttpProxy:
                         "This request was not re-sent because it is not idempotent; retry it.",
                         headers=[(b"retry-after", b"1")],
                     )
-                    return 503, 0
+                    return
+                if session.signer is not signer and session.usable:
+                    continue  # re-sign under the refreshed token, same session
                 try:
                     session = await self._manager.wait_ready(self._settings.ready_timeout_s)
                 except SessionNotReady as exc:
                     retry = str(self._manager.retry_after_s()).encode()
+                    outcome.status = 503
                     await send_error(send, 503, exc.code, str(exc), headers=[(b"retry-after", retry)])
-                    return 503, 0
+                    return
                 continue
             try:
-                return await self._relay_response(send, response, where)
+                await self._relay_response(send, response, where, outcome)
             finally:
-                await response.aclose()
-        raise AssertionError("unreachable: the second attempt always returns")
+                # Shielded so a cancelled exchange (client gone) still returns the connection to the pool.
+                with trio.move_on_after(2) as cleanup:
+                    cleanup.shield = True
+                    await response.aclose()
+            return
 
-    async def _relay_response(self, send: Send, response: httpx.Response, where: str) -> tuple[int, int]:
+    async def _relay_response(self, send: Send, response: httpx.Response, where: str, outcome: Outcome) -> None:
         headers = transforms.downstream_response_headers(response.headers.raw)
+        outcome.status = response.status_code
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-        sent = 0
         try:
             async for chunk in response.aiter_raw():
-                sent += len(chunk)
+                outcome.sent += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as exc:
             # Returning without the final body message makes the server close the connection mid-response.
-            log.warning("%s: upstream failed mid-response after %d bytes: %s", where, sent, map_httpx_error(exc, where))
-            return response.status_code, sent
+            error = map_httpx_error(exc, where)
+            log.warning("%s: upstream failed mid-response after %d bytes: %s", where, outcome.sent, error)
+            return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return response.status_code, sent

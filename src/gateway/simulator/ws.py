@@ -259,7 +259,7 @@ class _Connection:
                 args = json.loads(args_text)
             except (ValueError, RecursionError):
                 args = None
-            raw_fields = args.get("fields") if isinstance(args, dict) else None
+            raw_fields = args.get("fields", []) if isinstance(args, dict) else None
             if not isinstance(raw_fields, list) or not all(
                 isinstance(f, str | int) and not isinstance(f, bool) for f in raw_fields
             ):
