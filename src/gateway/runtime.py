@@ -20,11 +20,13 @@ import signal
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from typing import cast
 
 import hypercorn.trio
 import trio
 from hypercorn.config import Config as HypercornConfig
 
+from gateway.asgi import ASGIApp
 from gateway.config.load import LoadedConfig
 from gateway.config.model import Config, Credentials
 from gateway.logs import configure_logging, register_secret
@@ -38,6 +40,7 @@ from gateway.session.state import Backoff
 from gateway.session.supervisor import SessionManager, SessionSettings
 from gateway.simulator import Simulator, SimulatorCredentials, generate_credentials
 from gateway.upstream.client import Timeouts, build_client, tls_context
+from gateway.web.auth import ApiKeys
 from gateway.web.dispatch import Dispatcher, DispatchSettings
 from gateway.web.pages import build_pages_app
 from gateway.web.status import StatusSource
@@ -86,7 +89,7 @@ def simulator_credentials(creds: SimulatorCredentials) -> Credentials:
     )
 
 
-def _hypercorn_config(host: str, port: int) -> HypercornConfig:
+def _hypercorn_config(host: str, port: int, max_header_bytes: int) -> HypercornConfig:
     config = HypercornConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
@@ -97,7 +100,7 @@ def _hypercorn_config(host: str, port: int) -> HypercornConfig:
     config.read_timeout = 60
     config.websocket_ping_interval = 20
     config.websocket_max_message_size = MAX_WS_MESSAGE_BYTES
-    config.h11_max_incomplete_size = 16 * 1024
+    config.h11_max_incomplete_size = max_header_bytes
     return config
 
 
@@ -174,6 +177,7 @@ async def serve_gateway(
                     user_agent=config.ibkr.user_agent,
                     ready_timeout_s=config.session.ready_timeout_s,
                     max_message_bytes=MAX_WS_MESSAGE_BYTES,
+                    max_relays=config.server.max_websockets,
                     tls=tls,
                 ),
             )
@@ -195,14 +199,24 @@ async def serve_gateway(
             )
             app = Dispatcher(
                 settings=DispatchSettings(
-                    routes=config.routes, allowed_origins=frozenset(config.server.allowed_origins)
+                    routes=config.routes,
+                    allowed_origins=frozenset(config.server.allowed_origins),
+                    trusted_proxies=config.server.trusted_proxies,
+                    api_keys=ApiKeys(loaded.api_keys.reveal()),
+                    max_body_bytes=config.server.max_body_bytes,
+                    max_header_bytes=config.server.max_header_bytes,
+                    max_header_count=config.server.max_header_count,
                 ),
-                pages=build_pages_app(source),
+                pages=cast(ASGIApp, build_pages_app(source)),
                 http_proxy=proxy,
                 relay=relay,
             )
             trigger = trio.Event()
-            hconfig = _hypercorn_config(host or config.server.host, config.server.port if port is None else port)
+            hconfig = _hypercorn_config(
+                host or config.server.host,
+                config.server.port if port is None else port,
+                config.server.max_header_bytes + 1024,  # request line and slack; the dispatcher enforces the limit
+            )
             urls = await root.start(partial(_serve_http, app, hconfig, trigger))
             await root.start(manager.run)
             gateway = Gateway(

@@ -36,8 +36,8 @@ from gateway.runtime import Gateway, serve_gateway
 from gateway.session.supervisor import SessionManager
 from gateway.simulator import Simulator, SimulatorCredentials, generate_credentials
 
-TEST_ROUTES: tuple[Mapping[str, object], ...] = (*DEFAULT_ROUTES, {"path": "/v1/api/sim/*"})
-"""The default routes plus the simulator's echo/stream/upload routes (``/v1/api/sim/*``)."""
+TEST_ROUTES: tuple[Mapping[str, object], ...] = (*DEFAULT_ROUTES, {"path": "/v1/api/sim/*", "max_body_bytes": 1 << 34})
+"""The default routes plus the simulator's echo/stream/upload routes (``/v1/api/sim/*``, large uploads allowed)."""
 
 _TEST_DEFAULTS: dict[str, dict[str, object]] = {
     "session": {"reconnect_delay_s": 0.05, "reconnect_max_delay_s": 1, "ready_timeout_s": 5},
@@ -111,7 +111,7 @@ def make_test_config(
     config, warnings = parse_config(data, source="<test config>", base_dir=Path.cwd(), env={})
     if any(w.severity == "error" for w in warnings):  # pragma: no cover - parse_config raises instead
         raise ConfigError(warnings)
-    return LoadedConfig(config=config, credentials=None, warnings=tuple(warnings))
+    return LoadedConfig(config=config, credentials=None, warnings=tuple(warnings), api_keys=config.server.api_keys)
 
 
 @asynccontextmanager

@@ -278,3 +278,18 @@ async def next_json(ws: trio_websocket.WebSocketConnection, topic_prefix: str | 
         message = json.loads(text)
         if topic_prefix is None or str(message.get("topic", "")).startswith(topic_prefix):
             return message
+
+
+async def wait_closed(ws: trio_websocket.WebSocketConnection) -> trio_websocket.CloseReason:
+    """Read until the server closes; return its close reason.
+
+    trio-websocket 0.12.2 does not close its own TCP socket when the *server* closes first (its reader stops on
+    EOF without ``aclose``), which leaks a socket and a ResourceWarning; close the stream here explicitly.
+    """
+    try:
+        while True:
+            await ws.get_message()
+    except trio_websocket.ConnectionClosed as closed:
+        reason = closed.reason
+    await ws._stream.aclose()
+    return reason

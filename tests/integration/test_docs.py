@@ -105,3 +105,22 @@ def test_sigterm_drains_and_logs_out(running_default_gateway: tuple[int, subproc
     assert "Traceback" not in stderr
     assert "logged out of IBKR" in stderr
     assert "this is NOT IBKR" in stderr
+
+
+def test_readme_bot_example_passes_as_written(tmp_path: Path) -> None:
+    """The README's example of a user's own test suite runs green with the installed pytest plugin."""
+    example = re.search(r"```python\n(# test_my_bot\.py.*?)```", README, flags=re.S)
+    assert example is not None
+    (tmp_path / "test_my_bot.py").write_text(example.group(1))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY__", "PYTEST_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-o", "trio_mode=true", "-p", "no:cacheprovider", "test_my_bot.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout

@@ -17,6 +17,7 @@ from tests.integration.sim_client import (
     ready_client,
     shared_credentials,
     start_simulator,
+    wait_closed,
     ws_headers,
     ws_url,
 )
@@ -145,11 +146,7 @@ async def test_full_first_party_flow(nursery: trio.Nursery) -> None:
 
                 r = await client.request(http, "POST", "/v1/api/logout")
                 assert r.json() == {"status": True}
-                try:
-                    while True:
-                        await ws.get_message()
-                except trio_websocket.ConnectionClosed as closed:
-                    assert closed.reason.code == 1000
+                assert (await wait_closed(ws)).code == 1000
             assert sim.current_session is None
             r = await client.request(http, "GET", "/v1/api/iserver/accounts")
             assert r.json()["error"] == "no bridge"

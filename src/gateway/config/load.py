@@ -13,13 +13,14 @@ import re
 import stat
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from gateway.config.model import Config, Credentials
 from gateway.config.parse import parse_config
+from gateway.config.schema import api_key
 from gateway.errors import ConfigError, ConfigProblem, KeyMaterialError, SecretDecryptError
 from gateway.oauth.dh import DHParams, parse_dh_params_pem
 from gateway.oauth.keys import decrypt_access_token_secret, load_rsa_private_key
@@ -36,6 +37,8 @@ class LoadedConfig:
     config: Config
     credentials: Credentials | None
     warnings: tuple[ConfigProblem, ...]
+    api_keys: Secret[tuple[str, ...]] = field(default_factory=lambda: Secret(()))
+    """Every client API key (``server.api_keys`` plus the lines of ``server.api_keys_file``); empty = no auth."""
 
 
 _LINE_POSITION = re.compile(r"at line (\d+)")
@@ -169,6 +172,35 @@ def load_credentials(config: Config, problems: list[ConfigProblem]) -> Credentia
     )
 
 
+def load_api_keys(config: Config, problems: list[ConfigProblem]) -> tuple[str, ...]:
+    """``server.api_keys`` plus the keys in ``server.api_keys_file`` (one per line, ``#`` comments allowed)."""
+    keys = list(config.server.api_keys.reveal())
+    path = config.server.api_keys_file
+    if path is None:
+        return tuple(keys)
+    data = _read_key_file(path, "server.api_keys_file", config.source, problems)
+    if data is None:
+        return tuple(keys)
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        problems.append(ConfigProblem(config.source, "server.api_keys_file", f"{path} is not UTF-8 text"))
+        return tuple(keys)
+    from_file = 0
+    for number, line in enumerate(lines, start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            keys.append(api_key(text))
+            from_file += 1
+        except ValueError as exc:
+            problems.append(ConfigProblem(config.source, "server.api_keys_file", f"{path}:{number}: {exc}"))
+    if from_file == 0:
+        problems.append(ConfigProblem(config.source, "server.api_keys_file", f"{path} holds no key"))
+    return tuple(keys)
+
+
 def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> LoadedConfig:
     """Read and check the config at ``path`` with ``env`` (default: ``os.environ``) overrides; see module contract."""
     file = Path(path)
@@ -195,7 +227,8 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
         raise ConfigError(_with_lines(exc.problems, name, text)) from None
     problems = list(warnings)
     credentials = None if config.simulator.enabled else load_credentials(config, problems)
+    api_keys = load_api_keys(config, problems)
     problems = _with_lines(tuple(problems), name, text)
     if any(p.severity == "error" for p in problems):
         raise ConfigError(problems)
-    return LoadedConfig(config=config, credentials=credentials, warnings=tuple(problems))
+    return LoadedConfig(config=config, credentials=credentials, warnings=tuple(problems), api_keys=Secret(api_keys))

@@ -29,6 +29,12 @@ class ServerConfig:
         ipaddress.ip_network("::1/128"),
     )
     allowed_origins: tuple[str, ...] = ()
+    api_keys_file: Path | None = None
+    api_keys: Secret[tuple[str, ...]] = field(default_factory=lambda: Secret(()))
+    max_body_bytes: int = 65536
+    max_header_bytes: int = 16384
+    max_header_count: int = 100
+    max_websockets: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +99,7 @@ class RouteConfig:
 
     path: str
     methods: tuple[str, ...] | None = None
+    max_body_bytes: int | None = None
 
     @property
     def is_prefix(self) -> bool:

@@ -159,13 +159,22 @@ def _parse_routes(data: Mapping[str, object], source: str, problems: list[Config
                 problems.append(ConfigProblem(source, f"{where}.methods", "must list at least one method"))
                 ok_m = False
             ok = ok and ok_m
+        max_body: int | None = None
+        if "max_body_bytes" in entry:
+            ok_b, max_body = _convert(
+                schema.ROUTE_KEYS["max_body_bytes"],
+                _Raw(entry["max_body_bytes"], source),
+                f"{where}.max_body_bytes",
+                problems,
+            )
+            ok = ok and ok_b
         if not ok:
             continue
         if path in seen:
             problems.append(ConfigProblem(source, f"{where}.path", f"{path!r} is listed twice"))
             continue
         seen.add(path)
-        routes.append(RouteConfig(path=path, methods=methods))
+        routes.append(RouteConfig(path=path, methods=methods, max_body_bytes=max_body))
     return tuple(routes)
 
 

@@ -165,6 +165,31 @@ def base64_text(value: object) -> str:
     return compact
 
 
+MIN_API_KEY_LENGTH = 16
+_API_KEY = re.compile(r"^[\x21-\x2b\x2d-\x7e]+$")
+
+
+def api_key(value: object) -> str:
+    """One API key: at least 16 printable characters, no spaces or commas. Messages never quote the key."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not {_type_name(value)}")
+    if len(value) < MIN_API_KEY_LENGTH:
+        raise ValueError(f"an API key is shorter than {MIN_API_KEY_LENGTH} characters")
+    if not _API_KEY.fullmatch(value):
+        raise ValueError("an API key contains a space, comma or non-printable character")
+    return value
+
+
+def api_key_list(value: object) -> tuple[str, ...]:
+    """API keys separated by commas or whitespace; at least one."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not {_type_name(value)}")
+    keys = tuple(api_key(part) for part in re.split(r"[,\s]+", value) if part)
+    if not keys:
+        raise ValueError("must hold at least one key")
+    return keys
+
+
 def route_path(value: object) -> str:
     """An absolute path, exact (``/v1/api/tickle``) or a prefix (``/v1/api/iserver/*``)."""
     if not isinstance(value, str):
@@ -205,7 +230,7 @@ class Key:
     @property
     def takes_string(self) -> bool:
         """True when an environment override is taken verbatim rather than parsed as a TOML value."""
-        return isinstance(self.default, str) or self.path or self.credential
+        return isinstance(self.default, str) or self.path or self.credential or self.secret
 
 
 _KEY_TEXT = re.compile(r"^[\x21-\x7e]+$")
@@ -225,6 +250,16 @@ SECTIONS: Mapping[str, Mapping[str, Key]] = {
             [],
             "CORS and WebSocket Origin allow-list (exact origins)",
         ),
+        "api_keys_file": Key(
+            string(), None, "file with one API key per line; clients must then authenticate (see README)", path=True
+        ),
+        "api_keys": Key(
+            api_key_list, None, "API keys separated by commas (prefer GATEWAY__SERVER__API_KEYS)", secret=True
+        ),
+        "max_body_bytes": Key(integer(0, 1 << 40), 65536, "largest request body forwarded (413 above); per route too"),
+        "max_header_bytes": Key(integer(1024, 1 << 20), 16384, "largest request header block (431 above)"),
+        "max_header_count": Key(integer(8, 1000), 100, "most request header lines (431 above)"),
+        "max_websockets": Key(integer(1, 100_000), 1000, "most concurrent WebSocket relays (close 1013 above)"),
     },
     "ibkr": {
         "base_url": Key(base_url, "https://api.ibkr.com", "REST base; the WebSocket URL is derived from it"),
@@ -294,6 +329,7 @@ SECTIONS: Mapping[str, Mapping[str, Key]] = {
 ROUTE_KEYS: Mapping[str, Key] = {
     "path": Key(route_path, None, 'allow-listed path; "/x/*" matches everything below /x/'),
     "methods": Key(array(method, what="HTTP methods"), None, "optional; omitted = any method"),
+    "max_body_bytes": Key(integer(0, 1 << 40), None, "optional; overrides server.max_body_bytes for this route"),
 }
 
 ENV_PREFIX = "GATEWAY__"

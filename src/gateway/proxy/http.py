@@ -40,6 +40,10 @@ class ClientGone(Exception):
     """The client disconnected before its request body was fully received."""
 
 
+class BodyTooLarge(Exception):
+    """The client's (chunked) request body grew past the route's limit."""
+
+
 @dataclass(slots=True)
 class Outcome:
     """What the client was sent, for the log line: status (``499`` = client left first) and body bytes."""
@@ -57,13 +61,17 @@ class ProxySettings:
     ready_timeout_s: float
 
 
-async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
-    """The client's request body as it arrives (ASGI ``http.request`` messages)."""
+async def _request_body(receive: Receive, limit: int) -> AsyncIterator[bytes]:
+    """The client's request body as it arrives (ASGI ``http.request`` messages), at most ``limit`` bytes."""
+    total = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            raise BodyTooLarge
         if chunk:
             yield chunk
         if not message.get("more_body", False):
@@ -147,7 +155,8 @@ class HttpProxy:
 
         with trio.CancelScope() as exchange_scope:
             async with trio.open_nursery() as watchers:
-                body = _request_body(receive) if has_body else None
+                limit: int = scope.get("gateway.max_body", 1 << 62)
+                body = _request_body(receive, limit) if has_body else None
                 if not has_body:
                     # Drain the (empty) request so the next receive() reports a disconnect.
                     await receive()
@@ -181,6 +190,16 @@ class HttpProxy:
                 await send_error(send, error.status, error.code, str(error))
                 return
             except ClientGone:
+                return
+            except BodyTooLarge:
+                outcome.status = 413
+                await send_error(
+                    send,
+                    413,
+                    "body_too_large",
+                    f"{where}: request body exceeds the route's limit; not forwarded completely",
+                    headers=[(b"connection", b"close")],
+                )
                 return
             if response.status_code == 401 and attempt == 0:
                 await response.aclose()

@@ -49,6 +49,7 @@ class RelaySettings:
     user_agent: str
     ready_timeout_s: float
     max_message_bytes: int = 1 << 20
+    max_relays: int = 1000
     tls: ssl.SSLContext | None = None
 
 
@@ -97,6 +98,11 @@ class WebSocketRelay:
         if message["type"] != "websocket.connect":
             return
         path = (scope.get("raw_path") or scope["path"].encode()).decode("ascii")
+        if self.counters.open >= self._settings.max_relays:
+            log.warning("%s: refused, %d relays already open (server.max_websockets)", path, self.counters.open)
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.close", "code": 1013})  # try again later
+            return
         relay = _Relay(scope=scope, receive=receive, send=send, path=path)
         try:
             while True:
@@ -140,7 +146,10 @@ class WebSocketRelay:
                         connect_timeout=10,
                         disconnect_timeout=_CLOSE_TIMEOUT_S,
                     ) as upstream:
-                        await relay.send({"type": "websocket.accept"})
+                        accept: dict[str, object] = {"type": "websocket.accept"}
+                        if relay.scope.get("gateway.subprotocol"):
+                            accept["subprotocol"] = relay.scope["gateway.subprotocol"]
+                        await relay.send(accept)
                         relay.accepted = True
                         self.counters.open += 1
                         self.counters.opened_total += 1

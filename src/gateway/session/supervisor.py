@@ -209,9 +209,11 @@ class SessionManager:
             signer = RequestSigner(self._credentials.identity, lst.token)
             cookie = await self._establish(signer)
         except GatewayError as exc:
-            self._record_failure(str(exc))
-            self.stats.handshake_failures += 1
-            self._move(Event.FAIL, str(exc))
+            self._handshake_failed(str(exc))
+            return False
+        except Exception as exc:  # an upstream answer nobody foresaw must not take the gateway down
+            log.exception("unexpected error during the handshake")
+            self._handshake_failed(f"unexpected error during the handshake: {type(exc).__name__}")
             return False
         self._generation += 1
         async with trio.open_nursery() as nursery:
@@ -233,6 +235,11 @@ class SessionManager:
             self._record_failure(session.end_reason)
             self._move(Event.FAIL, session.end_reason)
         return True
+
+    def _handshake_failed(self, reason: str) -> None:
+        self._record_failure(reason)
+        self.stats.handshake_failures += 1
+        self._move(Event.FAIL, reason)
 
     def _record_failure(self, reason: str) -> None:
         self.stats.last_error = reason
@@ -293,6 +300,10 @@ class SessionManager:
             except GatewayError as exc:
                 session.end(f"tickle failed: {exc}")
                 return
+            except Exception as exc:  # never raise into the session nursery
+                log.exception("unexpected error in tickle")
+                session.end(f"tickle failed: unexpected {type(exc).__name__}")
+                return
             self._note_tickle(result)
             session.cookie = result.session
             if result.status.competing:
@@ -311,11 +322,14 @@ class SessionManager:
             await trio.sleep(max(0.0, remaining - margin))
             try:
                 lst = await self._handshake_token()
-            except GatewayError as exc:
+            except Exception as exc:  # GatewayError or anything unforeseen: retry until the token expires
+                reason = str(exc) if isinstance(exc, GatewayError) else f"unexpected {type(exc).__name__}"
+                if not isinstance(exc, GatewayError):
+                    log.exception("unexpected error refreshing the live session token")
                 if time.time() * 1000 >= session.lst_expires_at_ms:
-                    session.end(f"live session token expired and could not be refreshed: {exc}")
+                    session.end(f"live session token expired and could not be refreshed: {reason}")
                     return
-                log.warning("LST refresh failed, retrying: %s", exc)
+                log.warning("LST refresh failed, retrying: %s", reason)
                 await trio.sleep(min(30.0, max(1.0, margin / 4)))
                 continue
             session.signer = RequestSigner(self._credentials.identity, lst.token)

@@ -106,6 +106,7 @@ class _Connection:
         self.send_lock = trio.Lock()
         self.outbox_in, self.outbox_out = trio.open_memory_channel[str](256)
         self.attached = False
+        self.closing = False
         self.subscriptions: dict[int, trio.CancelScope] = {}
         self.nursery: trio.Nursery | None = None
 
@@ -142,12 +143,15 @@ class _Connection:
     async def _writer(self) -> None:
         async for text in self.outbox_out:
             async with self.send_lock:
+                if self.closing:
+                    return  # nothing may follow our close frame
                 await self._send_text(text)
 
     async def _close_watch(self) -> None:
         await self.handle.close_requested.wait()
         code = self.handle.close_code or 1000
         async with self.send_lock:
+            self.closing = True
             await self.send({"type": "websocket.close", "code": code, "reason": self.handle.close_reason})
         self.core.recorder.add(
             time=self.core.now_s(),

@@ -1,28 +1,46 @@
 """The top-level ASGI app: checks every request, then hands it to the proxy, the relay or the internal pages.
 
-Order of checks (first failure answers): canonical path (400) → internal pages → allow-listed route (404 JSON
-otherwise, never forwarded) → method (405) → framing (400) → query (400) → CORS/Origin → proxy or relay.
+Order of checks for HTTP (the first failure answers; nothing refused is ever forwarded):
+header limits (431) → canonical path (400) → ``/health`` → API key for ``/`` and ``/session`` (401) → internal
+pages → allow-listed route (404) → CORS preflight → API key (401) → Origin (403) → method (405) → framing (400) →
+body size (413) → query (400) → proxy.
+
+WebSocket upgrades go through the same header, path, route, key, Origin and query checks; a refused upgrade is
+answered before accept (HTTP 403), so no relay starts.
+
+Contract: the request handed to the proxy or relay carries no ``access_key`` query parameter, and its scope holds
+``gateway.max_body`` (the route's body limit) and, for WebSockets, ``gateway.subprotocol`` (the entry to echo).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.asgi import ASGIApp, Message, Receive, Scope, Send, send_error
 from gateway.config.model import IPNetwork, RouteConfig
 from gateway.proxy import transforms
+from gateway.web import auth
 
+PUBLIC_PATHS = frozenset({"/health"})
 INTERNAL_PATHS = frozenset({"/", "/health", "/session"})
+MAX_BODY_KEY = "gateway.max_body"
+SUBPROTOCOL_KEY = "gateway.subprotocol"
+
+Headers = Sequence[tuple[bytes, bytes]]
 
 
 @dataclass(frozen=True, slots=True)
 class DispatchSettings:
-    """Routes and the CORS/Origin allow-list."""
+    """Routes, CORS/Origin allow-list, API keys and request limits."""
 
     routes: tuple[RouteConfig, ...]
     allowed_origins: frozenset[str]
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    api_keys: auth.ApiKeys = field(default_factory=lambda: auth.ApiKeys(()))
+    max_body_bytes: int = 65536
+    max_header_bytes: int = 16384
+    max_header_count: int = 100
 
 
 def origin_allowed(origin: bytes | None, host: bytes | None, scheme: str, allowed: frozenset[str]) -> bool:
@@ -45,6 +63,29 @@ def _cors_headers(origin: bytes) -> list[tuple[bytes, bytes]]:
     return [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
 
 
+def header_limit_problem(headers: Headers, max_bytes: int, max_count: int) -> str | None:
+    """Why the header block is too large (431), or ``None``."""
+    if len(headers) > max_count:
+        return f"request has {len(headers)} header lines; the limit is {max_count}"
+    size = sum(len(name) + len(value) + 4 for name, value in headers)
+    if size > max_bytes:
+        return f"request headers are {size} bytes; the limit is {max_bytes}"
+    return None
+
+
+def framing_problem(headers: Headers) -> str | None:
+    """Why the request's framing headers are ambiguous (400), or ``None``."""
+    lengths = transforms.header_values(headers, b"content-length")
+    has_te = transforms.header_value(headers, b"transfer-encoding") is not None
+    if lengths and has_te:
+        return "request has both Content-Length and Transfer-Encoding"
+    if len(lengths) > 1:
+        return "request has more than one Content-Length"
+    if lengths and not lengths[0].strip().isdigit():
+        return "Content-Length is not a number"
+    return None
+
+
 class Dispatcher:
     """The ASGI entry point; see the module docstring for the order of checks."""
 
@@ -63,10 +104,12 @@ class Dispatcher:
         elif kind == "websocket":
             await self._websocket(scope, receive, send)
 
+    # --- shared checks --------------------------------------------------------------------------------
+
     def _route(self, path: str) -> RouteConfig | None:
         return transforms.match_route(self._settings.routes, path)
 
-    def _origin_ok(self, scope: Scope, headers: Sequence[tuple[bytes, bytes]], origin: bytes | None) -> bool:
+    def _origin_ok(self, scope: Scope, headers: Headers, origin: bytes | None) -> bool:
         """``origin_allowed`` with the scheme the browser used: ``X-Forwarded-Proto`` from a trusted proxy
         (nginx terminating TLS) wins over the scheme of the hop to the gateway."""
         client = scope.get("client")
@@ -76,23 +119,48 @@ class Dispatcher:
         host = transforms.header_value(headers, b"host")
         return origin_allowed(origin, host, scheme, self._settings.allowed_origins)
 
+    def _authorized(self, headers: Headers, query: bytes, subprotocol_key: str | None = None) -> bool:
+        keys = self._settings.api_keys
+        if not keys.enabled:
+            return True
+        return any(
+            keys.check(candidate)
+            for candidate in (auth.bearer_key(headers), subprotocol_key, auth.query_key(query))
+            if candidate is not None
+        )
+
+    @staticmethod
+    def _raw_path(scope: Scope) -> bytes:
+        raw: bytes = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
+        return raw.split(b"?", 1)[0]
+
+    # --- HTTP -----------------------------------------------------------------------------------------
+
     async def _http_request(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
-        raw_path = raw_path.split(b"?", 1)[0]
+        settings = self._settings
+        headers: Headers = scope["headers"]
+        too_big = header_limit_problem(headers, settings.max_header_bytes, settings.max_header_count)
+        if too_big is not None:
+            await send_error(send, 431, "headers_too_large", too_big, headers=[(b"connection", b"close")])
+            return
+        raw_path = self._raw_path(scope)
         problem = transforms.path_problem(raw_path)
         if problem is not None:
             await send_error(send, 400, "bad_path", f"{problem}; request not forwarded")
             return
         path = raw_path.decode("ascii")
         method: str = scope["method"]
+        query: bytes = scope.get("query_string", b"")
         if path in INTERNAL_PATHS and method in ("GET", "HEAD"):
+            if path not in PUBLIC_PATHS and not self._authorized(headers, query):
+                await self._unauthorized(send)
+                return
             await self._pages(scope, receive, send)
             return
         route = self._route(path)
         if route is None:
             await send_error(send, 404, "not_routed", f"{path} is not an allow-listed route of this gateway")
             return
-        headers: Sequence[tuple[bytes, bytes]] = scope["headers"]
         origin = transforms.header_value(headers, b"origin")
         allowed = self._origin_ok(scope, headers, origin)
         if (
@@ -102,42 +170,52 @@ class Dispatcher:
         ):
             await self._preflight(send, route, origin if allowed else None, headers)
             return
+        if not self._authorized(headers, query):
+            await self._unauthorized(send)
+            return
+        if not allowed:
+            await send_error(send, 403, "origin_not_allowed", "this Origin is not in server.allowed_origins")
+            return
         if route.methods is not None and method not in route.methods:
             allow = ", ".join(route.methods).encode()
             await send_error(
                 send, 405, "method_not_allowed", f"{method} is not allowed on {path}", headers=[(b"allow", allow)]
             )
             return
-        framing = self._framing_problem(headers)
+        framing = framing_problem(headers)
         if framing is not None:
             await send_error(send, 400, "bad_framing", framing, headers=[(b"connection", b"close")])
             return
-        query_problem = transforms.query_problem(scope.get("query_string", b""))
+        limit = route.max_body_bytes if route.max_body_bytes is not None else settings.max_body_bytes
+        length = transforms.header_value(headers, b"content-length")
+        if length is not None and int(length) > limit:
+            await send_error(
+                send,
+                413,
+                "body_too_large",
+                f"request body of {int(length)} bytes exceeds the limit of {limit} for {path}",
+                headers=[(b"connection", b"close")],
+            )
+            return
+        query_problem = transforms.query_problem(query)
         if query_problem is not None:
             await send_error(send, 400, "bad_query", f"{query_problem}; request not forwarded")
             return
-        if origin is not None and allowed:
-            await self._http(scope, receive, _with_headers(send, _cors_headers(origin)))
-        elif origin is not None:
-            await send_error(send, 403, "origin_not_allowed", "this Origin is not in server.allowed_origins")
-        else:
-            await self._http(scope, receive, send)
+        forwarded = dict(scope)
+        forwarded["query_string"] = auth.without_query_key(query)
+        forwarded[MAX_BODY_KEY] = limit
+        await self._http(forwarded, receive, _with_headers(send, _cors_headers(origin)) if origin else send)
 
-    @staticmethod
-    def _framing_problem(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
-        lengths = transforms.header_values(headers, b"content-length")
-        has_te = transforms.header_value(headers, b"transfer-encoding") is not None
-        if lengths and has_te:
-            return "request has both Content-Length and Transfer-Encoding"
-        if len(lengths) > 1:
-            return "request has more than one Content-Length"
-        if lengths and not lengths[0].strip().isdigit():
-            return "Content-Length is not a number"
-        return None
+    async def _unauthorized(self, send: Send) -> None:
+        await send_error(
+            send,
+            401,
+            "unauthorized",
+            "missing or wrong API key: send Authorization: Bearer <key>",
+            headers=[(b"www-authenticate", b'Bearer realm="ibkr-oauth-gateway"')],
+        )
 
-    async def _preflight(
-        self, send: Send, route: RouteConfig, origin: bytes | None, headers: Sequence[tuple[bytes, bytes]]
-    ) -> None:
+    async def _preflight(self, send: Send, route: RouteConfig, origin: bytes | None, headers: Headers) -> None:
         if origin is None:
             await send_error(send, 403, "origin_not_allowed", "this Origin is not in server.allowed_origins")
             return
@@ -154,23 +232,31 @@ class Dispatcher:
         await send({"type": "http.response.start", "status": 204, "headers": response_headers})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    # --- WebSocket ------------------------------------------------------------------------------------
+
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8", "surrogateescape")
-        raw_path = raw_path.split(b"?", 1)[0]
-        headers: Sequence[tuple[bytes, bytes]] = scope["headers"]
-        reject = transforms.path_problem(raw_path) is not None
-        route = None if reject else self._route(raw_path.decode("ascii"))
-        origin = transforms.header_value(headers, b"origin")
-        if (
-            route is None
-            or transforms.query_problem(scope.get("query_string", b"")) is not None
-            or not self._origin_ok(scope, headers, origin)
-        ):
+        settings = self._settings
+        headers: Headers = scope["headers"]
+        raw_path = self._raw_path(scope)
+        query: bytes = scope.get("query_string", b"")
+        key, entry = auth.subprotocol_key(scope.get("subprotocols") or ())
+        refused = (
+            header_limit_problem(headers, settings.max_header_bytes, settings.max_header_count) is not None
+            or transforms.path_problem(raw_path) is not None
+            or self._route(raw_path.decode("ascii")) is None
+            or transforms.query_problem(query) is not None
+            or not self._origin_ok(scope, headers, transforms.header_value(headers, b"origin"))
+            or not self._authorized(headers, query, key)
+        )
+        if refused:
             message = await receive()
             if message["type"] == "websocket.connect":
                 await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
             return
-        await self._relay(scope, receive, send)
+        forwarded = dict(scope)
+        forwarded["query_string"] = auth.without_query_key(query)
+        forwarded[SUBPROTOCOL_KEY] = entry
+        await self._relay(forwarded, receive, send)
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:

@@ -55,7 +55,7 @@ messages relayed: <span id="relays-messages">{relays_messages}</span>.</p>
 const labels = {labels};
 async function refresh() {{
   try {{
-    const r = await fetch("session", {{cache: "no-store"}});
+    const r = await fetch("session" + location.search, {{cache: "no-store"}});
     const s = await r.json();
     const rows = labels.map(([k, l]) =>
       `<tr><th>${{l}}</th><td data-key="${{k}}">${{s[k] === null ? "—" : String(s[k])

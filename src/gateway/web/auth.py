@@ -1,0 +1,86 @@
+"""Client authentication with API keys: where a request may carry its key, and the constant-time check (pure).
+
+A client proves itself with one of:
+
+- ``Authorization: Bearer <key>`` (HTTP clients, bots);
+- a ``Sec-WebSocket-Protocol`` entry ``access_key.<key>`` (browsers' WebSockets cannot set headers);
+- an ``access_key=<key>`` query parameter (browsers: WebSockets and the status page).
+
+Contract: :meth:`ApiKeys.check` compares against every configured key with :func:`hmac.compare_digest` and no early
+exit; none of the helpers returns or logs a key except to the caller. The gateway removes the query parameter and
+never forwards the client's ``Authorization`` or subprotocols, so a key never travels upstream.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable, Sequence
+from urllib.parse import parse_qsl
+
+SUBPROTOCOL_PREFIX = "access_key."
+QUERY_PARAMETER = b"access_key"
+
+
+class ApiKeys:
+    """The configured keys; empty means authentication is off."""
+
+    __slots__ = ("_keys",)
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self._keys = tuple(key.encode("utf-8") for key in keys)
+
+    def __repr__(self) -> str:
+        return f"ApiKeys(<{len(self._keys)} key(s)>)"
+
+    @property
+    def enabled(self) -> bool:
+        """True when at least one key is configured."""
+        return bool(self._keys)
+
+    def check(self, candidate: str | None) -> bool:
+        """Whether ``candidate`` is one of the keys (constant time per key; every key is compared)."""
+        if candidate is None:
+            return False
+        given = candidate.encode("utf-8", "surrogateescape")
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(given, key)
+        return matched
+
+
+def bearer_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or ``None``."""
+    for name, value in headers:
+        if name.lower() == b"authorization":
+            scheme, _, token = value.decode("latin-1").strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+def subprotocol_key(subprotocols: Iterable[str]) -> tuple[str | None, str | None]:
+    """``(key, entry)`` from an ``access_key.<key>`` subprotocol entry; the entry must be echoed on accept."""
+    for entry in subprotocols:
+        if entry.startswith(SUBPROTOCOL_PREFIX) and len(entry) > len(SUBPROTOCOL_PREFIX):
+            return entry[len(SUBPROTOCOL_PREFIX) :], entry
+    return None, None
+
+
+def query_key(query_string: bytes) -> str | None:
+    """The value of the ``access_key`` query parameter, or ``None``."""
+    try:
+        pairs = parse_qsl(query_string.decode("ascii"), keep_blank_values=True)
+    except UnicodeDecodeError:
+        return None
+    for name, value in pairs:
+        if name == QUERY_PARAMETER.decode() and value:
+            return value
+    return None
+
+
+def without_query_key(query_string: bytes) -> bytes:
+    """``query_string`` with every ``access_key`` parameter removed; the rest is kept byte for byte."""
+    if QUERY_PARAMETER not in query_string:
+        return query_string
+    kept = [part for part in query_string.split(b"&") if part.split(b"=", 1)[0] != QUERY_PARAMETER]
+    return b"&".join(kept)
