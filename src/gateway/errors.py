@@ -12,6 +12,7 @@ Hierarchy::
     │   ├── UpstreamConnectError    502  connection refused, reset, DNS or TLS failure before a response
     │   ├── UpstreamTimeout         504  no (complete) answer within the configured deadline
     │   └── UpstreamStatusError     502  a session call got an unexpected HTTP status or body
+    ├── PacingRejected              429  outbound pacing would not let the request go in time (carries Retry-After)
     └── SessionError                503  no usable brokerage session
         ├── SessionNotReady         503  no session became ready within ready_timeout_s
         └── SessionEnded            503  the session ended (tickle failed, 401, LST expiry, shutdown)
@@ -134,6 +135,23 @@ class UpstreamStatusError(UpstreamError):
     def __init__(self, message: str, *, upstream_status: int = 0) -> None:
         super().__init__(message)
         self.upstream_status = upstream_status
+
+
+class PacingRejected(GatewayError):
+    """The outbound pacer would not let a request go upstream within ``pacing.max_wait_s``.
+
+    ``retry_after_s`` (>= 1) is an honest estimate of when the same request could go; ``reason`` names what held
+    it: ``"global"`` (the gateway-wide rate), ``"endpoint"`` (an IBKR per-endpoint rate or concurrency cap) or
+    ``"breaker"`` (IBKR answered 429 and traffic is held for the cool-down).
+    """
+
+    status = 429
+    code = "pacing"
+
+    def __init__(self, message: str, *, retry_after_s: float, reason: str = "global") -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.reason = reason
 
 
 class SessionError(GatewayError):

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import base64
 import functools
+import gc
 import hashlib
 import hmac
 import json
 import secrets
 import time
 import urllib.parse
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -292,4 +294,24 @@ async def wait_closed(ws: trio_websocket.WebSocketConnection) -> trio_websocket.
     except trio_websocket.ConnectionClosed as closed:
         reason = closed.reason
     await ws._stream.aclose()
+    assert reason is not None
     return reason
+
+
+async def ws_rejected(url: str, headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes | None]:
+    """Open a WebSocket that the server must refuse; return ``(status, body)`` of the refusal.
+
+    trio-websocket 0.12.2 leaves its TCP socket open after ``ConnectionRejected``; the socket is reclaimed here
+    (with its ResourceWarning silenced) so the leak stays in this helper instead of failing a later test.
+    """
+    outcome: tuple[int, bytes | None] | None = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            async with trio_websocket.open_websocket_url(url, extra_headers=headers):
+                pass
+        except trio_websocket.ConnectionRejected as rejected:
+            outcome = (rejected.status_code, rejected.body)
+        gc.collect()
+    assert outcome is not None, "the handshake was accepted"
+    return outcome

@@ -11,6 +11,7 @@ import trio_websocket
 
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
+from gateway.upstream.websocket import open_websocket
 
 KEY = "k3y-for-tests-0123456789abcdef"
 
@@ -59,12 +60,12 @@ async def test_access_key_query_parameter_never_goes_upstream(secured: TestGatew
 async def test_websocket_keys_by_subprotocol_or_query(secured: TestGateway) -> None:
     url = secured.ws_url + "/v1/api/ws"
     with pytest.raises(trio_websocket.ConnectionRejected):
-        async with trio_websocket.open_websocket_url(url):
+        async with open_websocket(url):
             pass
-    async with trio_websocket.open_websocket_url(url, subprotocols=[f"access_key.{KEY}"]) as ws:
+    async with open_websocket(url, subprotocols=[f"access_key.{KEY}"]) as ws:
         assert ws.subprotocol == f"access_key.{KEY}"
         assert '"topic":"system"' in await ws.get_message()
-    async with trio_websocket.open_websocket_url(url + f"?access_key={KEY}") as ws:
+    async with open_websocket(url + f"?access_key={KEY}") as ws:
         await ws.get_message()
     handshakes = [r for r in secured.simulator.records if r.path == "/v1/api/ws" and r.method == "GET"]
     assert len(handshakes) == 2
@@ -75,10 +76,10 @@ async def test_websocket_keys_by_subprotocol_or_query(secured: TestGateway) -> N
 
 async def test_websocket_cap_answers_1013(secured: TestGateway) -> None:
     url = secured.ws_url + f"/v1/api/ws?access_key={KEY}"
-    async with trio_websocket.open_websocket_url(url) as one, trio_websocket.open_websocket_url(url) as two:
+    async with open_websocket(url) as one, open_websocket(url) as two:
         await one.get_message()
         await two.get_message()
-        async with trio_websocket.open_websocket_url(url) as three:
+        async with open_websocket(url) as three:
             with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as closed:
                 await three.get_message()
             assert closed.value.reason is not None
@@ -142,10 +143,25 @@ async def test_content_length_with_transfer_encoding_is_refused_and_closed(gw: T
         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/api/iserver/accounts HTTP/1.1\r\nHost: x\r\n\r\n"
     )
     before = len(gw.simulator.records)
-    answer = await raw_exchange(gw, smuggle)
-    assert answer.startswith(b"HTTP/1.1 400")
-    assert answer.count(b"HTTP/1.1 ") == 1  # the smuggled second request was never served
+    for _ in range(5):
+        answer = await raw_exchange(gw, smuggle)
+        # A 400 and a close; hypercorn may also drop such a pipelined connection before the 400 is written.
+        # Either way the smuggled second request is never answered and never forwarded.
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 400"), answer
+        assert answer.count(b"HTTP/1.1 ") <= 1
     assert {r.path for r in gw.simulator.records[before:]} <= {"/v1/api/tickle"}
+    async with gw.client() as http:  # and the gateway keeps serving
+        assert (await http.get("/v1/api/iserver/accounts")).status_code == 200
+
+
+async def test_content_length_with_transfer_encoding_alone_gets_400(gw: TestGateway) -> None:
+    request = (
+        b"POST /v1/api/iserver/secdef/search HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    )
+    answer = await raw_exchange(gw, request)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert b'"code": "bad_framing"' in answer
 
 
 async def test_absolute_form_and_bad_targets_are_refused(gw: TestGateway) -> None:

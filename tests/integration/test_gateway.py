@@ -15,6 +15,7 @@ import trio_websocket
 
 from gateway.simulator import Record, SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
+from gateway.upstream.websocket import open_websocket
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -136,7 +137,7 @@ async def _subscribe(ws: trio_websocket.WebSocketConnection, conid: int = 265598
 
 
 async def test_websocket_relay_streams_ticks(gw: TestGateway) -> None:
-    async with trio_websocket.open_websocket_url(gw.ws_url + "/v1/api/ws") as ws:
+    async with open_websocket(gw.ws_url + "/v1/api/ws") as ws:
         first = await _subscribe(ws)
         assert first["conid"] == 265598
         second = await _subscribe(ws)
@@ -149,7 +150,7 @@ async def test_websocket_relay_streams_ticks(gw: TestGateway) -> None:
 
 async def test_session_failure_closes_relays_1012_and_new_relays_work(gw: TestGateway) -> None:
     generation = (await gw.manager.wait_ready(5)).generation
-    async with trio_websocket.open_websocket_url(gw.ws_url + "/v1/api/ws") as ws:
+    async with open_websocket(gw.ws_url + "/v1/api/ws") as ws:
         await _subscribe(ws)
         gw.simulator.faults.set_tickle_unauthenticated(True)
         with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as closed:
@@ -159,7 +160,7 @@ async def test_session_failure_closes_relays_1012_and_new_relays_work(gw: TestGa
         assert closed.value.reason.code == 1012
     gw.simulator.faults.set_tickle_unauthenticated(False)
     assert await gw.wait_new_session(generation) > generation
-    async with trio_websocket.open_websocket_url(gw.ws_url + "/v1/api/ws") as ws:
+    async with open_websocket(gw.ws_url + "/v1/api/ws") as ws:
         await _subscribe(ws)
 
 
@@ -244,7 +245,7 @@ async def test_health_503_while_upstream_down(ibkr_sim_credentials: SimulatorCre
 async def test_clean_shutdown_logs_out(ibkr_sim_credentials: SimulatorCredentials) -> None:
     async with open_test_gateway(credentials=ibkr_sim_credentials) as gw:
         simulator = gw.simulator
-        async with trio_websocket.open_websocket_url(gw.ws_url + "/v1/api/ws") as ws:
+        async with open_websocket(gw.ws_url + "/v1/api/ws") as ws:
             await _subscribe(ws)
             gw.gateway.request_shutdown()
             with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as closed:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
 from tests.integration.sim_client import Client, auth_header, base_string, k_bytes, pct, read_dh_pem, shared_credentials
 
 VECTORS: dict[str, Any] = json.loads(

@@ -3,14 +3,19 @@ LST -> validate -> ssodh/init -> tickle -> REST -> WebSocket with ticks -> logou
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
+import logging
 import re
 import time
 
 import httpx
+import pytest
 import trio
 import trio_websocket
 
+from gateway.simulator import stream_pattern
 from tests.integration.sim_client import (
     Client,
     next_json,
@@ -21,7 +26,6 @@ from tests.integration.sim_client import (
     ws_headers,
     ws_url,
 )
-from gateway.simulator import stream_pattern
 
 
 async def test_full_first_party_flow(nursery: trio.Nursery) -> None:
@@ -178,13 +182,7 @@ async def test_test_routes_echo_stream_upload(nursery: trio.Nursery) -> None:
             assert headers["x-custom"] == "yes"
             assert headers["authorization"] == "<redacted>"
             assert ["X-Custom", "yes"] in echo["headers"] or ["x-custom", "yes"] in echo["headers"]
-            assert (
-                sim.records[-1]
-                .header(
-                    "Authorization",
-                )
-                .startswith("OAuth ")
-            )  # type: ignore[union-attr]
+            assert (sim.records[-1].header("Authorization") or "").startswith("OAuth ")
 
             total = 3_000_000
             url_, headers_ = client.sign("GET", "/v1/api/sim/stream", [("bytes", str(total)), ("chunk", "65536")])
@@ -209,3 +207,74 @@ async def test_test_routes_echo_stream_upload(nursery: trio.Nursery) -> None:
 
             r = await client.request(http, "POST", "/v1/api/sim/upload", content=gen())  # type: ignore[arg-type]
             assert r.json() == {"bytes": 50 * 65536, "sha256": hashlib.sha256(b"y" * 65536 * 50).hexdigest()}
+
+
+async def test_subscription_ttl_and_heartbeat_interval(nursery: trio.Nursery) -> None:
+    sim, url = await start_simulator(nursery, subscription_ttl_s=0.3, heartbeat_s=0.1, tick_interval_s=0.02)
+    with trio.fail_after(15):
+        async with httpx.AsyncClient() as http:
+            client = await ready_client(http, url)
+            session = (await client.request(http, "POST", "/v1/api/tickle")).json()["session"]
+        token = shared_credentials().access_token
+        async with trio_websocket.open_websocket_url(ws_url(url, token), extra_headers=ws_headers(session)) as ws:
+            await next_json(ws, "sts")
+            await ws.send_message('smd+756733+{"fields":["31","55"]}')
+            first = await next_json(ws, "smd+")
+            assert first["55"] == "SPY"
+            ticks = heartbeats = 0
+            with trio.move_on_after(0.6):
+                while True:
+                    message = await next_json(ws)
+                    ticks += str(message.get("topic", "")).startswith("smd+")
+                    heartbeats += "hb" in message
+            assert ticks >= 3
+            assert heartbeats >= 3
+            with trio.move_on_after(0.3) as quiet:
+                await next_json(ws, "smd+")
+            assert quiet.cancelled_caught, "subscription must end after subscription_ttl_s"
+    assert sim.ws_messages[0].text.startswith("smd+756733")
+
+
+async def test_simulator_logs_hold_no_secrets(nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    sim, url = await start_simulator(nursery)
+    creds = shared_credentials()
+    with trio.fail_after(15):
+        async with httpx.AsyncClient() as http:
+            client = await ready_client(http, url)
+            session = (await client.request(http, "POST", "/v1/api/tickle")).json()["session"]
+            await Client(creds, url, prepend_override="00" * 32).get_lst(http)
+            bad = Client(creds, url)
+            bad.lst = b"\x01" * 20
+            await bad.request(http, "GET", "/v1/api/tickle")
+            token = creds.access_token
+            async with trio_websocket.open_websocket_url(ws_url(url, token), extra_headers=ws_headers(session)) as ws:
+                await next_json(ws, "sts")
+                await ws.send_message(json.dumps({"session": session}))
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(sim.faults.close_websockets, 1011)
+                    await wait_closed(ws)
+            sim.faults.drop_mid_response(1)
+            url_, headers = client.sign("GET", "/v1/api/sim/stream")
+            with pytest.raises(httpx.RemoteProtocolError):
+                await http.get(url_, headers=headers)
+            await client.request(http, "POST", "/v1/api/logout")
+    assert client.lst is not None
+    secrets_ = [
+        creds.access_token_secret,
+        client.prepend,
+        base64.b64encode(client.lst).decode(),
+        client.lst.hex(),
+        session,
+        *[line.decode() for line in creds.signature_key_pem.splitlines()[1:-1]],
+        *[line.decode() for line in creds.encryption_key_pem.splitlines()[1:-1]],
+    ]
+    for record in sim.records:
+        authorization = record.header("authorization")
+        if authorization and "oauth_signature=" in authorization:
+            secrets_.append(authorization.split('oauth_signature="', 1)[1].split('"', 1)[0])
+    own = [r for r in caplog.records if r.name.startswith("gateway.simulator")]
+    assert own, "the simulator logs something"
+    text = "\n".join(r.getMessage() + (r.exc_text or "") for r in own)
+    for secret in secrets_:
+        assert secret not in text

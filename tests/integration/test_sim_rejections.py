@@ -21,6 +21,7 @@ from tests.integration.sim_client import (
     start_simulator,
     wait_closed,
     ws_headers,
+    ws_rejected,
     ws_url,
 )
 
@@ -67,7 +68,7 @@ async def test_lst_request_deviations(nursery: trio.Nursery) -> None:
             for client, kwargs, reason in cases:
                 if client.user_agent is None:
                     http.headers.pop("user-agent", None)
-                result = await client.get_lst(http, **kwargs)  # type: ignore[arg-type]
+                result = await client.get_lst(http, **kwargs)
                 expected_status = 403 if reason == "missing user-agent" else 401
                 assert (result.status, result.body) == (
                     expected_status,
@@ -142,15 +143,17 @@ async def test_ordinary_request_deviations(nursery: trio.Nursery) -> None:
                 url_, headers={**headers, "Authorization": headers["Authorization"].replace("HMAC", "RSA")}
             )
             assert error_of(r) == (401, "invalid signature method")
-            r = await http.get(url_, headers={"Authorization": "OAuth realm=", "User-Agent": "x"})
+            r = await http.get(url_, headers={"Authorization": 'OAuth realm="x', "User-Agent": "x"})
             assert error_of(r) == (401, "malformed authorization header")
             url_, headers = client.sign("GET", "/v1/api/tickle")
             r = await http.get(url_, headers={**headers, "Authorization": headers["Authorization"] + ', x="1"'})
             assert error_of(r) == (401, "invalid signature")  # an unsigned extra header parameter breaks the MAC
 
             http.headers.pop("user-agent")
+            client.user_agent = None
             r = await client.request(http, "GET", "/v1/api/tickle")
             assert error_of(r) == (403, "missing user-agent")
+            client.user_agent = "x"
             http.headers["user-agent"] = "x"
 
             r = await client.request(http, "GET", "/v1/api/iserver/nope")
@@ -171,7 +174,7 @@ async def test_lenient_mode_accepts_other_query_rules(nursery: trio.Nursery) -> 
         async with httpx.AsyncClient() as http:
             base = await ready_client(http, url)
             for mode in ("include", "omit", "in_url"):
-                client = Client(shared_credentials(), url, query_mode=mode)  # type: ignore[arg-type]
+                client = Client(shared_credentials(), url, query_mode=mode)
                 client.lst = base.lst
                 r = await client.request(http, "GET", SNAPSHOT, QUERY)
                 assert r.status_code == 200, r.text
@@ -256,17 +259,21 @@ async def test_expired_and_superseded_lst(nursery: trio.Nursery) -> None:
             r = await stale.request(http, "GET", "/v1/api/tickle")
             assert error_of(r) == (401, "live session token superseded")
             assert (await client.request(http, "GET", "/v1/api/tickle")).status_code == 200
+    assert [r.reason for r in sim.records if not r.accepted] == [
+        "live session token expired",
+        "live session token superseded",
+    ]
 
 
 @cache
-def testcons_credentials() -> SimulatorCredentials:
+def _testcons_credentials() -> SimulatorCredentials:
     return generate_credentials(consumer_key="TESTCONS")
 
 
 async def test_testcons_uses_test_realm(nursery: trio.Nursery) -> None:
     from gateway.simulator import Simulator
 
-    creds = testcons_credentials()
+    creds = _testcons_credentials()
     sim = Simulator(creds)
     url = await nursery.start(sim.serve, "127.0.0.1", 0)
     with trio.fail_after(10):
@@ -290,12 +297,10 @@ async def test_websocket_handshake_rejections(nursery: trio.Nursery) -> None:
             (ws_url(url, token), ws_headers(session, user_agent=False), 403, "missing user-agent"),
             (ws_url(url, token).replace("/ws", "/wsx"), ws_headers(session), 404, "not found"),
         ]:
-            with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-                async with trio_websocket.open_websocket_url(ws_target, extra_headers=headers):
-                    pass
-            assert rejected.value.status_code == status
-            assert rejected.value.body is not None
-            assert json.loads(rejected.value.body) == {"error": reason, "statusCode": status}
+            got_status, body = await ws_rejected(ws_target, headers)
+            assert got_status == status
+            assert body is not None
+            assert json.loads(body) == {"error": reason, "statusCode": status}
             assert sim.records[-1].reason == reason
             assert not sim.records[-1].accepted
 

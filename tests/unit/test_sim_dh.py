@@ -31,7 +31,7 @@ SYNTHETIC = VECTORS["synthetic_lst"]["cases"]
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [(0, [0]), (0x7F, [127]), (0xFF, [0, 255]), (15, [15]), (255, [0, 255]), (256, [1, 0]), (65535, [0, 255, 255])],
+    [(0, [0]), (0x7F, [127]), (0xFF, [0, 255]), (15, [15]), (0x80, [0, 128]), (256, [1, 0]), (65535, [0, 255, 255])],
 )
 def test_java_bytes_examples(value: int, expected: list[int]) -> None:
     assert list(java_bytes(value)) == expected

@@ -227,10 +227,9 @@ async def test_switches_reset_and_hooks() -> None:
     assert faults.delay_s == 0
     assert faults.take_drop() == (False, None)
     assert faults.take_request_fault("/x") is None
-    for bad in (
-        lambda: faults.set_delay(-1),
-        lambda: faults.fail_next(1, status=99),
-        lambda: faults.drop_mid_response(-1),
-    ):
-        with pytest.raises(ValueError):  # noqa: PT011
-            bad()
+    with pytest.raises(ValueError, match="delay"):
+        faults.set_delay(-1)
+    with pytest.raises(ValueError, match="fail_next"):
+        faults.fail_next(1, status=99)
+    with pytest.raises(ValueError, match="drop_mid_response"):
+        faults.drop_mid_response(-1)

@@ -24,6 +24,7 @@ import trio_websocket
 from gateway.asgi import Receive, Scope, Send
 from gateway.errors import SessionNotReady
 from gateway.session.supervisor import LiveSession, SessionManager
+from gateway.upstream.websocket import open_websocket
 
 log = logging.getLogger("gateway.websocket")
 
@@ -73,7 +74,6 @@ class _Relay:
     path: str
     done: trio.Event = field(default_factory=trio.Event)
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    accepted: bool = False
     client_closed: bool = False
 
 
@@ -137,20 +137,18 @@ class WebSocketRelay:
                     (b"user-agent", settings.user_agent.encode("ascii")),
                 ]
                 try:
-                    async with trio_websocket.open_websocket_url(
+                    async with open_websocket(
                         self._upstream_url(relay.path, relay.scope.get("query_string", b"")),
-                        ssl_context=settings.tls if settings.ws_base_url.startswith("wss:") else None,
+                        ssl_context=settings.tls,
                         extra_headers=headers,
                         max_message_size=settings.max_message_bytes,
                         message_queue_size=16,
-                        connect_timeout=10,
-                        disconnect_timeout=_CLOSE_TIMEOUT_S,
+                        connect_timeout_s=10,
                     ) as upstream:
                         accept: dict[str, object] = {"type": "websocket.accept"}
                         if relay.scope.get("gateway.subprotocol"):
                             accept["subprotocol"] = relay.scope["gateway.subprotocol"]
                         await relay.send(accept)
-                        relay.accepted = True
                         self.counters.open += 1
                         self.counters.opened_total += 1
                         if self.counters.open == 1:
@@ -158,6 +156,9 @@ class WebSocketRelay:
                         try:
                             await self._pump(relay, upstream)
                         finally:
+                            if session.ended.is_set():
+                                # Tell the client first (1012 restart / 1001 shutdown), then close upstream.
+                                await self._close_client(relay, session.close_code)
                             self.counters.open -= 1
                             if not self.counters.open:
                                 self._none_open.set()
@@ -167,8 +168,9 @@ class WebSocketRelay:
                 except OSError as exc:
                     log.warning("%s: cannot connect upstream WebSocket: %s", relay.path, exc.strerror or exc)
                     await self._close_client(relay, 1011)
-            if relay.cancel_scope.cancelled_caught and not relay.client_closed:
-                await self._close_client(relay, session.close_code)
+                except trio.TooSlowError:
+                    log.warning("%s: upstream WebSocket did not connect in time", relay.path)
+                    await self._close_client(relay, 1011)
         except trio.Cancelled:
             raise
         except Exception:  # a relay must never take its siblings down

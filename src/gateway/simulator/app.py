@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ from gateway.simulator.asgi import (
     RequestInfo,
     Scope,
     Send,
-    iter_body,
+    consume_body,
     read_body,
     send_json,
 )
@@ -72,7 +72,8 @@ class Reply:
 
     status: int = 200
     body: Any = None
-    stream: Callable[[], AsyncIterator[bytes]] | None = None
+    stream: Callable[[], Iterator[bytes]] | None = None
+    interval_s: float = 0.0
     content_length: int | None = None
     drop_after: int | None = None
     headers: tuple[tuple[str, str], ...] = ()
@@ -204,7 +205,7 @@ async def _auth_status(ctx: Ctx) -> Reply:
 async def _logout(ctx: Ctx) -> Reply:
     core = ctx.core
     core.state.logout()
-    await core.hub.close_all(1000, "logout")
+    await core.hub.close_all(1000, "logout", timeout_s=0.1)  # ask, do not hold the logout reply hostage
     return Reply(body={"status": True})
 
 
@@ -271,9 +272,13 @@ async def _hash_body(ctx: Ctx) -> tuple[int, str]:
         digest.update(ctx.body)
         size = len(ctx.body)
     else:
-        async for chunk in iter_body(ctx.receive):
+
+        def take(chunk: bytes) -> None:
+            nonlocal size
             digest.update(chunk)
             size += len(chunk)
+
+        await consume_body(ctx.receive, take)
     return size, digest.hexdigest()
 
 
@@ -313,7 +318,7 @@ async def _stream(ctx: Ctx) -> Reply:
     chunked = ctx.query_value("chunked") in ("1", "true")
     drop, after = ctx.core.faults.take_drop()
 
-    async def produce() -> AsyncIterator[bytes]:
+    def produce() -> Iterator[bytes]:
         sent = 0
         while sent < total:
             size = min(chunk, total - sent)
@@ -325,11 +330,10 @@ async def _stream(ctx: Ctx) -> Reply:
                 offset = 0
             yield piece
             sent += size
-            if interval_ms and sent < total:
-                await trio.sleep(interval_ms / 1000)
 
     return Reply(
         stream=produce,
+        interval_s=interval_ms / 1000,
         content_length=None if chunked else total,
         drop_after=(total // 2 if after is None else min(after, total)) if drop else None,
         headers=(("Content-Type", "application/octet-stream"),),
@@ -494,7 +498,9 @@ async def _send_reply(send: Send, reply: Reply) -> None:
         headers.append((b"content-length", str(reply.content_length).encode()))
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     sent = 0
-    async for piece in reply.stream():
+    for piece in reply.stream():
+        if sent and reply.interval_s:
+            await trio.sleep(reply.interval_s)
         if reply.drop_after is not None and sent + len(piece) >= reply.drop_after:
             part = piece[: reply.drop_after - sent]
             if part:

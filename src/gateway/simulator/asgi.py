@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,16 +84,21 @@ async def read_body(receive: Receive, limit: int) -> bytes:
     """Read the whole request body; raise BodyTooLarge past ``limit`` bytes, ClientGone on disconnect."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in iter_body(receive):
+
+    def keep(chunk: bytes) -> None:
+        nonlocal size
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge
         chunks.append(chunk)
+
+    await consume_body(receive, keep)
     return b"".join(chunks)
 
 
-async def iter_body(receive: Receive) -> AsyncIterator[bytes]:
-    """Yield request body chunks as they arrive (backpressure: one ASGI message at a time)."""
+async def consume_body(receive: Receive, on_chunk: Callable[[bytes], None]) -> None:
+    """Feed request body chunks to ``on_chunk`` as they arrive (backpressure: one ASGI message at a time);
+    raise ClientGone if the client disconnects first. Exceptions from ``on_chunk`` propagate."""
     while True:
         message = await receive()
         kind = message.get("type")
@@ -103,7 +108,7 @@ async def iter_body(receive: Receive) -> AsyncIterator[bytes]:
             continue
         body = message.get("body", b"")
         if body:
-            yield bytes(body)
+            on_chunk(bytes(body))
         if not message.get("more_body", False):
             return
 

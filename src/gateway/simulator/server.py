@@ -146,6 +146,15 @@ class Simulator:
         """The ASGI application (for driving it without sockets)."""
         return self._app
 
+    def per_second(self, endpoint: str | None = None) -> dict[int, int]:
+        """Retained requests (optionally of one endpoint) per wall-clock second: ``{epoch_second: count}``."""
+        out: dict[int, int] = {}
+        for record in self._core.recorder.records:
+            if record.method != "WS" and (endpoint is None or record.endpoint == endpoint):
+                second = int(record.time)
+                out[second] = out.get(second, 0) + 1
+        return out
+
     def clear_records(self) -> None:
         """Forget records and counters."""
         self._core.recorder.clear()

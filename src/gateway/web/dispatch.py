@@ -14,13 +14,18 @@ Contract: the request handed to the proxy or relay carries no ``access_key`` que
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import trio
 
 from gateway.asgi import ASGIApp, Message, Receive, Scope, Send, send_error
 from gateway.config.model import IPNetwork, RouteConfig
 from gateway.proxy import transforms
 from gateway.web import auth
+
+log = logging.getLogger("gateway.edge")
 
 PUBLIC_PATHS = frozenset({"/health"})
 INTERNAL_PATHS = frozenset({"/", "/health", "/session"})
@@ -97,12 +102,17 @@ class Dispatcher:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "lifespan":
-            await self._pages(scope, receive, send)
-        elif kind == "http":
-            await self._http_request(scope, receive, send)
-        elif kind == "websocket":
-            await self._websocket(scope, receive, send)
+        try:
+            if kind == "lifespan":
+                await self._pages(scope, receive, send)
+            elif kind == "http":
+                await self._http_request(scope, receive, send)
+            elif kind == "websocket":
+                await self._websocket(scope, receive, send)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
+            # The client's connection broke (or the server is tearing down a malformed pipelined connection)
+            # while we answered; there is no one left to tell, and it is not the gateway's error.
+            log.info("client connection lost while answering: %s", type(exc).__name__)
 
     # --- shared checks --------------------------------------------------------------------------------
 
