@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from urllib.parse import quote
 
 import httpx
@@ -77,7 +77,7 @@ async def test_upstream_dying_mid_body_is_never_a_complete_response(gw_fast: Tes
 
 
 @pytest.fixture
-async def gw_fast(ibkr_sim_credentials: SimulatorCredentials) -> Iterator[TestGateway]:
+async def gw_fast(ibkr_sim_credentials: SimulatorCredentials) -> AsyncIterator[TestGateway]:
     async with open_test_gateway(
         {"server": {"allowed_origins": ["https://dash.example.com"]}}, credentials=ibkr_sim_credentials
     ) as gateway:
