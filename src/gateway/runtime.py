@@ -16,6 +16,7 @@ it handles SIGINT/SIGTERM and returns the exit status.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from hypercorn.config import Config as HypercornConfig
 
 from gateway.asgi import ASGIApp
 from gateway.config.load import LoadedConfig
-from gateway.config.model import Config, Credentials
+from gateway.config.model import Config, Credentials, ServerConfig
 from gateway.logs import configure_logging, register_secret
 from gateway.oauth.dh import parse_dh_params_pem
 from gateway.oauth.keys import decrypt_access_token_secret, load_rsa_private_key
@@ -89,18 +90,20 @@ def simulator_credentials(creds: SimulatorCredentials) -> Credentials:
     )
 
 
-def _hypercorn_config(host: str, port: int, max_header_bytes: int) -> HypercornConfig:
+def _hypercorn_config(server: ServerConfig, host: str, port: int) -> HypercornConfig:
+    """hypercorn's settings from ``[server]``. Its keep-alive timer also runs while headers arrive, so it is the
+    header deadline too; ``read_timeout`` cuts silent connections, and pings keep idle WebSockets talking."""
     config = HypercornConfig()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.include_server_header = False
     config.graceful_timeout = GRACEFUL_TIMEOUT_S
-    config.keep_alive_timeout = 5
-    config.read_timeout = 60
-    config.websocket_ping_interval = 20
+    config.keep_alive_timeout = server.keep_alive_timeout_s
+    config.read_timeout = math.ceil(server.read_timeout_s)  # hypercorn takes whole seconds here
+    config.websocket_ping_interval = server.websocket_ping_interval_s
     config.websocket_max_message_size = MAX_WS_MESSAGE_BYTES
-    config.h11_max_incomplete_size = max_header_bytes
+    config.h11_max_incomplete_size = server.max_header_bytes + 1024  # request line + slack; the app enforces it
     return config
 
 
@@ -213,9 +216,7 @@ async def serve_gateway(
             )
             trigger = trio.Event()
             hconfig = _hypercorn_config(
-                host or config.server.host,
-                config.server.port if port is None else port,
-                config.server.max_header_bytes + 1024,  # request line and slack; the dispatcher enforces the limit
+                config.server, host or config.server.host, config.server.port if port is None else port
             )
             urls = await root.start(partial(_serve_http, app, hconfig, trigger))
             await root.start(manager.run)

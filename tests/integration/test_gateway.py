@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,7 +14,9 @@ import trio
 import trio.lowlevel
 import trio_websocket
 
-from gateway.simulator import Record, SimulatorCredentials
+from gateway.config import load_config
+from gateway.runtime import Gateway, serve_gateway
+from gateway.simulator import Record, Simulator, SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
 from gateway.upstream.websocket import open_websocket
 
@@ -271,3 +274,27 @@ async def test_unready_gateway_answers_503_with_retry_after(ibkr_sim_credentials
         assert int(r.headers["retry-after"]) >= 1
         assert r.json()["code"] == "session_not_ready"
         await gw.simulator.faults.up()
+
+
+async def test_real_credential_path_against_an_external_simulator(
+    tmp_path: Path, ibkr_sim_credentials: SimulatorCredentials
+) -> None:
+    """The production path: key files on disk, loaded and checked by the config loader, simulator disabled."""
+    simulator = Simulator(ibkr_sim_credentials)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(simulator.serve, "127.0.0.1", 0)
+        loaded = load_config(simulator.write_credentials(tmp_path / "creds", gateway_port=0), env={})
+        assert loaded.credentials is not None
+        assert not loaded.config.simulator.enabled
+        gateway: Gateway = await nursery.start(serve_gateway, loaded)
+        await gateway.manager.wait_ready(5)
+        async with httpx.AsyncClient(base_url=gateway.url) as http:
+            accounts = await http.get("/v1/api/iserver/accounts")
+            status = (await http.get("/session")).json()
+        gateway.request_shutdown()
+        await gateway.wait_stopped()
+        nursery.cancel_scope.cancel()
+    assert accounts.status_code == 200
+    assert status["simulator"] is False
+    assert status["mode"] == "IBKR"
+    assert any(r.path == "/v1/api/logout" and r.accepted for r in simulator.records)

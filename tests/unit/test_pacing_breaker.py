@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from gateway.pacing.breaker import Breaker, BreakerState
 
-fast = settings(max_examples=60, deadline=None)
+fast = settings(max_examples=40, deadline=None)
 C, OPEN, H = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 
 

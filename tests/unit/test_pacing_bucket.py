@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from gateway.pacing.bucket import EPSILON, SlidingWindow, TokenBucket
 
-fast = settings(max_examples=60, deadline=None)
+fast = settings(max_examples=40, deadline=None)
 
 
 # -- token bucket ------------------------------------------------------------------------------------------------------

@@ -154,7 +154,7 @@ def max_in_window(times: list[float], window_s: float) -> int:
     times = sorted(times)
     best, lo = 0, 0
     for hi, t in enumerate(times):
-        while times[lo] <= t - window_s:
+        while times[lo] + window_s <= t:  # the same float arithmetic as the window's own expiry
             lo += 1
         best = max(best, hi - lo + 1)
     return best

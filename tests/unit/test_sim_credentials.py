@@ -15,6 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from gateway.config import load_config
 from gateway.simulator import SimulatorCredentials, generate_credentials
 from gateway.simulator.credentials import ServerView, dh_params_pem, parse_dh_params_pem, realm_for, write_credentials
 from gateway.simulator.dh import RFC3526_GROUP14_PRIME
@@ -123,18 +124,27 @@ def test_write_credentials_files_modes_and_toml(tmp_path: Path) -> None:
         assert stat.S_IMODE((target / name).stat().st_mode) == 0o600
     assert (target / "private_signature.pem").read_bytes() == c.signature_key_pem
     doc = tomllib.loads(toml_path.read_text())
-    assert doc["server"] == {"host": "127.0.0.1", "port": 5055}
-    assert doc["ibkr"] == {
-        "base_url": "http://127.0.0.1:5100",
-        "consumer_key": c.consumer_key,
-        "access_token": c.access_token,
-        "access_token_secret": c.access_token_secret,
-        "signature_key": "private_signature.pem",
-        "encryption_key": "private_encryption.pem",
-        "dh_param": "dhparam.pem",
-        "realm": "limited_poa",
-    }
-    assert doc["simulator"] == {"enabled": False}
+    assert doc["server"]["host"] == "127.0.0.1"
+    assert doc["server"]["port"] == 5055
+    assert (
+        doc["ibkr"].items()
+        >= {
+            "base_url": "http://127.0.0.1:5100",
+            "consumer_key": c.consumer_key,
+            "access_token": c.access_token,
+            "access_token_secret": c.access_token_secret,
+            "signature_key": "private_signature.pem",
+            "encryption_key": "private_encryption.pem",
+            "dh_param": "dhparam.pem",
+            "realm": "limited_poa",
+        }.items()
+    )
+    assert doc["simulator"]["enabled"] is False
+    assert {"path": "/v1/api/sim/*"} in doc["routes"]
+    # The written file is a complete, valid gateway config with its credentials in place.
+    loaded = load_config(toml_path, env={})
+    assert loaded.credentials is not None
+    assert loaded.warnings == ()
 
 
 def test_write_credentials_tightens_existing_file_modes(tmp_path: Path) -> None:

@@ -35,6 +35,9 @@ class ServerConfig:
     max_header_bytes: int = 16384
     max_header_count: int = 100
     max_websockets: int = 1000
+    keep_alive_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    websocket_ping_interval_s: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -221,6 +221,13 @@ def parse_config(
                 )
             )
     session = values["session"]
+    server = values["server"]
+    if server.get("websocket_ping_interval_s", 0) >= server.get("read_timeout_s", 1):
+        problems.append(
+            ConfigProblem(
+                source, "server.websocket_ping_interval_s", "must be shorter than read_timeout_s (or idle relays die)"
+            )
+        )
     if session.get("reconnect_max_delay_s", 0) < session.get("reconnect_delay_s", 0):
         problems.append(
             ConfigProblem(source, "session.reconnect_max_delay_s", "must not be smaller than reconnect_delay_s")

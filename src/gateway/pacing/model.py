@@ -126,10 +126,10 @@ class PacingSettings:
     """How the pacer holds upstream traffic.
 
     Global budget (see :meth:`global_windows`): never more than ``global_requests_per_s`` requests in any second, and
-    never more than ``global_burst`` back to back. ``max_wait_s``: how long a request may
-    queue before it is rejected with 429. Breaker: the first hold after an IBKR 429 is ``breaker_cooldown_s`` (or the
-    response's Retry-After if longer); each failed probe doubles the hold, up to ``breaker_max_cooldown_s``, which
-    also caps any Retry-After.
+    never more than ``global_burst`` back to back. ``max_wait_s``: how long a request may queue before it is rejected
+    with 429. Breaker: the first hold after an IBKR 429 is ``breaker_cooldown_s`` (or the response's Retry-After if
+    longer); each failed probe doubles the hold, up to ``breaker_max_cooldown_s``, which also caps any Retry-After.
+    ``enabled = False`` turns the pacer into a no-op. Validate with :func:`settings_problems`.
     """
 
     enabled: bool = True

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
+from typing import cast
 
 import httpx
 import trio
@@ -240,9 +242,11 @@ class HttpProxy:
         outcome.status = response.status_code
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
         try:
-            async for chunk in response.aiter_raw():
-                outcome.sent += len(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            # aclosing: a cancelled relay (client gone) must finalise httpx's generators now, not at GC time.
+            async with aclosing(cast(AsyncGenerator[bytes, None], response.aiter_raw())) as chunks:
+                async for chunk in chunks:
+                    outcome.sent += len(chunk)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except httpx.HTTPError as exc:
             # Returning without the final body message makes the server close the connection mid-response.
             error = map_httpx_error(exc, where)

@@ -486,13 +486,25 @@ class SimulatorApp:
             await self._reject(request, endpoint, send, exc.status, exc.reason)
             return
         core.record(request, endpoint, accepted=True, status=reply.status, reason=reply.reason, rule=verdict.rule)
-        await _send_reply(send, reply)
+        if reply.stream is None:
+            await send_json(send, reply.status, reply.body, reply.headers)
+            return
+        # A streamed reply stops as soon as the client hangs up (hypercorn drops sends to a closed connection
+        # silently, so without this the simulator would keep generating the whole body into the void).
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            await _send_stream(send, reply)
+            nursery.cancel_scope.cancel()
 
 
-async def _send_reply(send: Send, reply: Reply) -> None:
-    if reply.stream is None:
-        await send_json(send, reply.status, reply.body, reply.headers)
-        return
+async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+async def _send_stream(send: Send, reply: Reply) -> None:
+    assert reply.stream is not None
     headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers]
     if reply.content_length is not None:
         headers.append((b"content-length", str(reply.content_length).encode()))

@@ -16,10 +16,10 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-import tomli_w
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from gateway.config.render import DEFAULT_ROUTES, render_config
 from gateway.simulator.dh import GENERATOR, RFC3526_GROUP14_PRIME, java_bytes
 
 SIGNATURE_KEY_FILE = "private_signature.pem"
@@ -212,7 +212,7 @@ def write_credentials(
     _write_private(folder / SIGNATURE_KEY_FILE, creds.signature_key_pem)
     _write_private(folder / ENCRYPTION_KEY_FILE, creds.encryption_key_pem)
     _write_private(folder / DH_PARAM_FILE, creds.dh_param_pem)
-    document = {
+    document: dict[str, dict[str, object]] = {
         "server": {"host": gateway_host, "port": gateway_port},
         "ibkr": {
             "base_url": base_url,
@@ -226,6 +226,15 @@ def write_credentials(
         },
         "simulator": {"enabled": False},
     }
+    text = render_config(
+        document,
+        routes=(*DEFAULT_ROUTES, {"path": "/v1/api/sim/*"}),
+        header=(
+            "Gateway configuration for the IBKR simulator at " + base_url + ", written by\n"
+            "`python -m gateway.simulator --write-credentials`. The credentials are throwaway keys that only this\n"
+            "simulator run accepts. Run: python -m gateway --config " + TOML_FILE
+        ),
+    )
     toml_path = folder / TOML_FILE
-    _write_private(toml_path, tomli_w.dumps(document).encode("utf-8"))
+    _write_private(toml_path, text.encode("utf-8"))
     return toml_path

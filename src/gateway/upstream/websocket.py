@@ -3,7 +3,9 @@
 trio-websocket 0.12.2's ``open_websocket_url`` leaves its socket open when the *server* closes first (its reader
 stops at EOF, and ``aclose`` returns early because a close reason is already set) or refuses the handshake; over a
 long-running gateway that is one leaked file descriptor per upstream-initiated close. Here the stream is opened by
-us, handed to ``wrap_client_stream``, and closed in a shielded, bounded ``finally``.
+us, handed to ``wrap_client_stream``, and closed in a shielded, bounded ``finally``. A second 0.12.2 quirk — a Ping
+arriving after our Close makes its reader task die with wsproto's ``LocalProtocolError`` — is absorbed here, since
+the connection is closing anyway.
 
 Contract: :func:`open_websocket` yields an open :class:`trio_websocket.WebSocketConnection`; on exit the WebSocket
 is closed (code 1000 unless already closed) and the stream is closed. Errors raised while connecting or inside the
@@ -19,6 +21,7 @@ from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
+import wsproto.utilities
 
 _CLOSE_TIMEOUT_S = 2.0
 
@@ -57,6 +60,7 @@ async def open_websocket(
     port = parts.port or (443 if secure else 80)
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     host_header = parts.netloc.rsplit("@", 1)[-1]
+    connection: trio_websocket.WebSocketConnection | None = None
     try:
         async with trio.open_nursery() as nursery:
             stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
@@ -91,7 +95,14 @@ async def open_websocket(
                     await stream.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        single = _single(group)
+        remaining: BaseExceptionGroup[BaseException] | None = group
+        if connection is not None and connection.closed is not None:
+            # trio-websocket answers a Ping that arrives after our Close with a Pong, which wsproto refuses; the
+            # reader task dies with LocalProtocolError during an orderly close. Nothing is lost: drop it.
+            _, remaining = group.split(wsproto.utilities.LocalProtocolError)
+        if remaining is None:
+            return
+        single = _single(remaining)
         if single is None:
             raise
         raise single from None

@@ -53,13 +53,17 @@ messages relayed: <span id="relays-messages">{relays_messages}</span>.</p>
 <p><a href="session">/session</a> (JSON) · <a href="health">/health</a></p>
 <script>
 const labels = {labels};
+function cell(v) {{
+  if (v === null) return "—";
+  if (typeof v === "boolean") return v ? "yes" : "no";
+  return String(v).replace(/&/g, "&amp;").replace(/</g, "&lt;");
+}}
 async function refresh() {{
   try {{
     const r = await fetch("session" + location.search, {{cache: "no-store"}});
     const s = await r.json();
     const rows = labels.map(([k, l]) =>
-      `<tr><th>${{l}}</th><td data-key="${{k}}">${{s[k] === null ? "—" : String(s[k])
-        .replace(/&/g, "&amp;").replace(/</g, "&lt;")}}</td></tr>`).join("");
+      `<tr><th>${{l}}</th><td data-key="${{k}}">${{cell(s[k])}}</td></tr>`).join("");
     document.getElementById("status").innerHTML = rows;
     const h = document.getElementById("health");
     h.className = "banner " + (s.healthy ? "ok" : "bad");
@@ -75,6 +79,8 @@ setInterval(refresh, 2000);
 
 
 def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     return "—" if value is None else html.escape(str(value))
 
 

@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import trio
+
 from gateway.proxy.websocket import RelayCounters
 from gateway.session.state import State
 from gateway.session.supervisor import SessionManager
@@ -26,6 +28,21 @@ class StatusSource:
     upstream: str
     simulator: bool
     started_at: float
+
+
+def live_tasks() -> int:
+    """How many trio tasks this process runs now (a leak indicator on ``/session``); 0 outside trio."""
+    try:
+        root = trio.lowlevel.current_root_task()
+    except RuntimeError:
+        return 0
+    count, pending = 0, [root] if root is not None else []
+    while pending:
+        task = pending.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            pending.extend(nursery.child_tasks)
+    return count
 
 
 def healthy(source: StatusSource) -> bool:
@@ -66,4 +83,5 @@ def snapshot(source: StatusSource) -> dict[str, Any]:
             "messages_down": source.relays.messages_down,
         },
         "uptime_s": round(time.time() - source.started_at, 1),
+        "tasks": live_tasks(),
     }

@@ -1,0 +1,812 @@
+"""Benchmark the gateway against a direct baseline and a plain nginx reverse proxy, in one run on loopback.
+
+Usage (from the repository root)::
+
+    .venv/bin/python bench/run.py            # full run, ~5 minutes on 2 cores
+    .venv/bin/python bench/run.py --quick    # short durations, 64 MiB transfers, ~1 minute
+    .venv/bin/python bench/run.py --out /tmp/results.json --keep
+
+What it starts (each a subprocess in its own process group, on a free 127.0.0.1 port, all stopped at the end):
+
+- ``bench/sink.py``   an HTTP sink that reads upload bodies to the end and reports the byte count;
+- ``bench/wsecho.py`` a WebSocket echo/ticker server;
+- the IBKR simulator  ``python -m gateway.simulator --write-credentials DIR``;
+- nginx "A"           the upstream: ``/v1/api/bench/small`` (``{"ok":true}``), ``/v1/api/bench/big`` (a sparse
+  1 GiB file by sendfile), ``/v1/api/bench/upload`` (→ sink), ``/v1/api/ws`` (→ echo), ``/`` (→ simulator);
+- nginx "B"           a plain keep-alive reverse proxy to A (the comparison point);
+- the gateway         ``python -m gateway --config DIR/bench-gateway.toml``, upstream = nginx A.
+
+What it measures on three paths — direct (client → A), nginx (client → B → A), gateway (client → gateway → A):
+wrk small-GET throughput and the proxy's CPU per request (/proc utime+stime); open-loop fixed-rate latency
+(50 req/s, latency from each request's scheduled time); 1 GiB download and upload by curl, best of 2 after a
+warm-up (MB/s = 10^6 B/s; proxy peak RSS = VmHWM after a clear_refs reset, plus 20 ms RSS sampling); WebSocket
+one-way message rates and echo round trips; 1,000 idle WebSockets held open through nginx B and through the
+gateway, twice (RSS per relay, fds, RSS kept after closing and over a second cycle); the gateway's cold start
+(spawn → first ``/health`` 200, and its CPU until then).
+
+Output: JSON (``--out``, default ``bench/results.json``) with every figure and the machine, and a Markdown table
+on stdout. Missing nginx/wrk/curl are installed with apt-get (exit 2 if that fails). Any failed step prints its
+name and the tail of the relevant component's log, stops everything and exits 1.
+
+Lint: ``.venv/bin/ruff check bench && .venv/bin/ruff format --check bench && .venv/bin/mypy --strict bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import loadgen
+import nginx
+import procs
+import report
+import tomli_w
+import trio
+import wsbench
+from procs import Proc, StepFailed
+
+HERE = Path(__file__).resolve().parent
+PATHS = report.PATHS
+SMALL = "/v1/api/bench/small"
+BIG = "/v1/api/bench/big"
+UPLOAD = "/v1/api/bench/upload"
+WS = "/v1/api/ws"
+GIB = 1 << 30
+METHOD_NOTES = (
+    "open-loop latency counts from each request's scheduled send time; the client's own timer lateness "
+    "(about 1 ms) is in every path and cancels out in the 'added' rows (service_* figures in the JSON exclude it)",
+    "WebSocket rates: the client writes hand-built frames in bulk, but bench/wsecho.py is single-threaded Python "
+    "(trio-websocket), so the direct and nginx figures are bounded by the echo server, not by nginx",
+    "nginx B is stock apart from streaming request bodies (proxy_request_buffering off) and no temp files "
+    "(proxy_max_temp_file_size 0); nginx A's upload location uses client_body_buffer_size 1m so it is not "
+    "the bottleneck",
+    "CPU figures come from /proc/<pid>/stat utime+stime (10 ms ticks), of the gateway process or nginx B's worker",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Sizes and durations of one mode."""
+
+    name: str
+    wrk_warmup_s: int
+    wrk_s: int
+    rate: float
+    rate_requests: int
+    transfer_bytes: int
+    ws_messages: int
+    ws_round_trips: int
+    idle_relays: int
+    idle_cycles: int
+    settle_s: float
+    transfer_runs: int
+
+
+FULL = Plan("full", 2, 10, 50.0, 1500, GIB, 20_000, 2_000, 1_000, 2, 1.0, 2)
+QUICK = Plan("quick", 1, 3, 50.0, 250, 64 << 20, 3_000, 300, 1_000, 1, 0.5, 1)
+
+
+class Interrupted(Exception):
+    """SIGTERM/SIGINT while running: stop everything and exit."""
+
+
+def _log(text: str) -> None:
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def step(name: str, proc: Proc | None = None) -> Iterator[None]:
+    """Name a step; any exception inside becomes :class:`StepFailed` naming it (and ``proc`` for its log)."""
+    _log(name)
+    try:
+        yield
+    except (StepFailed, Interrupted):
+        raise
+    except Exception as exc:
+        raise StepFailed(name, f"{type(exc).__name__}: {exc}", proc) from exc
+
+
+def pct(values: list[float], q: float) -> float:
+    """Nearest-rank percentile ``q`` (0-100) of ``values``."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+# ---------------------------------------------------------------- tools and machine
+
+
+@dataclass(frozen=True, slots=True)
+class Tools:
+    """Absolute paths of the external tools."""
+
+    nginx: str
+    wrk: str
+    curl: str
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin")
+
+
+def ensure_tools() -> Tools:
+    """Find nginx, wrk and curl; apt-get install the missing ones (one ``apt-get update`` first). Exit 2 on failure."""
+    missing = [name for name in ("nginx", "wrk", "curl") if _which(name) is None]
+    if missing:
+        apt = _which("apt-get")
+        if apt is None:
+            print(f"bench: cannot install {' '.join(missing)}: apt-get not found", file=sys.stderr)
+            raise SystemExit(2)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        _log(f"installing {' '.join(missing)} with apt-get")
+        for argv in ([apt, "update", "-q"], [apt, "install", "-y", "-q", *missing]):
+            try:
+                done = subprocess.run(  # noqa: S603 - fixed argv
+                    argv, env=env, capture_output=True, text=True, timeout=600, check=False
+                )
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                print(f"bench: {' '.join(argv)} failed: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
+            if done.returncode != 0:
+                last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:] or ["?"]
+                print(f"bench: {' '.join(argv[1:3])} failed (exit {done.returncode}): {last[0]}", file=sys.stderr)
+                raise SystemExit(2)
+    found = {name: _which(name) for name in ("nginx", "wrk", "curl")}
+    if None in found.values():
+        gone = [name for name, path in found.items() if path is None]
+        print(f"bench: still missing after apt-get install: {' '.join(gone)}", file=sys.stderr)
+        raise SystemExit(2)
+    return Tools(nginx=str(found["nginx"]), wrk=str(found["wrk"]), curl=str(found["curl"]))
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)  # noqa: S603
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return (done.stdout + done.stderr).strip().splitlines()[0] if (done.stdout + done.stderr).strip() else "?"
+
+
+def machine(tools: Tools) -> dict[str, Any]:
+    """What the figures were measured on."""
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "memory_total_kib": _meminfo_total(),
+        "nginx": _version([tools.nginx, "-v"]),
+        "wrk": _version([tools.wrk, "--version"]),
+        "curl": _version([tools.curl, "--version"]),
+    }
+
+
+def source_state() -> dict[str, Any]:
+    """Which gateway code was measured: HEAD and the files under src/ that differ from it (read-only git)."""
+    git = _which("git")
+    if git is None:
+        return {"commit": None}
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(  # noqa: S603 - fixed argv
+            [git, "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+        )
+        dirty = subprocess.run(  # noqa: S603 - fixed argv
+            [git, "-C", str(root), "status", "--porcelain", "--", "src"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None}
+    return {"commit": head.stdout.strip() or None, "src_changes_not_committed": dirty.stdout.splitlines()}
+
+
+def _meminfo_total() -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1])
+    return None
+
+
+# ---------------------------------------------------------------- the run
+
+
+class Bench:
+    """One benchmark run: its temp dir, processes, ports and results."""
+
+    def __init__(self, plan: Plan, tools: Tools, workdir: Path, nofile: int) -> None:
+        self.plan = plan
+        self.nofile = nofile
+        self.tools = tools
+        self.dir = workdir
+        self.group = procs.Group()
+        self.results: dict[str, Any] = {}
+        self.notes: list[str] = []
+        self.ports: dict[str, int] = {}
+        self.gateway: Proc | None = None
+        self.nginx_a: Proc | None = None
+        self.nginx_b: Proc | None = None
+        self.worker_a = 0
+        self.worker_b = 0
+        self.python = sys.executable
+
+    # ------------------------------------------------------------ starting
+
+    def _spawn(self, name: str, argv: list[str]) -> Proc:
+        return self.group.add(procs.start(name, argv, self.dir / f"{name}.log"))
+
+    def start_backends(self) -> None:
+        """Sink, echo server and simulator (with its credentials written)."""
+        for name in ("sink", "wsecho", "simulator", "nginx_a", "nginx_b", "gateway"):
+            self.ports[name] = procs.free_port()
+        with step("start upload sink"):
+            sink = self._spawn("sink", [self.python, str(HERE / "sink.py"), "--port", str(self.ports["sink"])])
+            procs.wait_port("start upload sink", sink, self.ports["sink"], 15)
+        with step("start WebSocket echo server"):
+            echo = self._spawn("wsecho", [self.python, str(HERE / "wsecho.py"), "--port", str(self.ports["wsecho"])])
+            procs.wait_port("start WebSocket echo server", echo, self.ports["wsecho"], 15)
+        with step("start simulator"):
+            creds = self.dir / "creds"
+            sim = self._spawn(
+                "simulator",
+                [
+                    self.python,
+                    "-m",
+                    "gateway.simulator",
+                    "--port",
+                    str(self.ports["simulator"]),
+                    "--write-credentials",
+                    str(creds),
+                    "--log-level",
+                    "warning",
+                ],
+            )
+            procs.wait_file("start simulator", sim, creds / "gateway.toml", 30)
+            procs.wait_port("start simulator", sim, self.ports["simulator"], 15)
+
+    def _start_nginx(self, name: str, conf_text: str) -> tuple[Proc, int]:
+        tag = name[-1]
+        conf = self.dir / f"{name}.conf"
+        conf.write_text(conf_text)
+        nginx.prepare_dirs(self.dir, tag)
+        argv = [self.tools.nginx, "-p", str(self.dir), "-c", str(conf), "-e", str(self.dir / f"{tag}.error.log")]
+        check = subprocess.run(  # noqa: S603 - fixed argv
+            [*argv, "-t", "-q"], capture_output=True, text=True, timeout=30, check=False
+        )
+        if check.returncode != 0:
+            raise RuntimeError(f"nginx -t rejected {conf}: {(check.stderr or check.stdout).strip()}")
+        proc = self._spawn(name, argv)
+        procs.wait_http_ok(f"start {name}", proc, self.ports[name], SMALL, 15)
+        workers: list[int] = []
+        deadline = time.monotonic() + 10
+        while not workers and time.monotonic() < deadline:
+            workers = procs.children(proc.pid)
+            time.sleep(0.02)
+        if len(workers) != 1:
+            raise StepFailed(f"start {name}", f"expected 1 nginx worker, found {workers}", proc)
+        return proc, workers[0]
+
+    def start_nginx(self, big_file: Path) -> None:
+        """nginx A (upstream) then nginx B (reverse proxy to A)."""
+        with step("start nginx A (upstream)"):
+            ports = nginx.UpstreamPorts(
+                listen=self.ports["nginx_a"],
+                simulator=self.ports["simulator"],
+                wsecho=self.ports["wsecho"],
+                sink=self.ports["sink"],
+            )
+            self.nginx_a, self.worker_a = self._start_nginx(
+                "nginx_a", nginx.render_upstream(self.dir, ports, big_file, self.nofile)
+            )
+        with step("start nginx B (reverse proxy)"):
+            text = nginx.render_proxy(self.dir, self.ports["nginx_b"], self.ports["nginx_a"], self.nofile)
+            self.nginx_b, self.worker_b = self._start_nginx("nginx_b", text)
+
+    def write_gateway_config(self) -> Path:
+        """The simulator's gateway.toml, pointed at nginx A, with the benchmark routes and warning-level logs."""
+        creds = self.dir / "creds"
+        with (creds / "gateway.toml").open("rb") as handle:
+            document = tomllib.load(handle)
+        document["server"]["port"] = self.ports["gateway"]
+        document["ibkr"]["base_url"] = f"http://127.0.0.1:{self.ports['nginx_a']}"
+        document["logging"] = {"level": "warning", "format": "text"}
+        document["routes"] = [{"path": "/v1/api/bench/*", "max_body_bytes": 2_000_000_000}, {"path": WS}]
+        path = creds / "bench-gateway.toml"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            tomli_w.dump(document, out)
+        return path
+
+    def start_gateway(self) -> None:
+        """Start the gateway and measure its cold start: spawn → first /health 200, and its CPU until then."""
+        with step("write gateway config"):
+            config = self.write_gateway_config()
+        name = "start gateway (cold start)"
+        with step(name):
+            self.gateway = self._spawn("gateway", [self.python, "-m", "gateway", "--config", str(config)])
+            ready_at = procs.wait_http_ok(name, self.gateway, self.ports["gateway"], "/health", 60, poll_s=0.005)
+            cpu = procs.cpu_ms(self.gateway.pid)
+            pid = self.gateway.pid
+            self.results["cold_start"] = {
+                "time_to_health_ms": round((ready_at - self.gateway.started_at) * 1000, 1),
+                "cpu_ms_until_ready": cpu,
+                "rss_kib_at_ready": procs.rss_kib(pid),
+                "fds_at_ready": procs.fd_count(pid),
+                "nofile_limit": procs.nofile_limit(pid),
+                "note": "includes interpreter start, imports, key loading, LST handshake, ssodh/init and tickle "
+                "through nginx A to the simulator; /health polled every 5 ms; CPU resolution 1/CLK_TCK",
+            }
+
+    # ------------------------------------------------------------ helpers
+
+    def port(self, path: str) -> int:
+        """The port a client uses for ``path`` (direct / nginx / gateway)."""
+        return self.ports[{"direct": "nginx_a", "nginx": "nginx_b", "gateway": "gateway"}[path]]
+
+    def proxy_pid(self, path: str) -> int | None:
+        """The process that proxies on ``path`` (None for direct)."""
+        if path == "nginx":
+            return self.worker_b
+        if path == "gateway":
+            assert self.gateway is not None
+            return self.gateway.pid
+        return None
+
+    def proc_for(self, path: str) -> Proc | None:
+        """The component whose log explains a failure on ``path``."""
+        return {"direct": self.nginx_a, "nginx": self.nginx_b, "gateway": self.gateway}[path]
+
+    def session(self) -> dict[str, Any]:
+        """The gateway's /session document."""
+        status, body = procs.http_get(self.ports["gateway"], "/session")
+        if status != 200:
+            raise RuntimeError(f"/session answered {status}")
+        document: dict[str, Any] = json.loads(body)
+        return document
+
+    def gateway_relays_closed(self) -> bool:
+        """True when the gateway reports no open WebSocket relay."""
+        return int(self.session()["relays"]["open"]) == 0
+
+    def check_alive(self, name: str) -> None:
+        """Fail the step if any component has exited."""
+        for proc in self.group.procs:
+            if not proc.alive():
+                raise StepFailed(name, f"{proc.name} exited with status {proc.popen.returncode}", proc)
+
+    # ------------------------------------------------------------ measurements
+
+    def sanity(self) -> None:
+        """Each path answers the small GET correctly and echoes a WebSocket message."""
+        for path in PATHS:
+            with step(f"sanity check: {path}", self.proc_for(path)):
+                status, body = procs.http_get(self.port(path), SMALL)
+                if status != 200 or body != nginx.SMALL_BODY.encode():
+                    raise RuntimeError(f"GET {SMALL} answered {status} {body[:200]!r}")
+                trips = trio.run(partial(wsbench.round_trips, self.ws_url(path), count=5, timeout_s=20))
+                if trips.mismatches or len(trips.rtt_ms) != 5:
+                    raise RuntimeError(f"WebSocket echo failed: {trips}")
+
+    def ws_url(self, path: str) -> str:
+        """WebSocket URL of ``path``."""
+        return f"ws://127.0.0.1:{self.port(path)}{WS}"
+
+    def small_get(self) -> None:
+        """wrk -t2 -c16 on the small GET, with the proxy's and nginx A's CPU per request."""
+        out: dict[str, Any] = {}
+        plan = self.plan
+        for path in PATHS:
+            with step(f"wrk small GET: {path} ({plan.wrk_s} s)", self.proc_for(path)):
+                url = f"http://127.0.0.1:{self.port(path)}{SMALL}"
+                loadgen.run_wrk(self.tools.wrk, url, threads=2, connections=16, duration_s=plan.wrk_warmup_s)
+                pid = self.proxy_pid(path)
+                cpu0 = procs.cpu_ms(pid) if pid else 0.0
+                cpu_a0 = procs.cpu_ms(self.worker_a)
+                result = loadgen.run_wrk(self.tools.wrk, url, threads=2, connections=16, duration_s=plan.wrk_s)
+                cpu1 = procs.cpu_ms(pid) if pid else 0.0
+                cpu_a1 = procs.cpu_ms(self.worker_a)
+                if result.socket_errors or result.non_2xx:
+                    problem = f"{result.socket_errors} socket errors, {result.non_2xx} non-2xx answers"
+                    if (result.socket_errors + result.non_2xx) * 100 > result.requests:
+                        raise RuntimeError(f"more than 1% failures: {problem} of {result.requests} requests")
+                    self.notes.append(f"wrk {path}: {problem}")
+                requests = max(result.requests, 1)
+                figures = asdict(result)
+                figures.pop("raw")
+                figures["proxy_cpu_ms"] = cpu1 - cpu0 if pid else None
+                figures["proxy_cpu_ms_per_request"] = (cpu1 - cpu0) / requests if pid else None
+                figures["proxy_cpu_share_of_one_core"] = (cpu1 - cpu0) / 1000 / result.duration_s if pid else None
+                figures["origin_cpu_ms_per_request"] = (cpu_a1 - cpu_a0) / requests
+                out[path] = figures
+                self.check_alive(f"wrk small GET: {path}")
+        self.results["small_get"] = {
+            "load": f"wrk -t2 -c16 -d{plan.wrk_s}s --latency (after a {plan.wrk_warmup_s} s warm-up run)",
+            **out,
+        }
+
+    def fixed_rate(self) -> None:
+        """Open-loop 50 req/s latency per path and the added latency versus direct."""
+        plan = self.plan
+        out: dict[str, Any] = {}
+        for path in PATHS:
+            seconds = plan.rate_requests / plan.rate
+            with step(
+                f"open-loop {plan.rate:g} req/s × {plan.rate_requests}: {path} ({seconds:g} s)", self.proc_for(path)
+            ):
+                result = loadgen.run_open_loop(
+                    self.port(path), SMALL, rate=plan.rate, count=plan.rate_requests, expect=nginx.SMALL_BODY.encode()
+                )
+                if result.errors or result.bad_answers:
+                    self.notes.append(
+                        f"open loop {path}: {result.errors} errors, {result.bad_answers} bad answers "
+                        f"(first: {result.first_error})"
+                    )
+                if not result.ok:
+                    raise RuntimeError(f"no successful request (first error: {result.first_error})")
+                out[path] = {
+                    "requests": result.scheduled,
+                    "ok": result.ok,
+                    "errors": result.errors,
+                    "bad_answers": result.bad_answers,
+                    "connections_opened": result.connections_opened,
+                    "max_in_flight": result.max_in_flight,
+                    "duration_s": round(result.duration_s, 2),
+                    "achieved_rate": round(result.ok / result.duration_s, 2),
+                    "p50_ms": pct(result.latency_ms, 50),
+                    "p90_ms": pct(result.latency_ms, 90),
+                    "p99_ms": pct(result.latency_ms, 99),
+                    "max_ms": max(result.latency_ms),
+                    "service_p50_ms": pct(result.service_ms, 50),
+                    "service_p99_ms": pct(result.service_ms, 99),
+                }
+        added = {
+            path: {
+                "p50_ms": out[path]["p50_ms"] - out["direct"]["p50_ms"],
+                "p99_ms": out[path]["p99_ms"] - out["direct"]["p99_ms"],
+            }
+            for path in ("nginx", "gateway")
+        }
+        self.results["fixed_rate"] = {
+            "load": f"open loop, {plan.rate:g} req/s, {plan.rate_requests} GETs, keep-alive (h11 over trio); "
+            "latency from each request's scheduled send time",
+            **out,
+            "added_vs_direct": added,
+        }
+
+    def ws(self) -> None:
+        """One-way message rates and echo round trips per path."""
+        plan = self.plan
+        rates: dict[str, Any] = {}
+        trips: dict[str, Any] = {}
+        for path in PATHS:
+            with step(f"WebSocket rates ({plan.ws_messages} msgs each way): {path}", self.proc_for(path)):
+                pid = self.proxy_pid(path)
+                cpu0 = procs.cpu_ms(pid) if pid else 0.0
+                result = trio.run(partial(wsbench.rates, self.port(path), WS, messages=plan.ws_messages))
+                cpu1 = procs.cpu_ms(pid) if pid else 0.0
+                rates[path] = {
+                    **asdict(result),
+                    "proxy_cpu_ms_per_message": (cpu1 - cpu0) / (2 * plan.ws_messages) if pid else None,
+                }
+                if not result.down_in_order:
+                    self.notes.append(f"WebSocket {path}: pushed messages arrived out of order")
+            with step(f"WebSocket round trips (×{plan.ws_round_trips}): {path}", self.proc_for(path)):
+                rt = trio.run(partial(wsbench.round_trips, self.ws_url(path), count=plan.ws_round_trips))
+                if rt.mismatches:
+                    self.notes.append(f"WebSocket {path}: {rt.mismatches} echoes differed from what was sent")
+                trips[path] = {
+                    "round_trips": len(rt.rtt_ms),
+                    "mismatches": rt.mismatches,
+                    "p50_ms": pct(rt.rtt_ms, 50),
+                    "p99_ms": pct(rt.rtt_ms, 99),
+                    "max_ms": max(rt.rtt_ms) if rt.rtt_ms else math.nan,
+                }
+        trips["added_vs_direct"] = {
+            path: {
+                "p50_ms": trips[path]["p50_ms"] - trips["direct"]["p50_ms"],
+                "p99_ms": trips[path]["p99_ms"] - trips["direct"]["p99_ms"],
+            }
+            for path in ("nginx", "gateway")
+        }
+        self.results["ws_rates"] = {
+            "load": f"one connection; {plan.ws_messages} 32-byte text frames client→server written in one go "
+            "(hand-built frames; confirmed by the server's count), then as many pushed server→client",
+            **rates,
+        }
+        self.results["ws_round_trips"] = {
+            "load": f"one connection; {plan.ws_round_trips} sequential echoes of a ~35-byte JSON text frame "
+            "(50 warm-up excluded); the echo must be identical",
+            **trips,
+        }
+
+    def idle(self) -> None:
+        """Many idle WebSockets through nginx B and through the gateway (twice in a full run: retention vs leak)."""
+        plan = self.plan
+        out: dict[str, Any] = {}
+        for path in ("nginx", "gateway"):
+            cycles: list[dict[str, Any]] = []
+            for cycle in range(1, plan.idle_cycles + 1):
+                name = f"{plan.idle_relays} idle WebSockets: {path}, cycle {cycle}/{plan.idle_cycles}"
+                with step(name, self.proc_for(path)):
+                    cycles.append(self._idle_cycle(path))
+                    self.check_alive(name)
+            figures = cycles[0]
+            if len(cycles) > 1:
+                figures["second_cycle"] = cycles[1]
+                figures["second_cycle_rss_closed_kib"] = cycles[1]["rss_closed_kib"]
+                figures["second_cycle_fds_closed"] = cycles[1]["fds_closed"]
+            out[path] = figures
+        self.results["idle_websockets"] = {
+            "load": f"{plan.idle_relays} WebSockets opened 50 handshakes at a time and held; one echo on each; "
+            f"all closed; {plan.idle_cycles} cycle(s); RSS/fds of the proxy process (nginx B's worker, the gateway) "
+            "before, while open and after closing",
+            **out,
+        }
+
+    def _idle_cycle(self, path: str) -> dict[str, Any]:
+        plan = self.plan
+        pid = self.proxy_pid(path)
+        assert pid is not None
+        wait_closed: Callable[[], bool] | None = None
+        if path == "gateway":
+            wait_closed = self.gateway_relays_closed
+            deadline = time.monotonic() + 15
+            while not wait_closed() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        result = trio.run(
+            partial(
+                wsbench.idle_relays,
+                self.ws_url(path),
+                count=plan.idle_relays,
+                concurrency=50,
+                pid=pid,
+                settle_s=plan.settle_s,
+                wait_closed=wait_closed,
+            )
+        )
+        figures = asdict(result)
+        opened = max(result.opened, 1)
+        figures["kib_per_relay_idle"] = (result.rss_open_kib - result.rss_before_kib) / opened
+        figures["kib_per_relay_after_one_echo"] = (result.rss_after_echo_kib - result.rss_before_kib) / opened
+        figures["fds_per_relay"] = (result.fds_open - result.fds_before) / opened
+        if result.failed or result.live != plan.idle_relays:
+            self.notes.append(
+                f"idle WebSockets {path}: {result.opened} opened, {result.failed} failed, {result.live} "
+                f"answered the echo (first error: {result.first_error})"
+            )
+        return figures
+
+    def transfers(self, upload_file: Path) -> None:
+        """Big download and upload through each path, with the proxy's peak RSS: one unmeasured direct warm-up,
+        then ``plan.transfer_runs`` rounds over the three paths; the best MB/s and the highest peak RSS count."""
+        size = self.plan.transfer_bytes
+        runs = self.plan.transfer_runs
+        for kind in ("download", "upload"):
+            with step(f"{size >> 20} MiB {kind}: warm-up (direct, not measured)", self.nginx_a):
+                self._transfer(kind, "direct", upload_file)
+            measured: dict[str, list[loadgen.Transfer]] = {path: [] for path in PATHS}
+            for run in range(1, runs + 1):
+                for path in PATHS:
+                    with step(f"{size >> 20} MiB {kind} {run}/{runs}: {path}", self.proc_for(path)):
+                        measured[path].append(self._transfer(kind, path, upload_file))
+                        self.check_alive(f"{kind}: {path}")
+            out: dict[str, Any] = {}
+            for path, results in measured.items():
+                hwms = [r.hwm_kib for r in results if r.hwm_kib is not None]
+                out[path] = {
+                    "mb_per_s": max(r.mb_per_s for r in results),
+                    "hwm_kib": max(hwms) if hwms else None,
+                    "rss_before_kib": results[0].rss_before_kib,
+                    "rss_after_kib": results[-1].rss_after_kib,
+                    "runs": [asdict(r) for r in results],
+                }
+            self.results[kind] = {
+                "bytes": size,
+                "load": ("curl -o /dev/null" if kind == "download" else "curl -X POST -T file (streamed from disk)")
+                + f"; best of {runs}; MB = 10^6 bytes; peak RSS = VmHWM after a clear_refs reset before each run",
+                **out,
+            }
+
+    def _transfer(self, kind: str, path: str, upload_file: Path) -> loadgen.Transfer:
+        size = self.plan.transfer_bytes
+        url = f"http://127.0.0.1:{self.port(path)}{BIG if kind == 'download' else UPLOAD}"
+        result = loadgen.curl_transfer(
+            self.tools.curl,
+            url,
+            size=size,
+            upload=upload_file if kind == "upload" else None,
+            answer_file=self.dir / "upload-answer.json",
+            watch_pid=self.proxy_pid(path),
+            timeout_s=60 + size / 10e6,  # slower than 10 MB/s is a failure
+        )
+        if not result.ok:
+            raise RuntimeError(result.detail)
+        return result
+
+    def finish(self) -> None:
+        """The gateway's state at the end: it must still be on its first session."""
+        with step("gateway state at the end", self.gateway):
+            assert self.gateway is not None
+            session = self.session()
+            pid = self.gateway.pid
+            self.results["gateway_end"] = {
+                "handshakes": session.get("handshakes"),
+                "sessions_ended": session.get("sessions_ended"),
+                "handshake_failures": session.get("handshake_failures"),
+                "relays": session.get("relays"),
+                "rss_kib": procs.rss_kib(pid),
+                "peak_rss_kib_since_last_reset": procs.hwm_kib(pid),
+                "fds": procs.fd_count(pid),
+                "cpu_ms_total": procs.cpu_ms(pid),
+            }
+            if session.get("sessions_ended") or session.get("handshakes") != 1:
+                self.notes.append(
+                    f"the gateway's session restarted during the run (handshakes {session.get('handshakes')}, "
+                    f"sessions ended {session.get('sessions_ended')}): figures may include a re-handshake"
+                )
+
+
+# ---------------------------------------------------------------- main
+
+
+def _make_file(path: Path, size: int) -> None:
+    """A sparse file of ``size`` bytes (reads as zeros; no disk blocks)."""
+    with path.open("wb") as handle:
+        handle.truncate(size)
+
+
+def _read_through(path: Path) -> None:
+    """Read a file once (page cache warm-up)."""
+    with path.open("rb", buffering=0) as handle:
+        buffer = bytearray(1 << 20)
+        while handle.readinto(buffer):
+            pass
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The whole benchmark; returns the exit status."""
+    plan = QUICK if args.quick else FULL
+    began = time.monotonic()
+    tools = ensure_tools()
+    nofile = procs.raise_nofile()
+    source = source_state()  # before the gateway starts: the code it loads
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    bench = Bench(plan, tools, workdir, nofile)
+    if nofile < procs.WANTED_NOFILE:
+        bench.notes.append(f"RLIMIT_NOFILE {nofile} for every process (hard limit; {procs.WANTED_NOFILE} refused)")
+    status = 1
+    failed: StepFailed | None = None
+    try:
+        big = workdir / "big.bin"
+        upload = workdir / "upload.bin"
+        with step(f"create two sparse {plan.transfer_bytes >> 20} MiB files in {workdir}"):
+            _make_file(big, plan.transfer_bytes)
+            _make_file(upload, plan.transfer_bytes)
+            _read_through(big)  # sparse pages enter the page cache now, not during the first (direct) transfer
+            _read_through(upload)
+        bench.start_backends()
+        bench.start_nginx(big)
+        bench.start_gateway()
+        bench.sanity()
+        bench.small_get()
+        bench.fixed_rate()
+        bench.transfers(upload)
+        bench.ws()
+        bench.idle()
+        bench.finish()
+        status = 0
+    except StepFailed as exc:
+        failed = exc
+    except Interrupted as exc:
+        _log(f"interrupted ({exc}): stopping everything")
+        status = 130
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _log("stopping all processes")
+        exits = bench.group.stop_all()
+        if failed is not None:
+            _report_failure(failed, bench)
+        if args.keep:
+            _log(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if status != 0:
+        return status
+    if plan.transfer_bytes != GIB:
+        bench.notes.append(f"--quick: transfers use {plan.transfer_bytes >> 20} MiB instead of 1 GiB")
+    document = {
+        "mode": plan.name,
+        "plan": asdict(plan),
+        "runtime_s": round(time.monotonic() - began, 1),
+        "machine": machine(tools),
+        "gateway_source": source,
+        "client_nofile_limit": nofile,
+        "ports": bench.ports,
+        "exit_statuses": exits,
+        "notes": bench.notes,
+        "method_notes": list(METHOD_NOTES),
+        **bench.results,
+    }
+    size_label = "1 GiB" if plan.transfer_bytes == GIB else f"{plan.transfer_bytes >> 20} MiB"
+    table = report.rows(bench.results, size_label=size_label, rate=plan.rate, idle_count=plan.idle_relays)
+    document["table"] = [row._asdict() for row in table]
+    text = report.markdown(table)
+    document["table_markdown"] = text
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    print(text)
+    print()
+    for note in (*bench.notes, *METHOD_NOTES):
+        print(f"- {note}")
+    print(f"\nmode {plan.name}, {document['runtime_s']} s; JSON: {args.out}")
+    return 0
+
+
+def _report_failure(failed: StepFailed, bench: Bench) -> None:
+    print(f"bench: step failed: {failed.step}: {failed.detail}", file=sys.stderr)
+    shown: list[Proc] = [failed.proc] if failed.proc is not None else []
+    shown += [proc for proc in bench.group.procs if proc not in shown and proc.popen.returncode not in (None, 0, -15)]
+    if not shown and bench.gateway is not None:
+        shown = [bench.gateway]
+    for proc in shown:
+        print(f"--- tail of {proc.name} log ({proc.log}) ---", file=sys.stderr)
+        print(proc.tail() or "(empty)", file=sys.stderr)
+        if proc.name.startswith("nginx_"):
+            error_log = bench.dir / f"{proc.name[-1]}.error.log"
+            with contextlib.suppress(OSError):
+                print("\n".join(error_log.read_text(errors="replace").splitlines()[-15:]), file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run."""
+    parser = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description=(__doc__ or "").split("\n\n", 1)[0],
+        epilog=(__doc__ or "").split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="short durations and 64 MiB transfers (~1 minute)")
+    parser.add_argument(
+        "--out", type=Path, default=HERE / "results.json", help="JSON output (default bench/results.json)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs) for inspection")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    return run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

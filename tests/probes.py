@@ -1,0 +1,64 @@
+"""Probes into the running process for leak checks: live trio tasks, open file descriptors, RSS."""
+
+from __future__ import annotations
+
+import os
+
+import trio
+
+
+def live_tasks(*, skip: str | None = None) -> int:
+    """Every task in the current trio run, found by walking the task tree from the root.
+
+    ``skip`` leaves out every task whose name contains it, with its whole subtree (e.g. ``"simulator"``, so a
+    leak check counts the gateway's tasks, not those of the simulator sharing the process).
+    """
+    count = 0
+    root = trio.lowlevel.current_root_task()
+    assert root is not None, "call inside trio.run"
+    pending = [root]
+    while pending:
+        task = pending.pop()
+        if skip is not None and skip in task.name:
+            continue
+        count += 1
+        for nursery in task.child_nurseries:
+            pending.extend(nursery.child_tasks)
+    return count
+
+
+def _socket_inodes_on_port(port: int) -> set[str]:
+    """Inodes of the TCP sockets (IPv4 and IPv6) whose local port is ``port``."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(fields[9])
+    return inodes
+
+
+def open_fds(*, skip_port: int | None = None) -> int:
+    """Open file descriptors of this process; ``skip_port`` leaves out sockets listening/accepted on that port."""
+    skipped = _socket_inodes_on_port(skip_port) if skip_port is not None else set()
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in skipped:
+            continue
+        count += 1
+    return count
+
+
+def rss_kib() -> int:
+    """Resident set size of this process in KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc/self/status")
