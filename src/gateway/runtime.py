@@ -30,10 +30,12 @@ from hypercorn.config import Config as HypercornConfig
 from gateway.asgi import ASGIApp
 from gateway.config.load import LoadedConfig
 from gateway.config.model import Config, Credentials, ServerConfig
+from gateway.config.pacing import pacing_settings
 from gateway.logs import configure_logging, register_secret
 from gateway.oauth.dh import parse_dh_params_pem
 from gateway.oauth.keys import decrypt_access_token_secret, load_rsa_private_key
 from gateway.oauth.signer import OAuthIdentity
+from gateway.pacing import Pacer
 from gateway.proxy.http import HttpProxy, ProxySettings
 from gateway.proxy.websocket import RelayCounters, RelaySettings, WebSocketRelay
 from gateway.redact import Secret
@@ -184,9 +186,11 @@ async def serve_gateway(
                     tls=tls,
                 ),
             )
+            pacer = Pacer(pacing_settings(config.pacing))
             proxy = HttpProxy(
                 manager=manager,
                 client=client,
+                pacer=pacer,
                 settings=ProxySettings(
                     base_url=base_url,
                     user_agent=config.ibkr.user_agent.encode("ascii"),
@@ -196,6 +200,7 @@ async def serve_gateway(
             source = StatusSource(
                 manager=manager,
                 relays=relay.counters,
+                pacer=pacer,
                 upstream=base_url,
                 simulator=simulator is not None,
                 started_at=started_at,

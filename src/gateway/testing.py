@@ -41,6 +41,8 @@ TEST_ROUTES: tuple[Mapping[str, object], ...] = (*DEFAULT_ROUTES, {"path": "/v1/
 
 _TEST_DEFAULTS: dict[str, dict[str, object]] = {
     "session": {"reconnect_delay_s": 0.05, "reconnect_max_delay_s": 1, "ready_timeout_s": 5},
+    # Off by default so tests are not slowed to IBKR's 10 requests/s; pass {"pacing": {"enabled": True}} to test it.
+    "pacing": {"enabled": False},
     "logging": {"level": "debug"},
 }
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from contextlib import aclosing, contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from functools import partial
 from pathlib import Path
 from typing import cast
@@ -27,15 +26,9 @@ from gateway.testing import TestGateway, open_test_gateway
 from gateway.upstream.websocket import open_websocket
 from tests.conftest import Figure
 from tests.probes import live_tasks
+from tests.processes import free_port, gateway_process, proc_fds, proc_status, wait_healthy
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 async def test_f1_upstream_down_at_start(
@@ -167,69 +160,6 @@ async def test_f4_tickle_failure_closes_relays_1012_and_recovers(gw: TestGateway
     figure("f4_time_to_close_after_tickle_fault", round(closed_after, 3), "s", "<=tickle_interval+1", closed_after <= 2)
 
 
-def _proc_status(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError(f"{field} not in /proc/{pid}/status")
-
-
-def _proc_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-@contextmanager
-def gateway_process(tmp_path: Path, *, tick_interval_s: float = 1.0, **env_overrides: str) -> Iterator[tuple[int, int]]:
-    """A simulator process and a gateway process in front of it; yields ``(gateway pid, gateway port)``.
-
-    Separate processes, so the figures read from ``/proc/<pid>`` are the gateway's own.
-    """
-    sim_port, gw_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY__")}
-    simulator = subprocess.Popen(
-        [sys.executable, "-m", "gateway.simulator", "--port", str(sim_port), "--write-credentials", str(tmp_path),
-         "--gateway-port", str(gw_port), "--tick-interval-s", str(tick_interval_s), "--log-level", "warning"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    gateway: subprocess.Popen[str] | None = None
-    try:
-        toml = tmp_path / "gateway.toml"
-        deadline = time.monotonic() + 20
-        while not toml.exists():
-            assert time.monotonic() < deadline and simulator.poll() is None, "simulator did not write its config"
-            time.sleep(0.05)
-        env |= {"GATEWAY__LOGGING__LEVEL": "warning"} | {f"GATEWAY__{k.upper()}": v for k, v in env_overrides.items()}
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--config", str(toml)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        yield gateway.pid, gw_port
-    finally:
-        for proc in (gateway, simulator):
-            if proc is None:
-                continue
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                _, stderr = proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                _, stderr = proc.communicate()
-            assert "Traceback" not in stderr, stderr
-
-
-async def wait_healthy(http: httpx.AsyncClient) -> None:
-    with trio.fail_after(30):
-        while True:
-            try:
-                if (await http.get("/health")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await trio.sleep(0.1)
-
-
 def test_f6_thousand_client_aborts_leave_nothing_behind(tmp_path: Path, figure: Figure) -> None:
     """1,000 clients hang up mid-request, mid-stream and mid-WebSocket; the gateway process returns to baseline."""
     with gateway_process(tmp_path, server__max_websockets="2000") as (pid, port):
@@ -275,14 +205,14 @@ async def _aborts(pid: int, port: int, figure: Figure) -> None:
 
         await batch(300)  # warm-up: allocator high-water marks, the upstream pool
         await trio.sleep(6)
-        tasks_before, fds_before, rss_before = await tasks(), _proc_fds(pid), _proc_status(pid, "VmRSS")
+        tasks_before, fds_before, rss_before = await tasks(), proc_fds(pid), proc_status(pid, "VmRSS")
         await batch(1000)
         ended = trio.current_time()
         with trio.move_on_after(10):
             while await tasks() > tasks_before:  # noqa: ASYNC110 - polls another process
                 await trio.sleep(0.1)
         settled = trio.current_time() - ended
-        tasks_after, fds_after, rss_after = await tasks(), _proc_fds(pid), _proc_status(pid, "VmRSS")
+        tasks_after, fds_after, rss_after = await tasks(), proc_fds(pid), proc_status(pid, "VmRSS")
     figure("g1_tasks_delta_after_1000_aborts", tasks_after - tasks_before, "count", "<=0", tasks_after <= tasks_before)
     # hypercorn's WebSocket ping task outlives a closed socket by up to websocket_ping_interval_s (5 s).
     figure("g1_seconds_until_tasks_at_baseline", round(settled, 2), "s", "<=ping_interval+1=6", settled <= 6)
@@ -305,7 +235,7 @@ async def _many_relays(pid: int, port: int, count: int, figure: Figure) -> None:
     base = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=base) as http:
         await wait_healthy(http)
-        rss_before, fds_before = _proc_status(pid, "VmRSS"), _proc_fds(pid)
+        rss_before, fds_before = proc_status(pid, "VmRSS"), proc_fds(pid)
         opened = 0
         ticked = 0
         all_ticking = trio.Event()
@@ -339,7 +269,7 @@ async def _many_relays(pid: int, port: int, count: int, figure: Figure) -> None:
                 await all_ticking.wait()
             ticking_s = trio.current_time() - started
             status = (await http.get("/session")).json()
-            rss_during, fds_during = _proc_status(pid, "VmRSS"), _proc_fds(pid)
+            rss_during, fds_during = proc_status(pid, "VmRSS"), proc_fds(pid)
             release.set()
         closed_at = trio.current_time()
         with trio.fail_after(10):
@@ -347,7 +277,7 @@ async def _many_relays(pid: int, port: int, count: int, figure: Figure) -> None:
                 await trio.sleep(0.1)
         close_s = trio.current_time() - closed_at
         await trio.sleep(1)
-        fds_after = _proc_fds(pid)
+        fds_after = proc_fds(pid)
     per_relay_kib = (rss_during - rss_before) / count
     fds_per_relay = (fds_during - fds_before) / count
     figure("f7_relays_open_at_peak", status["relays"]["open"], "count", f"={count}", status["relays"]["open"] == count)

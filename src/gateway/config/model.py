@@ -67,6 +67,20 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PacingConfig:
+    """``[pacing]``: how upstream traffic is held to IBKR's limits (see :mod:`gateway.pacing`)."""
+
+    enabled: bool = True
+    global_requests_per_s: float = 10.0
+    global_burst: int = 10
+    max_wait_s: float = 5.0
+    breaker_cooldown_s: float = 60.0
+    breaker_max_cooldown_s: float = 900.0
+    send_margin_s: float = 0.25
+    limits: tuple[dict[str, object], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class SessionConfig:
     """``[session]``: tickle cadence, reconnect back-off and how long requests wait for a session."""
 
@@ -118,6 +132,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     ibkr: IbkrConfig = field(default_factory=IbkrConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    pacing: PacingConfig = field(default_factory=PacingConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

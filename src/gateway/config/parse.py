@@ -20,12 +20,14 @@ from gateway.config.model import (
     Config,
     IbkrConfig,
     LoggingConfig,
+    PacingConfig,
     RouteConfig,
     ServerConfig,
     SessionConfig,
     SimulatorConfig,
     UpstreamConfig,
 )
+from gateway.config.pacing import pacing_problems
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.redact import Secret
 
@@ -220,6 +222,11 @@ def parse_config(
                     severity="warning",
                 )
             )
+    pacing = values["pacing"]
+    if pacing.get("breaker_max_cooldown_s", 0) < pacing.get("breaker_cooldown_s", 0):
+        problems.append(
+            ConfigProblem(source, "pacing.breaker_max_cooldown_s", "must not be smaller than breaker_cooldown_s")
+        )
     session = values["session"]
     server = values["server"]
     if server.get("websocket_ping_interval_s", 0) >= server.get("read_timeout_s", 1):
@@ -238,6 +245,10 @@ def parse_config(
         )
 
     errors = [p for p in problems if p.severity == "error"]
+    if not errors:
+        for key, message in pacing_problems(PacingConfig(**values["pacing"])):
+            problems.append(ConfigProblem(source, f"pacing.{key}", message))
+        errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise ConfigError(problems)
     config = Config(
@@ -245,6 +256,7 @@ def parse_config(
         server=ServerConfig(**values["server"]),
         ibkr=IbkrConfig(**ibkr),
         upstream=UpstreamConfig(**values["upstream"]),
+        pacing=PacingConfig(**values["pacing"]),
         session=SessionConfig(**session),
         simulator=SimulatorConfig(**values["simulator"]),
         logging=LoggingConfig(**values["logging"]),

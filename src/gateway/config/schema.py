@@ -190,6 +190,29 @@ def api_key_list(value: object) -> tuple[str, ...]:
     return keys
 
 
+_LIMIT_KEYS = ("path", "method", "requests", "per_s", "max_concurrent")
+
+
+def pacing_limit(value: object) -> dict[str, object]:
+    """One per-endpoint pacing rule as a table: ``path`` (exact or ``/x/*``), optional ``method``, ``requests`` per
+    ``per_s`` seconds (``requests = 0``: no rate), optional ``max_concurrent``. Returned as a checked dict."""
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a table, not {_type_name(value)}")
+    unknown = sorted(set(value) - set(_LIMIT_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(_LIMIT_KEYS)})")
+    if "path" not in value or "requests" not in value:
+        raise ValueError("needs at least path and requests")
+    checked: dict[str, object] = {"path": route_path(value["path"]), "method": None, "max_concurrent": None}
+    if value.get("method") is not None:
+        checked["method"] = method(value["method"])
+    checked["requests"] = seconds(0.0, 100_000.0)(value["requests"])
+    checked["per_s"] = seconds(0.001, 86_400.0)(value.get("per_s", 1))
+    if value.get("max_concurrent") is not None:
+        checked["max_concurrent"] = integer(1, 10_000)(value["max_concurrent"])
+    return checked
+
+
 def route_path(value: object) -> str:
     """An absolute path, exact (``/v1/api/tickle``) or a prefix (``/v1/api/iserver/*``)."""
     if not isinstance(value, str):
@@ -317,6 +340,24 @@ SECTIONS: Mapping[str, Mapping[str, Key]] = {
         "read_timeout_s": Key(seconds(0.1, 600.0), 15, "seconds to wait for each read from IBKR (then 504)"),
         "write_timeout_s": Key(seconds(0.1, 600.0), 15, "seconds to wait for each write to IBKR"),
         "pool_timeout_s": Key(seconds(0.1, 120.0), 2, "seconds a request waits for a free upstream connection"),
+    },
+    "pacing": {
+        "enabled": Key(boolean, True, "hold upstream traffic to IBKR's pacing limits (429 to clients beyond them)"),
+        "global_requests_per_s": Key(seconds(0.01, 1000.0), 10, "global rate toward IBKR, requests per second"),
+        "global_burst": Key(integer(1, 1000), 10, "most requests sent back to back"),
+        "max_wait_s": Key(seconds(0.0, 60.0), 5, "how long a request may queue for its turn before a 429"),
+        "breaker_cooldown_s": Key(seconds(1.0, 3600.0), 60, "after an IBKR 429, send nothing for this long"),
+        "breaker_max_cooldown_s": Key(seconds(1.0, 86400.0), 900, "repeated 429s double the cool-down up to this"),
+        "send_margin_s": Key(
+            seconds(0.0, 5.0),
+            0.25,
+            "each window is held this much longer, absorbing send jitter (IBKR counts arrivals)",
+        ),
+        "limits": Key(
+            array(pacing_limit, what="tables {path, method, requests, per_s, max_concurrent}"),
+            [],
+            "per-endpoint rules added to (and overriding) IBKR's documented ones",
+        ),
     },
     "session": {
         "tickle_interval_s": Key(seconds(1.0, 3600.0), 60, "seconds between tickles (never faster than 1/s)"),

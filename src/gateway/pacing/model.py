@@ -139,6 +139,10 @@ class PacingSettings:
     breaker_cooldown_s: float = 60.0
     breaker_max_cooldown_s: float = 900.0
     limits: tuple[Limit, ...] = IBKR_DEFAULT_LIMITS
+    send_margin_s: float = 0.0
+    """Every window is this much longer than the rule says. A granted request reaches IBKR a little later than its
+    grant (wake-up, signing, the write); the margin absorbs that jitter, so IBKR's own count per window stays within
+    the rule as long as the jitter is below the margin. 0 = exact windows (what the unit tests reason about)."""
 
     def global_windows(self) -> tuple[tuple[int, float], ...]:
         """The global budget as ``(n, window_s)`` pairs, each "at most ``n`` requests in any ``window_s`` seconds".

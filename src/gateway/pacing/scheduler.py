@@ -112,13 +112,14 @@ class Scheduler:
         if problems:
             raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
         self.settings = settings
-        self.global_windows = tuple(SlidingWindow(n, window_s) for n, window_s in settings.global_windows())
+        margin = settings.send_margin_s
+        self.global_windows = tuple(SlidingWindow(n, window_s + margin) for n, window_s in settings.global_windows())
         self.breaker = Breaker(settings.breaker_cooldown_s, settings.breaker_max_cooldown_s)
         self.lanes: dict[Limit | None, Lane] = {None: Lane(None, ())}
         for limit in settings.limits:
             if limit not in self.lanes:
                 shape = limit.window()
-                self.lanes[limit] = Lane(limit, () if shape is None else (SlidingWindow(*shape),))
+                self.lanes[limit] = Lane(limit, () if shape is None else (SlidingWindow(shape[0], shape[1] + margin),))
         self._waiting: dict[int, Ticket] = {}  # insertion order is arrival order
         self._seq = itertools.count()
         self._probe: Ticket | None = None

@@ -13,11 +13,16 @@ Contract:
 - If the upstream fails after the response started, the client connection is aborted (a chunked response never
   gets its last chunk, a sized one is cut short): a truncated body never looks complete.
 - If the client disconnects, the upstream exchange is cancelled.
+- Every upstream attempt waits for its turn under IBKR's pacing (:class:`~gateway.pacing.Pacer`) before it is signed;
+  a request that cannot get a turn within ``pacing.max_wait_s``, or arrives while an IBKR 429 holds all traffic,
+  gets 429 with ``Retry-After`` and never reaches IBKR. Every upstream status is reported to the pacer.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
+import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
@@ -28,7 +33,8 @@ import httpx
 import trio
 
 from gateway.asgi import Receive, Scope, Send, send_error
-from gateway.errors import SessionNotReady
+from gateway.errors import PacingRejected, SessionNotReady
+from gateway.pacing import Pacer
 from gateway.proxy import transforms
 from gateway.session.supervisor import LiveSession, SessionManager
 from gateway.upstream.client import map_httpx_error
@@ -44,6 +50,14 @@ class ClientGone(Exception):
 
 class BodyTooLarge(Exception):
     """The client's (chunked) request body grew past the route's limit."""
+
+
+class _Retry(enum.Enum):
+    """What an attempt asks for next."""
+
+    DONE = "done"
+    RESIGN = "resign"  # same session, token refreshed meanwhile
+    NEW_SESSION = "new_session"  # wait for the renewed session
 
 
 @dataclass(slots=True)
@@ -92,10 +106,13 @@ async def _wait_for_disconnect(receive: Receive, scope: trio.CancelScope) -> Non
 class HttpProxy:
     """Proxies allow-listed HTTP requests to IBKR under the current session."""
 
-    def __init__(self, *, manager: SessionManager, client: httpx.AsyncClient, settings: ProxySettings) -> None:
+    def __init__(
+        self, *, manager: SessionManager, client: httpx.AsyncClient, settings: ProxySettings, pacer: Pacer
+    ) -> None:
         self._manager = manager
         self._client = client
         self._settings = settings
+        self._pacer = pacer
         self.in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -180,62 +197,97 @@ class HttpProxy:
         where: str,
         outcome: Outcome,
     ) -> None:
+        path = where.split(" ", 1)[1]
         for attempt in (0, 1):
-            signer = session.signer
-            signed = [*headers, (b"authorization", signer.authorization(method, url).encode("ascii"))]
-            request = self._client.build_request(method, url, headers=signed, content=body)
             try:
-                response = await self._client.send(request, stream=True)
-            except httpx.HTTPError as exc:
-                error = map_httpx_error(exc, where)
-                outcome.status = error.status
-                await send_error(send, error.status, error.code, str(error))
-                return
-            except ClientGone:
-                return
-            except BodyTooLarge:
-                outcome.status = 413
+                async with self._pacer.acquire(method, path):
+                    retry = await self._attempt(
+                        send, session, method, url, headers, body, retryable, where, outcome, attempt
+                    )
+            except PacingRejected as exc:
+                outcome.status = 429
                 await send_error(
                     send,
-                    413,
-                    "body_too_large",
-                    f"{where}: request body exceeds the route's limit; not forwarded completely",
-                    headers=[(b"connection", b"close")],
+                    429,
+                    exc.code,
+                    str(exc),
+                    headers=[(b"retry-after", str(math.ceil(exc.retry_after_s)).encode())],
                 )
                 return
-            if response.status_code == 401 and attempt == 0:
-                await response.aclose()
-                if session.signer is signer:  # not a request that raced an LST refresh: the session is gone
-                    self._manager.report_unauthorized(session, where)
-                if not retryable:
-                    outcome.status = 503
-                    await send_error(
-                        send,
-                        503,
-                        "session_renewing",
-                        f"{where}: IBKR rejected the session (401); it is being renewed. "
-                        "This request was not re-sent because it is not idempotent; retry it.",
-                        headers=[(b"retry-after", b"1")],
-                    )
-                    return
-                if session.signer is not signer and session.usable:
-                    continue  # re-sign under the refreshed token, same session
+            if retry is _Retry.DONE:
+                return
+            if retry is _Retry.NEW_SESSION:
                 try:
                     session = await self._manager.wait_ready(self._settings.ready_timeout_s)
                 except SessionNotReady as exc:
-                    retry = str(self._manager.retry_after_s()).encode()
                     outcome.status = 503
-                    await send_error(send, 503, exc.code, str(exc), headers=[(b"retry-after", retry)])
+                    hint = str(self._manager.retry_after_s()).encode()
+                    await send_error(send, 503, exc.code, str(exc), headers=[(b"retry-after", hint)])
                     return
-                continue
-            try:
-                await self._relay_response(send, response, where, outcome)
-            finally:
-                # Shielded so a cancelled exchange (client gone) still returns the connection to the pool.
-                with trio.move_on_after(2) as cleanup:
-                    cleanup.shield = True
-                    await response.aclose()
-            return
+
+    async def _attempt(
+        self,
+        send: Send,
+        session: LiveSession,
+        method: str,
+        url: str,
+        headers: list[tuple[bytes, bytes]],
+        body: AsyncIterator[bytes] | None,
+        retryable: bool,
+        where: str,
+        outcome: Outcome,
+        attempt: int,
+    ) -> _Retry:
+        """Sign, send and relay once (inside the pacer's slot); says whether and how to try again."""
+        signer = session.signer
+        signed = [*headers, (b"authorization", signer.authorization(method, url).encode("ascii"))]
+        request = self._client.build_request(method, url, headers=signed, content=body)
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            error = map_httpx_error(exc, where)
+            outcome.status = error.status
+            await send_error(send, error.status, error.code, str(error))
+            return _Retry.DONE
+        except ClientGone:
+            return _Retry.DONE
+        except BodyTooLarge:
+            outcome.status = 413
+            await send_error(
+                send,
+                413,
+                "body_too_large",
+                f"{where}: request body exceeds the route's limit; not forwarded completely",
+                headers=[(b"connection", b"close")],
+            )
+            return _Retry.DONE
+        self._pacer.record_response(response.status_code, response.headers.get("retry-after"))
+        if response.status_code == 401 and attempt == 0:
+            await response.aclose()
+            if session.signer is signer:  # not a request that raced an LST refresh: the session is gone
+                self._manager.report_unauthorized(session, where)
+            if not retryable:
+                outcome.status = 503
+                await send_error(
+                    send,
+                    503,
+                    "session_renewing",
+                    f"{where}: IBKR rejected the session (401); it is being renewed. "
+                    "This request was not re-sent because it is not idempotent; retry it.",
+                    headers=[(b"retry-after", b"1")],
+                )
+                return _Retry.DONE
+            if session.signer is not signer and session.usable:
+                return _Retry.RESIGN  # re-sign under the refreshed token, same session
+            return _Retry.NEW_SESSION
+        try:
+            await self._relay_response(send, response, where, outcome)
+        finally:
+            # Shielded so a cancelled exchange (client gone) still returns the connection to the pool.
+            with trio.move_on_after(2) as cleanup:
+                cleanup.shield = True
+                await response.aclose()
+        return _Retry.DONE
 
     async def _relay_response(self, send: Send, response: httpx.Response, where: str, outcome: Outcome) -> None:
         headers = transforms.downstream_response_headers(response.headers.raw)

@@ -8,6 +8,7 @@ from typing import Any
 
 import trio
 
+from gateway.pacing import Pacer
 from gateway.proxy.websocket import RelayCounters
 from gateway.session.state import State
 from gateway.session.supervisor import SessionManager
@@ -25,6 +26,7 @@ class StatusSource:
 
     manager: SessionManager
     relays: RelayCounters
+    pacer: Pacer
     upstream: str
     simulator: bool
     started_at: float
@@ -82,6 +84,7 @@ def snapshot(source: StatusSource) -> dict[str, Any]:
             "messages_up": source.relays.messages_up,
             "messages_down": source.relays.messages_down,
         },
+        "pacing": source.pacer.snapshot(),
         "uptime_s": round(time.time() - source.started_at, 1),
         "tasks": live_tasks(),
     }

@@ -1,0 +1,87 @@
+"""Test helper: a simulator process and a gateway process on loopback, and readers of their /proc figures."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import trio
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def proc_status(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"{field} not in /proc/{pid}/status")
+
+
+def proc_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@contextmanager
+def gateway_process(tmp_path: Path, *, tick_interval_s: float = 1.0, **env_overrides: str) -> Iterator[tuple[int, int]]:
+    """A simulator process and a gateway process in front of it; yields ``(gateway pid, gateway port)``.
+
+    Separate processes, so the figures read from ``/proc/<pid>`` are the gateway's own.
+    """
+    sim_port, gw_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY__")}
+    simulator = subprocess.Popen(
+        [sys.executable, "-m", "gateway.simulator", "--port", str(sim_port), "--write-credentials", str(tmp_path),
+         "--gateway-port", str(gw_port), "--tick-interval-s", str(tick_interval_s), "--log-level", "warning"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    gateway: subprocess.Popen[str] | None = None
+    try:
+        toml = tmp_path / "gateway.toml"
+        deadline = time.monotonic() + 20
+        while not toml.exists():
+            assert time.monotonic() < deadline and simulator.poll() is None, "simulator did not write its config"
+            time.sleep(0.05)
+        env |= {"GATEWAY__LOGGING__LEVEL": "warning"} | {f"GATEWAY__{k.upper()}": v for k, v in env_overrides.items()}
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "--config", str(toml)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        yield gateway.pid, gw_port
+    finally:
+        for proc in (gateway, simulator):
+            if proc is None:
+                continue
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                _, stderr = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, stderr = proc.communicate()
+            assert "Traceback" not in stderr, stderr
+
+
+async def wait_healthy(http: httpx.AsyncClient) -> None:
+    with trio.fail_after(30):
+        while True:
+            try:
+                if (await http.get("/health")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await trio.sleep(0.1)
