@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import io
+import logging
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -28,3 +30,44 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("figures")
         for line in _FIGURES:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def whole_suite_logs_hold_no_secret() -> Iterator[None]:
+    """Every in-process log line of the whole run, at DEBUG for every logger, formatted exactly as the gateway's
+    own handler does it, must contain none of the secrets the run produced (access-token secrets, prepends, access
+    tokens, every live session token and session cookie — whatever the gateway registered as secret)."""
+    import gateway.logs as gateway_logs
+
+    seen: set[str] = set()
+    original = gateway_logs.secret_forms
+
+    def recording(value: str | bytes) -> set[str]:
+        forms = original(value)
+        seen.update(forms)
+        return forms
+
+    gateway_logs.secret_forms = recording
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(gateway_logs.RedactingFilter())
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    saved_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    for name in gateway_logs.THIRD_PARTY_LOGGERS:  # capped as in production: they log URLs and headers
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved_level)
+        gateway_logs.secret_forms = original
+    text = stream.getvalue()
+    leaked = sorted(form[:6] + "…" for form in seen if form in text)
+    _FIGURES.append(
+        f"FIGURE name=g7_secret_occurrences_in_suite_logs value={len(leaked)} unit=count threshold=0 "
+        f"pass={str(not leaked).lower()} (lines={text.count(chr(10))}, secrets_checked={len(seen)})"
+    )
+    assert not leaked, f"secrets leaked into the logs: {leaked}"

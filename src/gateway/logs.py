@@ -20,7 +20,7 @@ import time
 from typing import TextIO
 from urllib.parse import quote
 
-_THIRD_PARTY = ("httpx", "httpcore", "hpack", "trio-websocket", "trio_websocket", "hypercorn.access", "quart")
+THIRD_PARTY_LOGGERS = ("httpx", "httpcore", "hpack", "trio-websocket", "trio_websocket", "hypercorn.access", "quart")
 
 _lock = threading.Lock()
 _secrets: set[str] = set()
@@ -113,6 +113,6 @@ def configure_logging(level: str, fmt: str, *, stream: TextIO | None = None) -> 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    for name in _THIRD_PARTY:
+    for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     return handler
