@@ -12,6 +12,7 @@ import trio_websocket
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
 from gateway.upstream.websocket import open_websocket
+from tests.conftest import Figure
 
 KEY = "k3y-for-tests-0123456789abcdef"
 
@@ -181,3 +182,67 @@ async def test_client_oauth_parameters_are_refused(gw: TestGateway) -> None:
         r = await http.get("/v1/api/iserver/accounts", params={"oauth_token": "x"})
     assert r.status_code == 400
     assert r.json()["code"] == "bad_query"
+
+
+@pytest.fixture
+async def gw_short_timeouts(ibkr_sim_credentials: SimulatorCredentials) -> AsyncIterator[TestGateway]:
+    async with open_test_gateway(
+        {"server": {"keep_alive_timeout_s": 1, "read_timeout_s": 2, "websocket_ping_interval_s": 0.5}},
+        credentials=ibkr_sim_credentials,
+    ) as gateway:
+        yield gateway
+
+
+async def _seconds_until_closed(stream: trio.SocketStream, limit_s: float) -> float:
+    started = trio.current_time()
+    with trio.fail_after(limit_s):
+        while await stream.receive_some(65536):
+            pass
+    return trio.current_time() - started
+
+
+async def test_f13_idle_keep_alive_connection_is_closed(gw_short_timeouts: TestGateway, figure: Figure) -> None:
+    host, port = gw_short_timeouts.url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200")
+        closed_after = await _seconds_until_closed(stream, 5)
+    # hypercorn's trio worker does not run its keep-alive timer between requests, so an idle connection is reaped
+    # by read_timeout_s (2 s here); the figure records which one fired.
+    figure(
+        "g14_idle_keepalive_closed_after", round(closed_after, 2), "s", "<=read_timeout+0.5=2.5", closed_after <= 2.5
+    )
+    assert closed_after <= 2.5
+
+
+async def test_f10_slow_headers_are_cut_at_the_header_deadline(gw_short_timeouts: TestGateway, figure: Figure) -> None:
+    """A slowloris client trickling header bytes is disconnected at the keep-alive (header) deadline."""
+    host, port = gw_short_timeouts.url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    started = trio.current_time()
+    async with stream:
+        await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        with trio.fail_after(5):
+            try:
+                while True:
+                    await stream.send_all(b"X-Slow: 1\r\n")
+                    await trio.sleep(0.2)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+    cut_after = trio.current_time() - started
+    figure("g9_slowloris_cut_after", round(cut_after, 2), "s", "<=keep_alive+1=2", cut_after <= 2)
+    assert cut_after <= 2
+    async with gw_short_timeouts.client() as http:  # and the gateway keeps serving
+        assert (await http.get("/health")).status_code == 200
+
+
+async def test_idle_websocket_survives_read_timeout_thanks_to_pings(gw_short_timeouts: TestGateway) -> None:
+    """A dashboard that only listens is not cut by read_timeout_s: the gateway's pings keep the socket talking."""
+    async with open_websocket(gw_short_timeouts.ws_url + "/v1/api/ws") as ws:
+        await ws.get_message()
+        await trio.sleep(3)  # longer than read_timeout_s (2 s); the client answers pings automatically
+        await ws.send_message('smd+265598+{"fields":["31"]}')
+        with trio.fail_after(5):
+            while '"topic":"smd+265598"' not in await ws.get_message():
+                pass

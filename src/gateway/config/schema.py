@@ -283,11 +283,9 @@ SECTIONS: Mapping[str, Mapping[str, Key]] = {
         "max_header_bytes": Key(integer(1024, 1 << 20), 16384, "largest request header block (431 above)"),
         "max_header_count": Key(integer(8, 1000), 100, "most request header lines (431 above)"),
         "max_websockets": Key(integer(1, 100_000), 1000, "most concurrent WebSocket relays (close 1013 above)"),
-        "keep_alive_timeout_s": Key(
-            seconds(0.5, 600.0), 5, "idle keep-alive connections close after this; also the deadline for headers"
-        ),
+        "keep_alive_timeout_s": Key(seconds(0.5, 600.0), 5, "deadline for a new connection's request headers"),
         "read_timeout_s": Key(
-            seconds(1.0, 3600.0), 30, "a client connection silent this long (mid-body, or a WebSocket) is closed"
+            seconds(1.0, 3600.0), 30, "a silent client connection (idle keep-alive, stalled body, WebSocket) is closed"
         ),
         "websocket_ping_interval_s": Key(
             seconds(0.5, 600.0), 5, "ping WebSocket clients this often (keeps idle relays alive, finds dead ones)"

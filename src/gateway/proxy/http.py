@@ -68,6 +68,32 @@ class Outcome:
     sent: int = 0
 
 
+@dataclass(slots=True)
+class _Exchange:
+    """One client request on its way upstream: what is sent, and where the answer goes."""
+
+    send: Send
+    method: str
+    path: str
+    url: str
+    headers: list[tuple[bytes, bytes]]
+    body: AsyncIterator[bytes] | None
+    retryable: bool
+    outcome: Outcome
+
+    @property
+    def where(self) -> str:
+        """``METHOD /path`` for messages and logs."""
+        return f"{self.method} {self.path}"
+
+    async def fail(
+        self, status: int, code: str, message: str, headers: list[tuple[bytes, bytes]] | None = None
+    ) -> None:
+        """Answer the client with the gateway's JSON error and note the status for the log line."""
+        self.outcome.status = status
+        await send_error(self.send, status, code, message, headers=headers or [])
+
+
 @dataclass(frozen=True, slots=True)
 class ProxySettings:
     """What one exchange needs from the config."""
@@ -151,15 +177,6 @@ class HttpProxy:
         self, scope: Scope, receive: Receive, send: Send, method: str, raw_path: bytes, query: bytes, outcome: Outcome
     ) -> None:
         settings = self._settings
-        where = f"{method} {raw_path.decode('ascii')}"
-        try:
-            session = await self._manager.wait_ready(settings.ready_timeout_s)
-        except SessionNotReady as exc:
-            retry = str(self._manager.retry_after_s()).encode()
-            outcome.status = 503
-            await send_error(send, 503, exc.code, str(exc), headers=[(b"retry-after", retry)])
-            return
-        url = transforms.upstream_url(settings.base_url, raw_path, query)
         client_headers: list[tuple[bytes, bytes]] = scope["headers"]
         headers = transforms.upstream_request_headers(client_headers)
         headers.append((b"user-agent", settings.user_agent))
@@ -170,95 +187,83 @@ class HttpProxy:
         has_body = chunked or (length is not None and length.strip() not in (b"", b"0"))
         if length is not None and not chunked:
             headers.append((b"content-length", length.strip()))
-        retryable = method in IDEMPOTENT and not has_body
-
+        path = raw_path.decode("ascii")
+        exchange = _Exchange(
+            send=send,
+            method=method,
+            path=path,
+            url=transforms.upstream_url(settings.base_url, raw_path, query),
+            headers=headers,
+            body=None,
+            retryable=method in IDEMPOTENT and not has_body,
+            outcome=outcome,
+        )
+        session = await self._ready_session(exchange)
+        if session is None:
+            return
         with trio.CancelScope() as exchange_scope:
             async with trio.open_nursery() as watchers:
-                limit: int = scope.get("gateway.max_body", 1 << 62)
-                body = _request_body(receive, limit) if has_body else None
-                if not has_body:
+                if has_body:
+                    exchange.body = _request_body(receive, scope.get("gateway.max_body", 1 << 62))
+                else:
                     # Drain the (empty) request so the next receive() reports a disconnect.
                     await receive()
                     watchers.start_soon(_wait_for_disconnect, receive, exchange_scope)
                 try:
-                    await self._send_upstream(send, session, method, url, headers, body, retryable, where, outcome)
+                    await self._send_upstream(exchange, session)
                 finally:
                     watchers.cancel_scope.cancel()
 
-    async def _send_upstream(
-        self,
-        send: Send,
-        session: LiveSession,
-        method: str,
-        url: str,
-        headers: list[tuple[bytes, bytes]],
-        body: AsyncIterator[bytes] | None,
-        retryable: bool,
-        where: str,
-        outcome: Outcome,
-    ) -> None:
-        path = where.split(" ", 1)[1]
+    async def _ready_session(self, exchange: _Exchange) -> LiveSession | None:
+        """The ready session, or ``None`` after answering 503 with ``Retry-After``."""
+        try:
+            return await self._manager.wait_ready(self._settings.ready_timeout_s)
+        except SessionNotReady as exc:
+            hint = str(self._manager.retry_after_s()).encode()
+            await exchange.fail(503, exc.code, str(exc), [(b"retry-after", hint)])
+            return None
+
+    async def _send_upstream(self, exchange: _Exchange, session: LiveSession) -> None:
+        """At most two attempts (the second only after a 401, see the module contract), each in a pacer slot."""
         for attempt in (0, 1):
             try:
-                async with self._pacer.acquire(method, path):
-                    retry = await self._attempt(
-                        send, session, method, url, headers, body, retryable, where, outcome, attempt
-                    )
+                async with self._pacer.acquire(exchange.method, exchange.path):
+                    retry = await self._attempt(exchange, session, attempt)
             except PacingRejected as exc:
-                outcome.status = 429
-                await send_error(
-                    send,
-                    429,
-                    exc.code,
-                    str(exc),
-                    headers=[(b"retry-after", str(math.ceil(exc.retry_after_s)).encode())],
-                )
+                hint = str(math.ceil(exc.retry_after_s)).encode()
+                await exchange.fail(429, exc.code, str(exc), [(b"retry-after", hint)])
                 return
             if retry is _Retry.DONE:
                 return
             if retry is _Retry.NEW_SESSION:
-                try:
-                    session = await self._manager.wait_ready(self._settings.ready_timeout_s)
-                except SessionNotReady as exc:
-                    outcome.status = 503
-                    hint = str(self._manager.retry_after_s()).encode()
-                    await send_error(send, 503, exc.code, str(exc), headers=[(b"retry-after", hint)])
+                renewed = await self._ready_session(exchange)
+                if renewed is None:
                     return
+                session = renewed
 
-    async def _attempt(
-        self,
-        send: Send,
-        session: LiveSession,
-        method: str,
-        url: str,
-        headers: list[tuple[bytes, bytes]],
-        body: AsyncIterator[bytes] | None,
-        retryable: bool,
-        where: str,
-        outcome: Outcome,
-        attempt: int,
-    ) -> _Retry:
+    async def _attempt(self, exchange: _Exchange, session: LiveSession, attempt: int) -> _Retry:
         """Sign, send and relay once (inside the pacer's slot); says whether and how to try again."""
+        where = exchange.where
         signer = session.signer
-        signed = [*headers, (b"authorization", signer.authorization(method, url).encode("ascii"))]
-        request = self._client.build_request(method, url, headers=signed, content=body)
+        authorization = signer.authorization(exchange.method, exchange.url).encode("ascii")
+        request = self._client.build_request(
+            exchange.method, exchange.url, headers=[*exchange.headers, (b"authorization", authorization)],
+            content=exchange.body,
+        )  # fmt: skip
         try:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
             error = map_httpx_error(exc, where)
-            outcome.status = error.status
-            await send_error(send, error.status, error.code, str(error))
+            await exchange.fail(error.status, error.code, str(error))
             return _Retry.DONE
         except ClientGone:
             return _Retry.DONE
         except BodyTooLarge:
-            outcome.status = 413
-            await send_error(
-                send,
+            await exchange.fail(
                 413,
                 "body_too_large",
                 f"{where}: request body exceeds the route's limit; not forwarded completely",
-                headers=[(b"connection", b"close")],
+                [(b"connection", b"close")],
             )
             return _Retry.DONE
         self._pacer.record_response(response.status_code, response.headers.get("retry-after"))
@@ -266,22 +271,20 @@ class HttpProxy:
             await response.aclose()
             if session.signer is signer:  # not a request that raced an LST refresh: the session is gone
                 self._manager.report_unauthorized(session, where)
-            if not retryable:
-                outcome.status = 503
-                await send_error(
-                    send,
+            if not exchange.retryable:
+                await exchange.fail(
                     503,
                     "session_renewing",
                     f"{where}: IBKR rejected the session (401); it is being renewed. "
                     "This request was not re-sent because it is not idempotent; retry it.",
-                    headers=[(b"retry-after", b"1")],
+                    [(b"retry-after", b"1")],
                 )
                 return _Retry.DONE
             if session.signer is not signer and session.usable:
                 return _Retry.RESIGN  # re-sign under the refreshed token, same session
             return _Retry.NEW_SESSION
         try:
-            await self._relay_response(send, response, where, outcome)
+            await self._relay_response(exchange.send, response, where, exchange.outcome)
         finally:
             # Shielded so a cancelled exchange (client gone) still returns the connection to the pool.
             with trio.move_on_after(2) as cleanup:
