@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import re
-import shutil
 import stat
 import subprocess
 import tomllib
@@ -81,7 +80,6 @@ def test_dh_pem_roundtrip_and_der_shape() -> None:
     assert all(len(line) <= 64 for line in pem.splitlines())
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
 def test_openssl_reads_the_dh_pem(tmp_path: Path) -> None:
     path = tmp_path / "dh.pem"
     path.write_bytes(creds().dh_param_pem)
