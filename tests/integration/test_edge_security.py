@@ -165,6 +165,15 @@ async def test_content_length_with_transfer_encoding_alone_gets_400(gw: TestGate
     assert b'"code": "bad_framing"' in answer
 
 
+async def test_two_content_lengths_are_refused(gw: TestGateway) -> None:
+    request = (
+        b"POST /v1/api/iserver/secdef/search HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
+    answer = await raw_exchange(gw, request)
+    assert answer.split(b"\r\n", 1)[0].startswith(b"HTTP/1.1 400"), answer[:120]
+
+
 async def test_absolute_form_and_bad_targets_are_refused(gw: TestGateway) -> None:
     for target in (
         b"http://evil.test/v1/api/iserver/accounts",

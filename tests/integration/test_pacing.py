@@ -139,6 +139,7 @@ async def test_f14_ibkr_429_opens_the_breaker(paced: TestGateway, figure: Figure
                 await trio.sleep(0.05)
         during = [rec for rec in paced.simulator.records[first:] if rec.path != "/v1/api/tickle"]
         snapshot = (await http.get("/session")).json()["pacing"]
+        page = (await http.get("/")).text
         await trio.sleep(max(0.0, 2.2 - (trio.current_time() - opened_at)))
         r = await http.get("/v1/api/iserver/accounts")  # the probe after the cool-down closes the breaker
         assert r.status_code == 200
@@ -150,3 +151,4 @@ async def test_f14_ibkr_429_opens_the_breaker(paced: TestGateway, figure: Figure
     assert set(refused) == {429}
     assert snapshot["breaker"]["state"] == "open"
     assert snapshot["upstream_429_total"] == 1
+    assert "breaker open" in page  # the status page shows it too

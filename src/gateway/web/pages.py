@@ -25,6 +25,7 @@ _ROWS = (
     ("last_tickle", "Last tickle"),
     ("lst_expires", "Live session token expires"),
     ("upstream", "Upstream"),
+    ("pacing_summary", "IBKR pacing"),
     ("handshakes", "Handshakes"),
     ("sessions_ended", "Sessions ended"),
     ("last_error", "Last error"),

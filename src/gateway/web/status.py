@@ -47,6 +47,20 @@ def live_tasks() -> int:
     return count
 
 
+def _pacing_summary(pacing: dict[str, Any]) -> str:
+    """One line for the status page: breaker state, queue, refusals and IBKR 429s."""
+    if not pacing.get("enabled"):
+        return f"off (IBKR 429s seen: {pacing.get('upstream_429_total', 0)})"
+    breaker = pacing.get("breaker", {})
+    state = str(breaker.get("state", "closed"))
+    if state != "closed":
+        state += f", closes in {breaker.get('closes_in_s', 0):.0f} s"
+    return (
+        f"breaker {state}; queued {pacing.get('queued', 0)}; refused {pacing.get('rejected_total', 0)}; "
+        f"IBKR 429s {pacing.get('upstream_429_total', 0)}"
+    )
+
+
 def healthy(source: StatusSource) -> bool:
     """Ready and IBKR says the brokerage session is authenticated."""
     return source.manager.active is not None and source.manager.stats.authenticated
@@ -56,6 +70,7 @@ def snapshot(source: StatusSource) -> dict[str, Any]:
     """A JSON-able dict of the gateway's state. Contract: contains no token, secret, signature or cookie."""
     manager = source.manager
     stats = manager.stats
+    pacing = source.pacer.snapshot()
     session = manager.active
     lst_expiry = session.lst_expires_at_ms / 1000 if session is not None else None
     return {
@@ -84,7 +99,8 @@ def snapshot(source: StatusSource) -> dict[str, Any]:
             "messages_up": source.relays.messages_up,
             "messages_down": source.relays.messages_down,
         },
-        "pacing": source.pacer.snapshot(),
+        "pacing": pacing,
+        "pacing_summary": _pacing_summary(pacing),
         "uptime_s": round(time.time() - source.started_at, 1),
         "tasks": live_tasks(),
     }
