@@ -122,6 +122,8 @@ class Dispatcher:
     def _origin_ok(self, scope: Scope, headers: Headers, origin: bytes | None) -> bool:
         """``origin_allowed`` with the scheme the browser used: ``X-Forwarded-Proto`` from a trusted proxy
         (nginx terminating TLS) wins over the scheme of the hop to the gateway."""
+        if origin is None:  # not a browser cross-origin request; skip the forwarded-header walk on the hot path
+            return True
         client = scope.get("client")
         peer = client[0] if client else None
         _, forwarded_proto = transforms.client_address(peer, headers, self._settings.trusted_proxies)
