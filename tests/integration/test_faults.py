@@ -359,3 +359,22 @@ async def _drain_scenario(proc: subprocess.Popen[str], port: int, figure: Figure
     assert statuses == [200] * 20
     assert codes == [1001] * 5
     assert exit_code == 0
+
+
+async def test_f4_flapping_session_backs_off_instead_of_hammering(
+    ibkr_sim_credentials: SimulatorCredentials, figure: Figure
+) -> None:
+    """A session that dies right after each handshake (e.g. a competing login) does not reset the back-off."""
+    async with open_test_gateway(
+        {"session": {"reconnect_delay_s": 0.2, "reconnect_max_delay_s": 5}}, credentials=ibkr_sim_credentials
+    ) as gw:
+        before = gw.manager.stats.handshakes
+        with trio.move_on_after(4):
+            while True:
+                session = await gw.manager.wait_ready(10)
+                gw.manager.report_unauthorized(session, "test: flapping upstream")
+                await session.ended.wait()
+        handshakes = gw.manager.stats.handshakes - before
+    # Back-off 0.2, 0.4, 0.8, 1.6 s (× jitter 0.5–1): at most 6 handshakes in 4 s; a reset loop would do ~25.
+    figure("f4_handshakes_in_4s_of_flapping", handshakes, "count", "<=6", handshakes <= 6)
+    assert 2 <= handshakes <= 6

@@ -45,6 +45,8 @@ CLOSE_SERVICE_RESTART = 1012
 CLOSE_GOING_AWAY = 1001
 _AUTH_POLLS = 10  # tickles (1 s apart) to wait for authenticated:true after ssodh/init
 _LOGOUT_TIMEOUT_S = 3.0
+STABLE_SESSION_S = 60.0
+"""A session ready at least this long resets the reconnect back-off; a shorter one counts as a failed attempt."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,10 +187,12 @@ class SessionManager:
             self._loop_scope = scope
             while not self._stopping:
                 self._move(Event.CONNECT if self.state is State.STARTING else Event.RETRY)
-                ended_ok = await self._one_session()
+                held_s = await self._one_session()
                 if self._stopping:
                     break
-                attempt = 0 if ended_ok else attempt + 1
+                # Only a session that lasted resets the back-off: one that dies right after the handshake (a
+                # competing login, an upstream that flaps) must not turn the loop into an LST hammer.
+                attempt = 0 if held_s >= STABLE_SESSION_S else attempt + 1
                 delay = self._settings.backoff.delay(min(attempt, 64), self._rng())
                 self.stats.next_attempt_at = time.time() + delay
                 log.info("next handshake in %.1f s", delay)
@@ -202,19 +206,19 @@ class SessionManager:
         self._move(Event.STOPPED)
         self._stopped.set()
 
-    async def _one_session(self) -> bool:
-        """Handshake and hold one session; returns True if it became ready (resets the back-off)."""
+    async def _one_session(self) -> float:
+        """Handshake and hold one session; returns how long it was ready, in seconds (0 if it never was)."""
         try:
             lst = await self._handshake_token()
             signer = RequestSigner(self._credentials.identity, lst.token)
             cookie = await self._establish(signer)
         except GatewayError as exc:
             self._handshake_failed(str(exc))
-            return False
+            return 0.0
         except Exception as exc:  # an upstream answer nobody foresaw must not take the gateway down
             log.exception("unexpected error during the handshake")
             self._handshake_failed(f"unexpected error during the handshake: {type(exc).__name__}")
-            return False
+            return 0.0
         self._generation += 1
         async with trio.open_nursery() as nursery:
             session = LiveSession(
@@ -228,13 +232,14 @@ class SessionManager:
             self._move(Event.READY, f"generation {session.generation}")
             nursery.start_soon(self._tickle_loop, session)
             nursery.start_soon(self._refresh_loop, session)
+            ready_at = time.time()
             await session.ended.wait()
         self._active = None
         if not self._stopping:
             self.stats.sessions_ended += 1
             self._record_failure(session.end_reason)
             self._move(Event.FAIL, session.end_reason)
-        return True
+        return time.time() - ready_at
 
     def _handshake_failed(self, reason: str) -> None:
         self._record_failure(reason)
