@@ -43,6 +43,7 @@ from gateway.session.state import Backoff
 from gateway.session.supervisor import SessionManager, SessionSettings
 from gateway.simulator import Simulator, SimulatorCredentials, generate_credentials
 from gateway.upstream.client import Timeouts, build_client, tls_context
+from gateway.upstream.http1 import Http1Pool
 from gateway.web.auth import ApiKeys
 from gateway.web.dispatch import Dispatcher, DispatchSettings
 from gateway.web.pages import build_pages_app
@@ -52,6 +53,7 @@ log = logging.getLogger("gateway")
 
 MAX_WS_MESSAGE_BYTES = 1 << 20
 GRACEFUL_TIMEOUT_S = 20.0
+UPSTREAM_MAX_CONNECTIONS = 100
 
 
 @dataclass(eq=False)
@@ -187,9 +189,10 @@ async def serve_gateway(
                 ),
             )
             pacer = Pacer(pacing_settings(config.pacing))
+            upstream = Http1Pool(base_url, timeouts, tls=tls, max_connections=UPSTREAM_MAX_CONNECTIONS)
             proxy = HttpProxy(
                 manager=manager,
-                client=client,
+                upstream=upstream,
                 pacer=pacer,
                 settings=ProxySettings(
                     base_url=base_url,
@@ -248,6 +251,7 @@ async def serve_gateway(
                 await manager.logout()
             finally:
                 root.cancel_scope.cancel()
+                upstream.close()
                 gateway._stopped.set()
     log.info("gateway stopped")
 

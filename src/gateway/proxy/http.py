@@ -24,20 +24,17 @@ import enum
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import cast
 
-import httpx
 import trio
 
 from gateway.asgi import Receive, Scope, Send, send_error
-from gateway.errors import PacingRejected, SessionNotReady
+from gateway.errors import PacingRejected, SessionNotReady, UpstreamError
 from gateway.pacing import Pacer
 from gateway.proxy import transforms
 from gateway.session.supervisor import LiveSession, SessionManager
-from gateway.upstream.client import map_httpx_error
+from gateway.upstream.http1 import Http1Pool, UpstreamResponse
 
 log = logging.getLogger("gateway.proxy")
 
@@ -76,6 +73,7 @@ class _Exchange:
     method: str
     path: str
     url: str
+    target: bytes
     headers: list[tuple[bytes, bytes]]
     body: AsyncIterator[bytes] | None
     retryable: bool
@@ -132,11 +130,9 @@ async def _wait_for_disconnect(receive: Receive, scope: trio.CancelScope) -> Non
 class HttpProxy:
     """Proxies allow-listed HTTP requests to IBKR under the current session."""
 
-    def __init__(
-        self, *, manager: SessionManager, client: httpx.AsyncClient, settings: ProxySettings, pacer: Pacer
-    ) -> None:
+    def __init__(self, *, manager: SessionManager, upstream: Http1Pool, settings: ProxySettings, pacer: Pacer) -> None:
         self._manager = manager
-        self._client = client
+        self._upstream = upstream
         self._settings = settings
         self._pacer = pacer
         self.in_flight = 0
@@ -193,6 +189,7 @@ class HttpProxy:
             method=method,
             path=path,
             url=transforms.upstream_url(settings.base_url, raw_path, query),
+            target=raw_path + b"?" + query if query else raw_path,
             headers=headers,
             body=None,
             retryable=method in IDEMPOTENT and not has_body,
@@ -246,15 +243,16 @@ class HttpProxy:
         where = exchange.where
         signer = session.signer
         authorization = signer.authorization(exchange.method, exchange.url).encode("ascii")
-        request = self._client.build_request(
-            exchange.method, exchange.url, headers=[*exchange.headers, (b"authorization", authorization)],
-            content=exchange.body,
-        )  # fmt: skip
         try:
-            response = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            error = map_httpx_error(exc, where)
-            await exchange.fail(error.status, error.code, str(error))
+            response = await self._upstream.send(
+                exchange.method.encode("ascii"),
+                exchange.target,
+                [*exchange.headers, (b"authorization", authorization)],
+                exchange.body,
+                where,
+            )
+        except UpstreamError as exc:
+            await exchange.fail(exc.status, exc.code, str(exc))
             return _Retry.DONE
         except ClientGone:
             return _Retry.DONE
@@ -266,9 +264,10 @@ class HttpProxy:
                 [(b"connection", b"close")],
             )
             return _Retry.DONE
-        self._pacer.record_response(response.status_code, response.headers.get("retry-after"))
-        if response.status_code == 401 and attempt == 0:
-            await response.aclose()
+        retry_after = response.header(b"retry-after")
+        self._pacer.record_response(response.status, retry_after.decode("latin-1") if retry_after else None)
+        if response.status == 401 and attempt == 0:
+            response.close()
             if session.signer is signer:  # not a request that raced an LST refresh: the session is gone
                 self._manager.report_unauthorized(session, where)
             if not exchange.retryable:
@@ -286,25 +285,21 @@ class HttpProxy:
         try:
             await self._relay_response(exchange.send, response, where, exchange.outcome)
         finally:
-            # Shielded so a cancelled exchange (client gone) still returns the connection to the pool.
-            with trio.move_on_after(2) as cleanup:
-                cleanup.shield = True
-                await response.aclose()
+            response.close()  # a body not read to its end (client gone, upstream broke off): never reused
         return _Retry.DONE
 
-    async def _relay_response(self, send: Send, response: httpx.Response, where: str, outcome: Outcome) -> None:
-        headers = transforms.downstream_response_headers(response.headers.raw)
-        outcome.status = response.status_code
-        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-        try:
-            # aclosing: a cancelled relay (client gone) must finalise httpx's generators now, not at GC time.
-            async with aclosing(cast(AsyncGenerator[bytes, None], response.aiter_raw())) as chunks:
-                async for chunk in chunks:
-                    outcome.sent += len(chunk)
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.HTTPError as exc:
-            # Returning without the final body message makes the server close the connection mid-response.
-            error = map_httpx_error(exc, where)
-            log.warning("%s: upstream failed mid-response after %d bytes: %s", where, outcome.sent, error)
-            return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    async def _relay_response(self, send: Send, response: UpstreamResponse, where: str, outcome: Outcome) -> None:
+        outcome.status = response.status
+        headers = transforms.downstream_response_headers(response.headers)
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        done = False
+        while not done:
+            try:
+                chunk, done = await response.receive()
+            except UpstreamError as exc:
+                # Returning without the final body message makes the server close the connection mid-response.
+                log.warning("%s: upstream failed mid-response after %d bytes: %s", where, outcome.sent, exc)
+                return
+            outcome.sent += len(chunk)
+            if chunk or done:
+                await send({"type": "http.response.body", "body": chunk, "more_body": not done})

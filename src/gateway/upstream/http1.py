@@ -1,0 +1,457 @@
+"""The proxy's upstream HTTP/1.1 client: one origin, a LIFO keep-alive pool, h11 framing, every step under a deadline.
+
+Why not httpx here: profiled under load, httpx + httpcore took about half of the gateway's CPU per proxied request
+(its pool polls every pooled socket on every request; several layers of request/response objects). This client
+does only what the proxy needs: one origin (IBKR's base URL), raw header lists in and out, streamed bodies both
+ways, and h11 for the wire format (the same parser hypercorn uses for the client side of the hop). httpx remains
+the client for the session's own calls (handshake, tickle), where convenience matters more than microseconds.
+
+Contract:
+- :meth:`Http1Pool.send` writes one request (``Host`` first, then the given headers; a body of unknown length goes
+  chunked; a declared length is enforced) and returns an :class:`UpstreamResponse` once the status line and headers
+  have arrived. The caller must read the body to its end with :meth:`UpstreamResponse.receive` or call
+  :meth:`UpstreamResponse.close`; only a connection whose exchange completed cleanly (whole body read, HTTP/1.1,
+  no ``Connection: close``, nothing unasked after the body) goes back to the pool.
+- Deadlines (:class:`~gateway.upstream.client.Timeouts`): ``connect_s`` for TCP + TLS, ``write_s`` for each write,
+  ``read_s`` for each read, ``pool_s`` to wait for one of ``max_connections``. Every failure surfaces as
+  :class:`~gateway.errors.UpstreamConnectError` (502) or :class:`~gateway.errors.UpstreamTimeout` (504), whose
+  message names the operation and never a header value; errors raised by the request body iterator (the client
+  went away, the body is too large) propagate unchanged.
+- A reused idle connection may have been closed by the server a moment before it was picked: if it fails before any
+  response byte arrived and the request is an idempotent one without a body (GET, HEAD, OPTIONS), the request is
+  written once more on a new connection; anything else gets the error (it may have reached the server).
+- Idle connections are kept newest-first (the warm one is reused), at most ``max_idle``, and closed after
+  ``idle_expiry_s``; one readability check per reuse (a readable idle socket has been closed by the server).
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from urllib.parse import urlsplit
+
+import h11
+import trio
+
+from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
+from gateway.upstream.client import Timeouts
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+_REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})  # may be written twice if a stale connection fails first
+MAX_HEAD_BYTES = 64 * 1024  # an upstream response head larger than this is refused (502)
+READ_SIZE = 256 * 1024  # large reads: a 1 GiB stream costs fewer loop turns; small answers arrive in one read anyway
+
+
+class _Connection:
+    """One upstream connection and its h11 state machine."""
+
+    __slots__ = ("conn", "idle_since", "stream")
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.idle_since = 0.0
+
+    def socket(self) -> trio.socket.SocketType:
+        stream = self.stream
+        while isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        assert isinstance(stream, trio.SocketStream)
+        return stream.socket
+
+    def close(self) -> None:
+        """Close at once, without awaiting (safe in cancelled and cleanup paths; no TLS close_notify)."""
+        self.socket().close()
+
+    def buffered(self) -> bytes:
+        """What h11 received but has not parsed (after a response head: the start of the body)."""
+        return self.conn.trailing_data[0]
+
+    def take_buffered(self) -> bytes:
+        """:meth:`buffered`, once: h11 is replaced by a fresh state machine, since the rest is read raw."""
+        data = self.conn.trailing_data[0]
+        if data:
+            self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        return data
+
+
+class UpstreamResponse:
+    """The status and headers of one upstream response, and its body to be read with :meth:`receive`.
+
+    A body framed by ``Content-Length`` (the common case, and every large download) is read straight from the socket
+    after the head: h11's receive buffer would copy every byte twice more. h11 still parsed and validated the head;
+    the connection gets a fresh h11 state when it goes back to the pool. Chunked and close-delimited bodies go
+    through h11.
+    """
+
+    __slots__ = ("_conn", "_keep_alive", "_pool", "_remaining", "_where", "headers", "status")
+
+    def __init__(
+        self,
+        pool: Http1Pool,
+        conn: _Connection,
+        head: h11.Response,
+        where: str,
+        *,
+        bodiless: bool,
+    ) -> None:
+        self.status = head.status_code
+        self.headers = list(head.headers)  # names lower-case, as h11 hands them over
+        self._pool = pool
+        self._conn: _Connection | None = conn
+        self._where = where
+        self._keep_alive = head.http_version == b"1.1"
+        length: int | None = None
+        chunked = False
+        for name, value in self.headers:
+            if name == b"content-length":
+                length = int(value)  # h11 checked it: one valid decimal value
+            elif name == b"transfer-encoding":
+                chunked = True
+            elif name == b"connection" and b"close" in value.lower():
+                self._keep_alive = False
+        # None: framed by h11 (chunked, or delimited by the connection closing); else bytes still to read raw.
+        self._remaining: int | None = 0 if bodiless else (None if chunked else length)
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lower-case), or ``None``."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    async def receive(self) -> tuple[bytes, bool]:
+        """The next piece of the body and whether the body is now complete (the connection then goes back to the
+        pool). Everything already buffered is returned at once, so a small answer is one piece with ``True``.
+
+        Raises :class:`UpstreamError` if the upstream stalls or breaks off (the body is then incomplete).
+        """
+        connection = self._conn
+        if connection is None:
+            return b"", True
+        try:
+            if self._remaining is not None:
+                return await self._receive_sized(connection)
+            return await self._receive_framed(connection)
+        except BaseException:
+            self.close()
+            raise
+
+    async def _receive_sized(self, connection: _Connection) -> tuple[bytes, bool]:
+        remaining = self._remaining
+        assert remaining is not None
+        data = connection.take_buffered()
+        if not data and remaining:
+            data = await self._pool.read_raw(connection, min(remaining, READ_SIZE), self._where)
+            if not data:
+                raise UpstreamConnectError(
+                    f"{self._where}: upstream connection failed (closed with {remaining} body bytes missing)"
+                )
+        if len(data) > remaining:  # bytes after the body: nothing was asked for, so the connection is not reused
+            data = data[:remaining]
+            self._keep_alive = False
+        remaining -= len(data)
+        self._remaining = remaining
+        if remaining:
+            return data, False
+        self._conn = None
+        self._pool.release_raw(connection, reusable=self._keep_alive)
+        return data, True
+
+    async def _receive_framed(self, connection: _Connection) -> tuple[bytes, bool]:
+        pool = self._pool
+        pieces: list[bytes] = []
+        while True:
+            event = pool.poll(connection, self._where)
+            if event is h11.NEED_DATA:
+                if pieces:
+                    return b"".join(pieces), False  # nothing more buffered: hand over what we have
+                await pool.read_more(connection, self._where)
+            elif type(event) is h11.Data:
+                pieces.append(bytes(event.data))
+            elif type(event) is h11.EndOfMessage:
+                self._conn = None
+                pool.release(connection)
+                return b"".join(pieces), True
+            else:
+                raise UpstreamConnectError(f"{self._where}: upstream connection failed (unexpected {event!r})")
+
+    def close(self) -> None:
+        """Abandon the rest of the body: the connection is closed, not reused. Idempotent, never awaits."""
+        connection, self._conn = self._conn, None
+        if connection is not None:
+            self._pool.discard(connection)
+
+
+class Http1Pool:
+    """Keep-alive HTTP/1.1 connections to one origin (``base_url``: ``http(s)://host[:port]``)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        timeouts: Timeouts,
+        *,
+        tls: ssl.SSLContext | None,
+        max_connections: int = 100,
+        max_idle: int = 20,
+        idle_expiry_s: float = 30.0,
+    ) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"upstream base URL must be http(s)://host[:port], not {base_url!r}")
+        self._https = parts.scheme == "https"
+        self._hostname = parts.hostname
+        self._port = parts.port or (443 if self._https else 80)
+        self._host_header = parts.netloc.encode("ascii")
+        self._tls = tls if tls is not None else ssl.create_default_context()
+        self._timeouts = timeouts
+        self._slots = trio.Semaphore(max_connections)
+        self._idle: list[_Connection] = []  # oldest first; reuse takes the newest
+        self._max_idle = max_idle
+        self._idle_expiry_s = idle_expiry_s
+        self._closed = False
+
+    # --- the pool -------------------------------------------------------------------------------------
+
+    @property
+    def idle_connections(self) -> int:
+        """How many connections wait for reuse (for tests and the status page)."""
+        return len(self._idle)
+
+    def _take_idle(self) -> _Connection | None:
+        now = trio.current_time()
+        while self._idle:
+            connection = self._idle.pop()
+            if now - connection.idle_since < self._idle_expiry_s and not connection.socket().is_readable():
+                return connection
+            connection.close()  # expired, or the server closed it (EOF is readable) or sent bytes unasked
+        return None
+
+    async def _connect(self, where: str) -> _Connection:
+        try:
+            with trio.fail_after(self._timeouts.connect_s):
+                stream: trio.abc.Stream
+                if self._https:
+                    tls_stream = await trio.open_ssl_over_tcp_stream(
+                        self._hostname, self._port, ssl_context=self._tls, https_compatible=True
+                    )
+                    try:
+                        await tls_stream.do_handshake()
+                    except BaseException:
+                        await trio.aclose_forcefully(tls_stream)
+                        raise
+                    stream = tls_stream
+                else:
+                    stream = await trio.open_tcp_stream(self._hostname, self._port)
+        except trio.TooSlowError:
+            raise UpstreamTimeout(f"{where}: upstream did not answer in time (connect timeout)") from None
+        except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
+            raise UpstreamConnectError(f"{where}: cannot connect to upstream ({_reason(exc)})") from None
+        return _Connection(stream)
+
+    def release(self, connection: _Connection) -> None:
+        """Return a connection whose exchange finished; it is kept only if both sides may go on."""
+        self._slots.release()
+        conn = connection.conn
+        if self._closed or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            connection.close()
+            return
+        conn.start_next_cycle()
+        connection.idle_since = trio.current_time()
+        self._idle.append(connection)
+        if len(self._idle) > self._max_idle:
+            self._idle.pop(0).close()
+
+    def release_raw(self, connection: _Connection, *, reusable: bool) -> None:
+        """Return a connection whose response body was read raw to its exact end (see :class:`UpstreamResponse`)."""
+        if not reusable:
+            self.discard(connection)
+            return
+        self._slots.release()
+        if self._closed:
+            connection.close()
+            return
+        connection.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        connection.idle_since = trio.current_time()
+        self._idle.append(connection)
+        if len(self._idle) > self._max_idle:
+            self._idle.pop(0).close()
+
+    def discard(self, connection: _Connection) -> None:
+        """Close a connection whose exchange did not finish cleanly."""
+        self._slots.release()
+        connection.close()
+
+    def close(self) -> None:
+        """Close every idle connection; connections in use close when their exchange ends."""
+        self._closed = True
+        while self._idle:
+            self._idle.pop().close()
+
+    # --- one exchange ---------------------------------------------------------------------------------
+
+    async def send(
+        self, method: bytes, target: bytes, headers: Headers, body: AsyncIterator[bytes] | None, where: str
+    ) -> UpstreamResponse:
+        """Send ``method target`` with ``headers`` (lower-case names, no ``Host``) and ``body``; the response head.
+
+        ``body`` is None for a request without one; otherwise the headers must carry its ``content-length``, or it
+        is sent chunked. ``where`` (``"GET /path"``) names the exchange in error messages.
+        """
+        with trio.move_on_after(self._timeouts.pool_s) as waiting:
+            await self._slots.acquire()
+        if waiting.cancelled_caught:
+            raise UpstreamTimeout(f"{where}: no free upstream connection in time (pool timeout)")
+        try:
+            length = _content_length(headers)
+            head = _request_head(
+                method, target, self._host_header, headers, chunked=body is not None and length is None
+            )
+            connection = self._take_idle()
+            if connection is not None and body is None and method in _REPLAYABLE:
+                try:
+                    return await self._exchange(connection, method, head, None, length, where)
+                except UpstreamConnectError:
+                    pass  # a stale keep-alive connection: the server closed it as we picked it; one fresh try
+            elif connection is not None:
+                return await self._exchange(connection, method, head, body, length, where)
+            connection = await self._connect(where)
+            return await self._exchange(connection, method, head, body, length, where)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def _exchange(
+        self,
+        connection: _Connection,
+        method: bytes,
+        head: bytes,
+        body: AsyncIterator[bytes] | None,
+        length: int | None,
+        where: str,
+    ) -> UpstreamResponse:
+        """Write the request, read the response head. On failure the connection is closed (the slot is kept).
+
+        The head and body are written here, not by h11 (whose writers copy every body chunk); h11 is told of a
+        bodiless request with the same method, which is all it needs to parse the response.
+        """
+        conn = connection.conn
+        conn.send(h11.Request(method=method, target=b"/", headers=[(b"host", self._host_header)]))
+        conn.send(h11.EndOfMessage())
+        try:
+            if body is None:
+                await self._write(connection, head, where)
+            else:
+                await self._write(connection, head, where)
+                sent = 0
+                async for chunk in body:
+                    if not chunk:
+                        continue
+                    sent += len(chunk)
+                    if length is None:
+                        await self._write(connection, b"%x\r\n%b\r\n" % (len(chunk), chunk), where)
+                    elif sent <= length:
+                        await self._write(connection, chunk, where)
+                if length is None:
+                    await self._write(connection, b"0\r\n\r\n", where)
+                elif sent != length:  # the client's framing was checked upstream of here; never send a short body
+                    raise UpstreamConnectError(f"{where}: request body was {sent} bytes, not the declared {length}")
+            event = await self.next_event(connection, where)
+            while type(event) is h11.InformationalResponse:  # 100 Continue and friends: not for the client
+                event = await self.next_event(connection, where)
+            if type(event) is not h11.Response:
+                raise UpstreamConnectError(f"{where}: upstream connection failed (no response)")
+        except BaseException:
+            connection.close()
+            raise
+        bodiless = method == b"HEAD" or event.status_code in (204, 304)
+        return UpstreamResponse(self, connection, event, where, bodiless=bodiless)
+
+    async def _write(self, connection: _Connection, data: bytes, where: str) -> None:
+        try:
+            # A bare CancelScope, not fail_after: this runs once per body chunk, and the generator-based context
+            # manager cost more than the deadline itself.
+            with trio.CancelScope(deadline=trio.current_time() + self._timeouts.write_s) as deadline:
+                await connection.stream.send_all(data)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
+            raise UpstreamConnectError(f"{where}: upstream connection failed ({_reason(exc)})") from None
+        if deadline.cancelled_caught:
+            raise UpstreamTimeout(f"{where}: upstream did not answer in time (write timeout)")
+
+    async def next_event(self, connection: _Connection, where: str) -> h11.Event:
+        """The next h11 event from the upstream, reading as needed under the read deadline."""
+        event = self.poll(connection, where)
+        while event is h11.NEED_DATA:
+            await self.read_more(connection, where)
+            event = self.poll(connection, where)
+        assert isinstance(event, h11.Event)
+        return event
+
+    def poll(self, connection: _Connection, where: str) -> h11.Event | type[h11.NEED_DATA]:
+        """The next event already buffered, or ``NEED_DATA`` (no I/O)."""
+        try:
+            event = connection.conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise UpstreamConnectError(f"{where}: upstream connection failed ({_reason(exc)})") from None
+        if event is h11.PAUSED:  # only after a complete response, which receive() never reads past
+            raise UpstreamConnectError(f"{where}: upstream connection failed (unexpected data after the response)")
+        return event  # type: ignore[return-value]
+
+    async def read_raw(self, connection: _Connection, size: int, where: str) -> bytes:
+        """One read of at most ``size`` bytes under the read deadline, bypassing h11 (``b""`` at EOF)."""
+        data = b""
+        try:
+            with trio.CancelScope(deadline=trio.current_time() + self._timeouts.read_s) as deadline:
+                data = bytes(await connection.stream.receive_some(size))
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
+            raise UpstreamConnectError(f"{where}: upstream connection failed ({_reason(exc)})") from None
+        if deadline.cancelled_caught:
+            raise UpstreamTimeout(f"{where}: upstream did not answer in time (read timeout)")
+        return data
+
+    async def read_more(self, connection: _Connection, where: str) -> None:
+        """One read from the upstream under the read deadline, fed to h11 (EOF included)."""
+        data: bytes | bytearray = b""
+        try:
+            with trio.CancelScope(deadline=trio.current_time() + self._timeouts.read_s) as deadline:
+                data = await connection.stream.receive_some(READ_SIZE)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
+            raise UpstreamConnectError(f"{where}: upstream connection failed ({_reason(exc)})") from None
+        if deadline.cancelled_caught:
+            raise UpstreamTimeout(f"{where}: upstream did not answer in time (read timeout)")
+        try:
+            connection.conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
+        except h11.RemoteProtocolError as exc:
+            raise UpstreamConnectError(f"{where}: upstream connection failed ({_reason(exc)})") from None
+
+
+def _content_length(headers: Headers) -> int | None:
+    """The request's declared body length (the dispatcher let through at most one, all digits), or ``None``."""
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value)
+    return None
+
+
+def _request_head(method: bytes, target: bytes, host: bytes, headers: Headers, *, chunked: bool) -> bytes:
+    """The request line and header block, ``Host`` first, ``Transfer-Encoding: chunked`` when asked.
+
+    Every part was checked before it got here: method and target by the server's parser and the dispatcher, header
+    values by the server's parser (no CR, LF or NUL) or built by the gateway from ASCII.
+    """
+    lines = [method + b" " + target + b" HTTP/1.1", b"host: " + host]
+    lines += [name + b": " + value for name, value in headers]
+    if chunked:
+        lines.append(b"transfer-encoding: chunked")
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
+
+
+def _reason(exc: BaseException) -> str:
+    """A short reason from a socket, TLS or framing error, without request details."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+__all__ = ["Http1Pool", "UpstreamError", "UpstreamResponse"]
