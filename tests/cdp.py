@@ -169,9 +169,16 @@ class Page:
             {"width": width, "height": height, "deviceScaleFactor": scale, "mobile": mobile},
         )
 
-    async def screenshot(self, path: Path) -> Path:
-        """Save a PNG of the viewport to ``path`` (folders created); returns ``path``."""
-        result = await self.call("Page.captureScreenshot", {"format": "png"})
+    async def screenshot(self, path: Path, *, full_page: bool = False) -> Path:
+        """Save a PNG of the viewport (or the whole page) to ``path`` (folders created); returns ``path``."""
+        params: dict[str, Any] = {"format": "png"}
+        if full_page:
+            size = (await self.call("Page.getLayoutMetrics"))["cssContentSize"]
+            params |= {
+                "captureBeyondViewport": True,
+                "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+            }
+        result = await self.call("Page.captureScreenshot", params)
         data = base64.b64decode(result["data"])
         assert data.startswith(b"\x89PNG\r\n\x1a\n")
         await trio.Path(path.parent).mkdir(parents=True, exist_ok=True)
