@@ -1,16 +1,20 @@
-"""Suite-wide helpers: the FIGURE recorder that fault and load tests report their measured numbers through."""
+"""Suite-wide helpers: the FIGURE recorder that fault and load tests report their measured numbers through, and the
+ARTIFACT recorder that says where tests saved files worth looking at (browser screenshots)."""
 
 from __future__ import annotations
 
 import io
 import logging
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 _FIGURES: list[str] = []
+_ARTIFACTS: list[str] = []
 
 Figure = Callable[..., None]
+Artifact = Callable[[str, Path], None]
 
 
 @pytest.fixture
@@ -25,11 +29,22 @@ def figure() -> Figure:
     return record
 
 
+@pytest.fixture
+def artifact() -> Artifact:
+    """Record ``ARTIFACT name=<id> path=<file>``; printed at the end of the run so CI logs say where files are."""
+
+    def record(name: str, path: Path) -> None:
+        _ARTIFACTS.append(f"ARTIFACT name={name} path={path.resolve()}")
+
+    return record
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if _FIGURES:
-        terminalreporter.section("figures")
-        for line in _FIGURES:
-            terminalreporter.write_line(line)
+    for title, lines in (("figures", _FIGURES), ("artifacts", _ARTIFACTS)):
+        if lines:
+            terminalreporter.section(title)
+            for line in lines:
+                terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session", autouse=True)

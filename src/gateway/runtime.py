@@ -46,6 +46,7 @@ from gateway.upstream.client import Timeouts, build_client, tls_context
 from gateway.upstream.http1 import Http1Pool
 from gateway.web.auth import ApiKeys
 from gateway.web.dispatch import Dispatcher, DispatchSettings
+from gateway.web.examples import ExamplesApp
 from gateway.web.pages import build_pages_app
 from gateway.web.status import StatusSource
 
@@ -221,6 +222,7 @@ async def serve_gateway(
                 pages=cast(ASGIApp, build_pages_app(source)),
                 http_proxy=proxy,
                 relay=relay,
+                examples_app=ExamplesApp() if config.server.examples else None,
             )
             trigger = trio.Event()
             hconfig = _hypercorn_config(

@@ -38,6 +38,7 @@ class ServerConfig:
     keep_alive_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
     websocket_ping_interval_s: float = 5.0
+    examples: bool = False
 
 
 @dataclass(frozen=True, slots=True)

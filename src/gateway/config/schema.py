@@ -290,6 +290,7 @@ SECTIONS: Mapping[str, Mapping[str, Key]] = {
         "websocket_ping_interval_s": Key(
             seconds(0.5, 600.0), 5, "ping WebSocket clients this often (keeps idle relays alive, finds dead ones)"
         ),
+        "examples": Key(boolean, False, "serve the WebSocket dashboard example at /examples/dashboard/"),
     },
     "ibkr": {
         "base_url": Key(base_url, "https://api.ibkr.com", "REST base; the WebSocket URL is derived from it"),

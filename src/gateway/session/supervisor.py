@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,7 +34,7 @@ import trio
 
 from gateway.config.model import Credentials
 from gateway.errors import GatewayError, SessionNotReady, UpstreamStatusError
-from gateway.logs import register_secret
+from gateway.logs import register_secret, scrub
 from gateway.redact import Secret
 from gateway.session import calls
 from gateway.session.state import Backoff, Event, State, next_state
@@ -47,6 +48,10 @@ _AUTH_POLLS = 10  # tickles (1 s apart) to wait for authenticated:true after sso
 _LOGOUT_TIMEOUT_S = 3.0
 STABLE_SESSION_S = 60.0
 """A session ready at least this long resets the reconnect back-off; a shorter one counts as a failed attempt."""
+RECENT_ERRORS = 10
+"""How many recent session errors the status keeps (oldest dropped first)."""
+MAX_ERROR_CHARS = 300
+"""A recorded error message is cut to this many characters (the status page shows short messages)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +100,21 @@ class LiveSession:
         return not self.ended.is_set()
 
 
+@dataclass(frozen=True, slots=True)
+class ErrorEntry:
+    """One recorded session error: when (epoch seconds) and a short, secret-free message."""
+
+    at: float
+    message: str
+
+
 @dataclass
 class SessionStats:
-    """Counters and timestamps for the status page, ``/session`` and ``/health`` (no secrets)."""
+    """Counters and timestamps for the status page, ``/session`` and ``/health`` (no secrets).
+
+    ``recent_errors`` holds the last :data:`RECENT_ERRORS` errors, oldest first; add to it only through
+    :meth:`note_error`, which scrubs registered secrets and shortens the message.
+    """
 
     handshakes: int = 0
     handshake_failures: int = 0
@@ -109,6 +126,22 @@ class SessionStats:
     authenticated: bool = False
     competing: bool = False
     next_attempt_at: float | None = None
+    recent_errors: deque[ErrorEntry] = field(default_factory=lambda: deque(maxlen=RECENT_ERRORS))
+
+    def note_error(self, message: str, at: float) -> ErrorEntry:
+        """Record an error at ``at``: it becomes ``last_error`` and joins ``recent_errors`` (bounded).
+
+        Defence in depth: error texts are built never to hold secrets, but any registered secret that slipped
+        into one (say, echoed in an upstream body) is replaced by ``***`` before it is kept.
+        """
+        text = scrub(" ".join(message.split()))
+        if len(text) > MAX_ERROR_CHARS:
+            text = text[: MAX_ERROR_CHARS - 1] + "…"
+        entry = ErrorEntry(at=at, message=text)
+        self.last_error = text
+        self.last_error_at = at
+        self.recent_errors.append(entry)
+        return entry
 
 
 class SessionManager:
@@ -247,8 +280,7 @@ class SessionManager:
         self._move(Event.FAIL, reason)
 
     def _record_failure(self, reason: str) -> None:
-        self.stats.last_error = reason
-        self.stats.last_error_at = time.time()
+        self.stats.note_error(reason, time.time())
         self.stats.authenticated = False
         log.warning("session failure: %s", reason)
 
@@ -335,6 +367,7 @@ class SessionManager:
                     session.end(f"live session token expired and could not be refreshed: {reason}")
                     return
                 log.warning("LST refresh failed, retrying: %s", reason)
+                self.stats.note_error(f"LST refresh failed, retrying: {reason}", time.time())
                 await trio.sleep(min(30.0, max(1.0, margin / 4)))
                 continue
             session.signer = RequestSigner(self._credentials.identity, lst.token)

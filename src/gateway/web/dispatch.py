@@ -2,7 +2,8 @@
 
 Order of checks for HTTP (the first failure answers; nothing refused is ever forwarded):
 header limits (431) → canonical path (400) → ``/health`` → API key for ``/`` and ``/session`` (401) → internal
-pages → allow-listed route (404) → CORS preflight → API key (401) → Origin (403) → method (405) → framing (400) →
+pages → the dashboard example's static files when enabled (``/examples/dashboard/…``; no key: they hold no data)
+→ allow-listed route (404) → CORS preflight → API key (401) → Origin (403) → method (405) → framing (400) →
 body size (413) → query (400) → proxy.
 
 WebSocket upgrades go through the same header, path, route, key, Origin and query checks; a refused upgrade is
@@ -23,7 +24,7 @@ import trio
 from gateway.asgi import ASGIApp, Message, Receive, Scope, Send, send_error
 from gateway.config.model import IPNetwork, RouteConfig
 from gateway.proxy import transforms
-from gateway.web import auth
+from gateway.web import auth, examples
 
 log = logging.getLogger("gateway.edge")
 
@@ -94,11 +95,21 @@ def framing_problem(headers: Headers) -> str | None:
 class Dispatcher:
     """The ASGI entry point; see the module docstring for the order of checks."""
 
-    def __init__(self, *, settings: DispatchSettings, pages: ASGIApp, http_proxy: ASGIApp, relay: ASGIApp) -> None:
+    def __init__(
+        self,
+        *,
+        settings: DispatchSettings,
+        pages: ASGIApp,
+        http_proxy: ASGIApp,
+        relay: ASGIApp,
+        examples_app: ASGIApp | None = None,
+    ) -> None:
+        """``examples_app`` serves ``/examples/dashboard/…`` when given; without it those paths are unrouted."""
         self._settings = settings
         self._pages = pages
         self._http = http_proxy
         self._relay = relay
+        self._examples = examples_app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -168,6 +179,9 @@ class Dispatcher:
                 await self._unauthorized(send)
                 return
             await self._pages(scope, receive, send)
+            return
+        if self._examples is not None and examples.is_example_path(path):
+            await self._examples(scope, receive, send)
             return
         route = self._route(path)
         if route is None:

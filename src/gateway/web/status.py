@@ -20,6 +20,11 @@ def _iso(epoch_s: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_s))
 
 
+def _iso_ms(epoch_s: float) -> str:
+    """ISO-8601 UTC with milliseconds (the page sets its clock offset from it)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_s)) + f".{int(epoch_s * 1000) % 1000:03d}Z"
+
+
 @dataclass(frozen=True, slots=True)
 class StatusSource:
     """Where the snapshot reads from. ``upstream`` is the base URL; ``simulator`` says it is not IBKR."""
@@ -67,13 +72,20 @@ def healthy(source: StatusSource) -> bool:
 
 
 def snapshot(source: StatusSource) -> dict[str, Any]:
-    """A JSON-able dict of the gateway's state. Contract: contains no token, secret, signature or cookie."""
+    """A JSON-able dict of the gateway's state. Contract: contains no token, secret, signature or cookie.
+
+    Times are ISO-8601 UTC strings; ``now`` is the gateway's clock at the snapshot, so a client can show "in 5 min"
+    or "12 s ago" against it whatever its own clock says. ``recent_errors`` lists the last few session errors,
+    newest first, each ``{"at": ..., "message": ...}``.
+    """
+    now = time.time()
     manager = source.manager
     stats = manager.stats
     pacing = source.pacer.snapshot()
     session = manager.active
     lst_expiry = session.lst_expires_at_ms / 1000 if session is not None else None
     return {
+        "now": _iso_ms(now),
         "state": manager.state.value,
         "ready": manager.state is State.READY and session is not None,
         "healthy": healthy(source),
@@ -93,6 +105,7 @@ def snapshot(source: StatusSource) -> dict[str, Any]:
         "last_error": stats.last_error or None,
         "last_error_at": _iso(stats.last_error_at),
         "next_attempt": _iso(stats.next_attempt_at),
+        "recent_errors": [{"at": _iso(e.at), "message": e.message} for e in reversed(stats.recent_errors)],
         "relays": {
             "open": source.relays.open,
             "opened_total": source.relays.opened_total,
@@ -101,6 +114,6 @@ def snapshot(source: StatusSource) -> dict[str, Any]:
         },
         "pacing": pacing,
         "pacing_summary": _pacing_summary(pacing),
-        "uptime_s": round(time.time() - source.started_at, 1),
+        "uptime_s": round(now - source.started_at, 1),
         "tasks": live_tasks(),
     }
