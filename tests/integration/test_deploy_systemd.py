@@ -1,0 +1,181 @@
+"""The documented systemd unit: systemd's own checker accepts it, its hardening score, its values agree with the
+gateway's code, its credential wiring loads real keys, and the gateway runs under MemoryDenyWriteExecute.
+
+The unit is ``deploy/systemd/ibkr-gateway.service`` (what Deployment.md includes verbatim). systemd cannot run as
+PID 1 here, so the unit is checked with ``systemd-analyze`` and its parts are exercised directly: the
+``Environment=``/``LoadCredential=`` lines with ``%d`` standing for a credentials directory the test fills, and
+the kernel's own MDWE (``prctl(PR_SET_MDWE)``, the mechanism behind ``MemoryDenyWriteExecute=`` on current
+systemd) applied to a real gateway process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import trio
+
+from gateway.cli import EXIT_CONFIG
+from gateway.config import load_config
+from gateway.runtime import GRACEFUL_TIMEOUT_S
+from gateway.session.supervisor import _LOGOUT_TIMEOUT_S
+from gateway.simulator import generate_credentials
+from gateway.upstream.websocket import open_websocket
+from tests.conftest import Figure
+from tests.processes import gateway_popen, wait_healthy
+
+REPO = Path(__file__).resolve().parents[2]
+UNIT = REPO / "deploy" / "systemd" / "ibkr-gateway.service"
+GATEWAY_TOML = REPO / "deploy" / "gateway.toml"
+UNIT_NAME = "ibkr-gateway.service"
+EXEC_START = "ExecStart=/opt/ibkr-gateway/venv/bin/ibkr-gateway "
+MAX_EXPOSURE = 2.0
+
+
+def unit_settings(text: str) -> dict[str, list[str]]:
+    """Every ``Key=value`` of the unit (all sections), values in order; comments and blank lines skipped."""
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith(("#", ";", "[")):
+            continue
+        key, _, value = line.partition("=")
+        settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def runnable_copy(tmp_path: Path, text: str | None = None) -> Path:
+    """The unit with only ExecStart's program replaced by this venv's real ``ibkr-gateway`` (verify checks that
+    the program exists and is executable)."""
+    text = UNIT.read_text() if text is None else text
+    program = Path(sys.executable).parent / "ibkr-gateway"
+    assert program.is_file(), program
+    assert text.count(EXEC_START) == 1
+    copy = tmp_path / UNIT_NAME
+    copy.write_text(text.replace(EXEC_START, f"ExecStart={program} "))
+    return copy
+
+
+def verify(unit: Path) -> list[str]:
+    """``systemd-analyze verify`` lines about this unit. Lines naming other units (the container's own, e.g. a
+    missing dependency's file) are not the unit's directives and are left out; none appear on CI's image today."""
+    assert shutil.which("systemd-analyze"), "systemd-analyze is missing (.ci/run installs systemd)"
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    lines = (result.stdout + result.stderr).splitlines()
+    return [line for line in lines if UNIT_NAME in line or str(unit) in line]
+
+
+def test_systemd_analyze_verify_reports_nothing(tmp_path: Path) -> None:
+    assert verify(runnable_copy(tmp_path)) == []
+
+
+def test_verify_does_report_a_broken_unit(tmp_path: Path) -> None:
+    """The check above can fail: the same tool, on a copy with a misspelt and a mistyped directive, complains."""
+    broken = UNIT.read_text().replace("ProtectSystem=strict", "ProtectSystem=strictest\nWatchdogSecs=30")
+    complaints = verify(runnable_copy(tmp_path, broken))
+    assert any("WatchdogSecs" in line for line in complaints), complaints
+    assert any("strictest" in line or "protect system" in line.lower() for line in complaints), complaints
+
+
+def test_hardening_exposure_score(tmp_path: Path, figure: Figure) -> None:
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", str(runnable_copy(tmp_path))],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    exposure = float(match.group(1))
+    figure("g7_systemd_exposure", exposure, "score(0-10)", f"<= {MAX_EXPOSURE}", exposure <= MAX_EXPOSURE)
+    assert exposure <= MAX_EXPOSURE
+
+
+def test_unit_agrees_with_the_gateway() -> None:
+    unit = unit_settings(UNIT.read_text())
+    one = {key: values[-1] for key, values in unit.items()}
+    assert (one["Type"], one["NotifyAccess"], one["KillSignal"], one["Restart"]) == (
+        "notify", "main", "SIGTERM", "on-failure",
+    )  # fmt: skip
+    # systemd must wait out the whole graceful drain (requests, then logout) before it sends SIGKILL.
+    assert int(one["TimeoutStopSec"]) > GRACEFUL_TIMEOUT_S + _LOGOUT_TIMEOUT_S + 5
+    assert int(one["WatchdogSec"]) >= 10  # pinged every WatchdogSec/2 by the event loop
+    assert one["RestartPreventExitStatus"] == str(EXIT_CONFIG)  # a bad config is not retried
+    assert int(one["RestartSec"]) * int(one["StartLimitBurst"]) < int(one["StartLimitIntervalSec"])
+    assert one["DynamicUser"] == "yes" and one["CapabilityBoundingSet"] == ""
+    assert one["MemoryDenyWriteExecute"] == "yes" and one["ProtectSystem"] == "strict"
+    assert one["RestrictAddressFamilies"] == "AF_INET AF_INET6 AF_UNIX"  # AF_UNIX: the notify socket, journald
+    assert unit["SystemCallFilter"][0] == "@system-service"
+
+
+def test_credential_wiring_loads_the_documented_config(tmp_path: Path) -> None:
+    """The unit's Environment= lines, with %d = a credentials directory holding what LoadCredential= copies,
+    plus the secret as EnvironmentFile= provides it, make the documented gateway.toml load real credentials."""
+    creds = generate_credentials()
+    unit = unit_settings(UNIT.read_text())
+    credentials_dir = tmp_path / "credentials"
+    credentials_dir.mkdir(mode=0o500)
+    sources = {
+        "private_signature.pem": creds.signature_key_pem,
+        "private_encryption.pem": creds.encryption_key_pem,
+        "dhparam.pem": creds.dh_param_pem,
+    }
+    for entry in unit["LoadCredential"]:
+        name, _, source = entry.partition(":")
+        assert source.startswith("/etc/ibkr-gateway/keys/"), source
+        target = credentials_dir / name
+        target.write_bytes(sources[Path(source).name])
+        target.chmod(0o400)  # as systemd hands them over
+    env = {}
+    for entry in unit["Environment"]:
+        key, _, value = entry.partition("=")
+        env[key] = value.replace("%d", str(credentials_dir))
+    env["GATEWAY__IBKR__ACCESS_TOKEN_SECRET"] = creds.access_token_secret  # the secret.env line
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "gateway.toml").write_text(GATEWAY_TOML.read_text())  # its own key paths do not exist here
+    loaded = load_config(etc / "gateway.toml", env=env)
+    assert loaded.credentials is not None
+    assert loaded.credentials.prepend.reveal()  # the secret decrypted with the credential-provided key
+    assert not loaded.warnings, loaded.warnings  # 0400 credential files raise no permission warning
+    assert [str(n) for n in loaded.config.server.trusted_proxies] == ["127.0.0.1/32"]
+    assert not loaded.config.simulator.enabled
+
+
+PR_SET_MDWE, PR_GET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 66, 1
+
+
+def _deny_write_execute() -> None:  # pragma: no cover - runs in the child before exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_MDWE) failed (Linux >= 6.3 needed)")
+
+
+def test_mdwe_survives_exec() -> None:
+    """The restriction used below is really in force in the exec'd program (the kernel keeps it across execve)."""
+    probe = "import ctypes; print(ctypes.CDLL(None).prctl(66, 0, 0, 0, 0))"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], preexec_fn=_deny_write_execute, capture_output=True, text=True, timeout=30
+    )
+    assert result.stdout.strip() == str(PR_MDWE_REFUSE_EXEC_GAIN), result.stderr
+
+
+async def test_gateway_runs_under_memory_deny_write_execute(tmp_path: Path) -> None:
+    """MemoryDenyWriteExecute=yes is kept in the unit because CPython, cryptography, trio and the relay work
+    without writable+executable memory: a real gateway process under the kernel's MDWE handshakes, proxies and
+    relays a WebSocket."""
+    with gateway_popen(tmp_path, preexec_fn=_deny_write_execute) as (proc, port):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            await wait_healthy(http)
+            assert (await http.get("/v1/api/iserver/accounts")).status_code == 200
+        async with open_websocket(f"ws://127.0.0.1:{port}/v1/api/ws") as ws:
+            await ws.send_message('smd+265598+{"fields":["31"]}')
+            with trio.fail_after(10):
+                while json.loads(await ws.get_message()).get("topic") != "smd+265598":
+                    pass
+        assert proc.poll() is None
