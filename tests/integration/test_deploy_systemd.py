@@ -3,7 +3,7 @@ gateway's code, its credential wiring loads real keys, and the gateway runs unde
 
 The unit is ``deploy/systemd/ibkr-gateway.service`` (what Deployment.md includes verbatim). systemd cannot run as
 PID 1 here, so the unit is checked with ``systemd-analyze`` and its parts are exercised directly: the
-``Environment=``/``LoadCredential=`` lines with ``%d`` standing for a credentials directory the test fills, and
+``LoadCredential=`` lines and ExecStart's ``--config`` with a credentials directory the test fills as systemd would, and
 the kernel's own MDWE (``prctl(PR_SET_MDWE)``, the mechanism behind ``MemoryDenyWriteExecute=`` on current
 systemd) applied to a real gateway process.
 """
@@ -114,32 +114,30 @@ def test_unit_agrees_with_the_gateway() -> None:
 
 
 def test_credential_wiring_loads_the_documented_config(tmp_path: Path) -> None:
-    """The unit's Environment= lines, with %d = a credentials directory holding what LoadCredential= copies,
-    plus the secret as EnvironmentFile= provides it, make the documented gateway.toml load real credentials."""
+    """What the unit hands the service loads as a complete config with real keys: the files LoadCredential=
+    names, copied into a credentials directory as systemd does, read through ExecStart's ``--config
+    ${CREDENTIALS_DIRECTORY}/gateway.toml``, with the secret from the optional EnvironmentFile= line."""
     creds = generate_credentials()
     unit = unit_settings(UNIT.read_text())
-    credentials_dir = tmp_path / "credentials"
-    credentials_dir.mkdir(mode=0o500)
-    sources = {
-        "private_signature.pem": creds.signature_key_pem,
-        "private_encryption.pem": creds.encryption_key_pem,
-        "dhparam.pem": creds.dh_param_pem,
+    on_disk = {
+        "/etc/ibkr-gateway/gateway.toml": GATEWAY_TOML.read_bytes(),
+        "/etc/ibkr-gateway/private_signature.pem": creds.signature_key_pem,
+        "/etc/ibkr-gateway/private_encryption.pem": creds.encryption_key_pem,
+        "/etc/ibkr-gateway/dhparam.pem": creds.dh_param_pem,
     }
+    credentials_dir = tmp_path / "credentials" / UNIT_NAME
+    credentials_dir.mkdir(parents=True)
     for entry in unit["LoadCredential"]:
         name, _, source = entry.partition(":")
-        assert source.startswith("/etc/ibkr-gateway/keys/"), source
         target = credentials_dir / name
-        target.write_bytes(sources[Path(source).name])
+        target.write_bytes(on_disk.pop(source))
         target.chmod(0o400)  # as systemd hands them over
-    env = {}
-    for entry in unit["Environment"]:
-        key, _, value = entry.partition("=")
-        env[key] = value.replace("%d", str(credentials_dir))
-    env["GATEWAY__IBKR__ACCESS_TOKEN_SECRET"] = creds.access_token_secret  # the secret.env line
-    etc = tmp_path / "etc"
-    etc.mkdir()
-    (etc / "gateway.toml").write_text(GATEWAY_TOML.read_text())  # its own key paths do not exist here
-    loaded = load_config(etc / "gateway.toml", env=env)
+    assert not on_disk, f"files the unit does not load: {sorted(on_disk)}"
+    credentials_dir.chmod(0o500)
+    config_arg = unit["ExecStart"][0].split("--config ", 1)[1].replace("${CREDENTIALS_DIRECTORY}", str(credentials_dir))
+    assert unit["EnvironmentFile"] == ["-/etc/ibkr-gateway/gateway.env"]
+    env = {"GATEWAY__IBKR__ACCESS_TOKEN_SECRET": creds.access_token_secret}  # the gateway.env line
+    loaded = load_config(config_arg, env=env)
     assert loaded.credentials is not None
     assert loaded.credentials.prepend.reveal()  # the secret decrypted with the credential-provided key
     assert not loaded.warnings, loaded.warnings  # 0400 credential files raise no permission warning
