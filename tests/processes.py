@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -54,12 +54,14 @@ def gateway_popen(
     extra_env: Mapping[str, str] | None = None,
     preexec_fn: Callable[[], None] | None = None,
     env_overrides: Mapping[str, str] | None = None,
+    wrapper: Sequence[str] = (),
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """:func:`gateway_process` yielding the gateway's ``Popen`` (to signal it and read its exit status).
 
     ``env_overrides`` are ``section__key`` config overrides (as :func:`gateway_process` takes them as keywords);
     ``extra_env`` adds plain environment variables (e.g. ``NOTIFY_SOCKET``); ``preexec_fn`` runs in the gateway's
-    child process before it starts (e.g. to restrict it as systemd would).
+    child process before it starts (e.g. to restrict it as systemd would); ``wrapper`` is a command the gateway's
+    command line is appended to (e.g. ``strace``), whose process is then the one yielded.
     """
     sim_port, gw_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY__")}
@@ -78,7 +80,7 @@ def gateway_popen(
         env["GATEWAY__LOGGING__LEVEL"] = "warning"
         env |= {f"GATEWAY__{k.upper()}": v for k, v in (env_overrides or {}).items()} | dict(extra_env or {})
         gateway = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--config", str(toml)],
+            [*wrapper, sys.executable, "-m", "gateway", "--config", str(toml)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
         )  # fmt: skip
         yield gateway, gw_port

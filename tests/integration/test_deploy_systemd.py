@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +179,56 @@ async def test_gateway_runs_under_memory_deny_write_execute(tmp_path: Path) -> N
                 while json.loads(await ws.get_message()).get("topic") != "smd+265598":
                     pass
         assert proc.poll() is None
+
+
+def _syscall_group(name: str) -> set[str]:
+    """The system calls of a ``SystemCallFilter=`` group, nested groups expanded, as systemd itself lists them."""
+    out = subprocess.run(["systemd-analyze", "syscall-filter", name], capture_output=True, text=True, timeout=60)
+    calls: set[str] = set()
+    for line in out.stdout.splitlines()[1:]:
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            calls |= _syscall_group(entry) if entry.startswith("@") else {entry}
+    assert calls, f"systemd-analyze knows no group {name}"
+    return calls
+
+
+def _children(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+
+
+async def test_gateway_stays_inside_the_system_call_filter(tmp_path: Path, figure: Figure) -> None:
+    """Every system call a real gateway process makes — start, handshake, proxied request, WebSocket relay,
+    SIGTERM drain and logout — is one the unit's SystemCallFilter= allows (counted with strace)."""
+    assert shutil.which("strace"), "strace is missing (.ci/run installs it)"
+    unit = unit_settings(UNIT.read_text())
+    allowed: set[str] = set()
+    for entry in unit["SystemCallFilter"]:
+        groups = entry.removeprefix("~").split()
+        calls = set().union(*(_syscall_group(group) for group in groups))
+        allowed = allowed - calls if entry.startswith("~") else allowed | calls
+    summary = tmp_path / "strace.txt"
+    with gateway_popen(tmp_path, wrapper=["strace", "-f", "-c", "-o", str(summary)]) as (tracer, port):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            await wait_healthy(http)
+            assert (await http.get("/v1/api/iserver/accounts")).status_code == 200
+        async with open_websocket(f"ws://127.0.0.1:{port}/v1/api/ws") as ws:
+            await ws.send_message('smd+265598+{"fields":["31"]}')
+            with trio.fail_after(10):
+                while json.loads(await ws.get_message()).get("topic") != "smd+265598":
+                    pass
+        children = _children(tracer.pid)
+        assert len(children) == 1, children
+        os.kill(int(children[0]), signal.SIGTERM)  # the gateway itself, so its drain is traced too
+        with trio.fail_after(30):
+            while tracer.poll() is None:  # noqa: ASYNC110 - a child process has no trio wait
+                await trio.sleep(0.05)
+    used = {
+        fields[-1]
+        for fields in (line.split() for line in summary.read_text().splitlines())
+        if len(fields) >= 5 and fields[-1].isidentifier() and fields[-1] not in ("syscall", "total")
+    }
+    outside = sorted(used - allowed)
+    figure("g7_syscalls_outside_filter", len(outside), "count", "0", not outside)
+    assert len(used) > 30, used  # the summary was read
+    assert not outside, f"system calls the unit's filter would refuse: {outside}"
