@@ -165,19 +165,24 @@ def test_mdwe_survives_exec() -> None:
     assert result.stdout.strip() == str(PR_MDWE_REFUSE_EXEC_GAIN), result.stderr
 
 
+async def _exercise(port: int) -> None:
+    """What a gateway process must get through: a ready session, a proxied request, a relayed subscription."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+        await wait_healthy(http)
+        assert (await http.get("/v1/api/iserver/accounts")).status_code == 200
+    async with open_websocket(f"ws://127.0.0.1:{port}/v1/api/ws") as ws:
+        await ws.send_message('smd+265598+{"fields":["31"]}')
+        with trio.fail_after(10):
+            while json.loads(await ws.get_message()).get("topic") != "smd+265598":
+                pass
+
+
 async def test_gateway_runs_under_memory_deny_write_execute(tmp_path: Path) -> None:
     """MemoryDenyWriteExecute=yes is kept in the unit because CPython, cryptography, trio and the relay work
     without writable+executable memory: a real gateway process under the kernel's MDWE handshakes, proxies and
     relays a WebSocket."""
     with gateway_popen(tmp_path, preexec_fn=_deny_write_execute) as (proc, port):
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-            await wait_healthy(http)
-            assert (await http.get("/v1/api/iserver/accounts")).status_code == 200
-        async with open_websocket(f"ws://127.0.0.1:{port}/v1/api/ws") as ws:
-            await ws.send_message('smd+265598+{"fields":["31"]}')
-            with trio.fail_after(10):
-                while json.loads(await ws.get_message()).get("topic") != "smd+265598":
-                    pass
+        await _exercise(port)
         assert proc.poll() is None
 
 
@@ -209,14 +214,7 @@ async def test_gateway_stays_inside_the_system_call_filter(tmp_path: Path, figur
         allowed = allowed - calls if entry.startswith("~") else allowed | calls
     summary = tmp_path / "strace.txt"
     with gateway_popen(tmp_path, wrapper=["strace", "-f", "-c", "-o", str(summary)]) as (tracer, port):
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-            await wait_healthy(http)
-            assert (await http.get("/v1/api/iserver/accounts")).status_code == 200
-        async with open_websocket(f"ws://127.0.0.1:{port}/v1/api/ws") as ws:
-            await ws.send_message('smd+265598+{"fields":["31"]}')
-            with trio.fail_after(10):
-                while json.loads(await ws.get_message()).get("topic") != "smd+265598":
-                    pass
+        await _exercise(port)
         children = _children(tracer.pid)
         assert len(children) == 1, children
         os.kill(int(children[0]), signal.SIGTERM)  # the gateway itself, so its drain is traced too
