@@ -15,6 +15,7 @@ import signal
 import socket
 import statistics
 import time
+import tomllib
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -117,6 +118,9 @@ async def test_gateway_process_notifies_systemd(tmp_path: Path, kind: str, figur
             nursery.cancel_scope.cancel()
     keys = [next(iter(f)) for _, f in inbox.messages if "WATCHDOG" not in f]
     assert keys.index("READY") < keys.index("STOPPING")
+    ibkr = tomllib.loads((tmp_path / "gateway.toml").read_text())["ibkr"]
+    sent = repr(inbox.messages)
+    assert ibkr["access_token_secret"] not in sent and ibkr["access_token"] not in sent
 
 
 async def test_broken_notify_socket_warns_once_and_the_gateway_serves(
