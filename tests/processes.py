@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,6 +42,27 @@ def gateway_process(tmp_path: Path, *, tick_interval_s: float = 1.0, **env_overr
 
     Separate processes, so the figures read from ``/proc/<pid>`` are the gateway's own.
     """
+    with gateway_popen(tmp_path, tick_interval_s=tick_interval_s, env_overrides=env_overrides) as (gateway, port):
+        yield gateway.pid, port
+
+
+@contextmanager
+def gateway_popen(
+    tmp_path: Path,
+    *,
+    tick_interval_s: float = 1.0,
+    extra_env: Mapping[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+    env_overrides: Mapping[str, str] | None = None,
+    wrapper: Sequence[str] = (),
+) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """:func:`gateway_process` yielding the gateway's ``Popen`` (to signal it and read its exit status).
+
+    ``env_overrides`` are ``section__key`` config overrides (as :func:`gateway_process` takes them as keywords);
+    ``extra_env`` adds plain environment variables (e.g. ``NOTIFY_SOCKET``); ``preexec_fn`` runs in the gateway's
+    child process before it starts (e.g. to restrict it as systemd would); ``wrapper`` is a command the gateway's
+    command line is appended to (e.g. ``strace``), whose process is then the one yielded.
+    """
     sim_port, gw_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY__")}
     simulator = subprocess.Popen(
@@ -56,12 +77,13 @@ def gateway_process(tmp_path: Path, *, tick_interval_s: float = 1.0, **env_overr
         while not toml.exists():
             assert time.monotonic() < deadline and simulator.poll() is None, "simulator did not write its config"
             time.sleep(0.05)
-        env |= {"GATEWAY__LOGGING__LEVEL": "warning"} | {f"GATEWAY__{k.upper()}": v for k, v in env_overrides.items()}
+        env["GATEWAY__LOGGING__LEVEL"] = "warning"
+        env |= {f"GATEWAY__{k.upper()}": v for k, v in (env_overrides or {}).items()} | dict(extra_env or {})
         gateway = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "--config", str(toml)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            [*wrapper, sys.executable, "-m", "gateway", "--config", str(toml)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
         )  # fmt: skip
-        yield gateway.pid, gw_port
+        yield gateway, gw_port
     finally:
         for proc in (gateway, simulator):
             if proc is None:

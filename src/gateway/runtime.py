@@ -3,6 +3,7 @@
 ::
 
     serve_gateway ── root nursery ── simulator (only when [simulator] enabled)
+                                  ├── systemd watchdog + status line (only under systemd, see gateway.notify)
                                   ├── hypercorn.trio.serve(Dispatcher)     listening socket: survives session restarts
                                   └── SessionManager.run ── per-session nursery (tickle, refresh, relays)
 
@@ -10,7 +11,9 @@ Contract: :func:`serve_gateway` reports a :class:`Gateway` handle through ``task
 bound and the session loop runs (not necessarily ready). :meth:`Gateway.request_shutdown` drains: the session
 ends with 1001 to WebSocket clients, ``/health`` turns 503, hypercorn stops accepting and lets in-flight requests
 finish, then the gateway logs out of IBKR and everything stops. :func:`run_gateway` is the process entry point:
-it handles SIGINT/SIGTERM and returns the exit status.
+it handles SIGINT/SIGTERM and returns the exit status. Under systemd it sends ``READY=1`` once the socket listens
+and the session loop runs (not when IBKR is reachable: an IBKR outage must not make systemd restart the gateway),
+``STATUS=`` on every session state change, ``WATCHDOG=1`` from the event loop, and ``STOPPING=1`` as the drain starts.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from gateway.config.load import LoadedConfig
 from gateway.config.model import Config, Credentials, ServerConfig
 from gateway.config.pacing import pacing_settings
 from gateway.logs import configure_logging, register_secret
+from gateway.notify import Notifier, status_line
 from gateway.oauth.dh import parse_dh_params_pem
 from gateway.oauth.keys import decrypt_access_token_secret, load_rsa_private_key
 from gateway.oauth.signer import OAuthIdentity
@@ -136,17 +140,21 @@ async def serve_gateway(
     host: str | None = None,
     port: int | None = None,
     simulator: Simulator | None = None,
+    notifier: Notifier | None = None,
     task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until :meth:`Gateway.request_shutdown`; see the module contract.
 
     ``host``/``port`` override ``[server]`` (tests bind port 0 and read the real port from the handle's URL).
     ``simulator`` is a not-yet-started simulator to use in simulator mode instead of a default one (tests pass
-    one with short timers or shared credentials).
+    one with short timers or shared credentials). ``notifier`` reports to systemd (:func:`run_gateway` passes one).
     """
     config = loaded.config
     started_at = time.time()
+    notifier = notifier or Notifier(None)
     async with trio.open_nursery() as root:
+        if notifier.watchdog_s is not None:
+            root.start_soon(_watchdog, notifier, notifier.watchdog_s)
         if config.simulator.enabled:
             if simulator is None:
                 simulator = Simulator(generate_credentials(), lenient=config.simulator.lenient)
@@ -239,10 +247,14 @@ async def serve_gateway(
                 simulator=simulator,
             )
             log.info("gateway listening on %s, upstream %s", gateway.url, base_url)
+            if notifier.enabled:
+                notifier.ready(_status(manager, gateway.url))
+                root.start_soon(_report_status, notifier, manager, gateway.url)
             task_status.started(gateway)
             try:
                 await gateway._shutdown.wait()
                 log.info("shutting down: closing WebSockets, draining requests")
+                notifier.stopping("shutting down: closing WebSockets, draining requests")
                 await manager.stop()
                 trigger.set()  # hypercorn stops accepting and closes idle keep-alive connections
                 with trio.move_on_after(GRACEFUL_TIMEOUT_S) as drain:
@@ -258,9 +270,46 @@ async def serve_gateway(
     log.info("gateway stopped")
 
 
+def _status(manager: SessionManager, url: str) -> str:
+    session = manager.active
+    return status_line(
+        manager.state.value,
+        generation=session.generation if session is not None else 0,
+        last_error=manager.stats.last_error,
+        listening=url,
+    )
+
+
+async def _report_status(notifier: Notifier, manager: SessionManager, url: str) -> None:
+    """A systemd ``STATUS=`` line whenever the session moves (``systemctl status`` shows the latest)."""
+    sent = _status(manager, url)
+    while True:
+        await manager.wait_changed()
+        line = _status(manager, url)
+        if line != sent:
+            notifier.status(line)
+            sent = line
+
+
+async def _watchdog(notifier: Notifier, interval_s: float) -> None:
+    """``WATCHDOG=1`` every ``interval_s`` from a task of the root nursery: the ping proves trio's loop still
+    schedules tasks, so a wedged loop (a blocking call, a busy loop) stops the pings and systemd restarts us."""
+    while True:
+        notifier.watchdog()
+        await trio.sleep(interval_s)
+
+
 async def _main(loaded: LoadedConfig) -> None:
+    notifier = Notifier.from_environment()
+    try:
+        await _run_until_signalled(loaded, notifier)
+    finally:
+        notifier.close()
+
+
+async def _run_until_signalled(loaded: LoadedConfig, notifier: Notifier) -> None:
     async with trio.open_nursery() as nursery:
-        gateway: Gateway = await nursery.start(serve_gateway, loaded)
+        gateway: Gateway = await nursery.start(partial(serve_gateway, loaded, notifier=notifier))
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 if gateway._shutdown.is_set():

@@ -161,12 +161,13 @@ class HttpProxy:
             if not self.in_flight:
                 self._idle.set()
             log.info(
-                "%s %s -> %d %.1f ms %d bytes",
+                "%s %s -> %d %.1f ms %d bytes client=%s",
                 method,
                 path_text,
                 outcome.status,
                 (time.monotonic() - started) * 1000,
                 outcome.sent,
+                scope.get("gateway.client", "-"),  # the dispatcher's ClientLabel: X-Forwarded-For from trusted proxies
             )
 
     async def _exchange(

@@ -153,6 +153,8 @@ class WebSocketRelay:
                         self.counters.opened_total += 1
                         if self.counters.open == 1:
                             self._none_open = trio.Event()
+                        client = relay.scope.get("gateway.client", "-")  # real address behind trusted proxies
+                        log.info("%s: WebSocket relay open client=%s", relay.path, client)
                         try:
                             await self._pump(relay, upstream)
                         finally:
@@ -162,6 +164,7 @@ class WebSocketRelay:
                             self.counters.open -= 1
                             if not self.counters.open:
                                 self._none_open.set()
+                            log.info("%s: WebSocket relay closed client=%s", relay.path, client)
                 except trio_websocket.HandshakeError as exc:
                     log.warning("%s: upstream WebSocket refused: %s", relay.path, _describe(exc))
                     await self._close_client(relay, 1011)

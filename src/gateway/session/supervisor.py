@@ -199,6 +199,10 @@ class SessionManager:
                 await self._changed.wait()
         raise SessionNotReady(f"no IBKR session became ready within {timeout_s:g} s (state: {self.state.value})")
 
+    async def wait_changed(self) -> None:
+        """Return at the manager's next state move (for observers such as the systemd status line)."""
+        await self._changed.wait()
+
     def report_unauthorized(self, session: LiveSession, where: str) -> None:
         """The proxy saw IBKR answer 401 under ``session``: end it (once) so a new handshake starts."""
         if session.end(f"IBKR answered 401 to {where}"):

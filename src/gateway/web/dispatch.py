@@ -10,7 +10,8 @@ WebSocket upgrades go through the same header, path, route, key, Origin and quer
 answered before accept (HTTP 403), so no relay starts.
 
 Contract: the request handed to the proxy or relay carries no ``access_key`` query parameter, and its scope holds
-``gateway.max_body`` (the route's body limit) and, for WebSockets, ``gateway.subprotocol`` (the entry to echo).
+``gateway.max_body`` (the route's body limit), ``gateway.client`` (a :class:`ClientLabel` for log lines) and, for
+WebSockets, ``gateway.subprotocol`` (the entry to echo).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ PUBLIC_PATHS = frozenset({"/health"})
 INTERNAL_PATHS = frozenset({"/", "/health", "/session"})
 MAX_BODY_KEY = "gateway.max_body"
 SUBPROTOCOL_KEY = "gateway.subprotocol"
+CLIENT_KEY = "gateway.client"
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -47,6 +49,27 @@ class DispatchSettings:
     max_body_bytes: int = 65536
     max_header_bytes: int = 16384
     max_header_count: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLabel:
+    """The real client address for a log line (``X-Forwarded-For`` believed only from trusted proxies).
+
+    Worked out by ``str()``, i.e. only when a log line is actually written: the hot path pays nothing for it.
+    """
+
+    peer: str | None
+    headers: Headers
+    trusted: tuple[IPNetwork, ...]
+
+    def __str__(self) -> str:
+        address, _ = transforms.client_address(self.peer, self.headers, self.trusted)
+        return address or "-"
+
+
+def _client_label(scope: Scope, trusted: tuple[IPNetwork, ...]) -> ClientLabel:
+    client = scope.get("client")
+    return ClientLabel(client[0] if client else None, scope["headers"], trusted)
 
 
 def origin_allowed(origin: bytes | None, host: bytes | None, scheme: str, allowed: frozenset[str]) -> bool:
@@ -230,6 +253,7 @@ class Dispatcher:
         forwarded = dict(scope)
         forwarded["query_string"] = auth.without_query_key(query)
         forwarded[MAX_BODY_KEY] = limit
+        forwarded[CLIENT_KEY] = _client_label(scope, settings.trusted_proxies)
         await self._http(forwarded, receive, _with_headers(send, _cors_headers(origin)) if origin else send)
 
     async def _unauthorized(self, send: Send) -> None:
@@ -282,6 +306,7 @@ class Dispatcher:
         forwarded = dict(scope)
         forwarded["query_string"] = auth.without_query_key(query)
         forwarded[SUBPROTOCOL_KEY] = entry
+        forwarded[CLIENT_KEY] = _client_label(scope, settings.trusted_proxies)
         await self._relay(forwarded, receive, send)
 
 
