@@ -134,3 +134,50 @@ def markdown(table: list[Row]) -> str:
             f"{by_direct} | {by_nginx} |"
         )
     return "\n".join(lines)
+
+
+def floor_markdown(results: dict[str, Any]) -> str | None:
+    """The gateway next to its server stack alone (bench/floor.py), or None when the floor was not measured."""
+    floor = results.get("floor")
+    if not isinstance(floor, dict):
+        return None
+    pairs = [
+        (
+            "small GET: requests/s (wrk -c16)",
+            get(floor, "small_get", "requests_per_s"),
+            ("small_get", "gateway", "rps"),
+        ),
+        (
+            "small GET: CPU per request (ms)",
+            get(floor, "small_get", "cpu_ms_per_request"),
+            ("small_get", "gateway", "proxy_cpu_ms_per_request"),
+        ),
+        (
+            "WebSocket: messages/s client→server",
+            get(floor, "ws_rates", "up_per_s"),
+            ("ws_rates", "gateway", "up_per_s"),
+        ),
+        (
+            "WebSocket: messages/s server→client",
+            get(floor, "ws_rates", "down_per_s"),
+            ("ws_rates", "gateway", "down_per_s"),
+        ),
+        (
+            "WebSocket: CPU per message (ms)",
+            get(floor, "ws_rates", "cpu_ms_per_message"),
+            ("ws_rates", "gateway", "proxy_cpu_ms_per_message"),
+        ),
+        (
+            "idle WebSocket: KiB per connection",
+            get(floor, "idle_websockets", "kib_per_connection_idle"),
+            ("idle_websockets", "gateway", "kib_per_relay_idle"),
+        ),
+    ]
+    lines = [
+        "| figure | hypercorn alone, no-op app | gateway | gateway÷floor |",
+        "|---|---:|---:|---:|",
+    ]
+    for figure, alone, keys in pairs:
+        gateway = get(results, *keys)
+        lines.append(f"| {figure} | {fmt(alone)} | {fmt(gateway)} | {ratio(gateway, alone)} |")
+    return "\n".join(lines)

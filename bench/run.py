@@ -607,6 +607,55 @@ class Bench:
             )
         return figures
 
+    def floor(self) -> None:
+        """The server stack alone: bench/floor.py (hypercorn with the gateway's settings, a no-op app) under the
+        same small-GET, WebSocket-rate and idle-WebSocket loads, so the gateway's figures can be read against
+        what its server costs before the gateway does anything."""
+        plan = self.plan
+        port = procs.free_port()
+        self.ports["floor"] = port
+        with step("start the floor (hypercorn, no-op app)"):
+            proc = self._spawn("floor", [self.python, str(HERE / "floor.py"), "--port", str(port)])
+            procs.wait_http_ok("start the floor", proc, port, SMALL, 30)
+        out: dict[str, Any] = {}
+        url = f"http://127.0.0.1:{port}{SMALL}"
+        with step(f"floor: wrk small GET ({plan.wrk_s} s)", proc):
+            loadgen.run_wrk(self.tools.wrk, url, threads=2, connections=16, duration_s=plan.wrk_warmup_s)
+            cpu0 = procs.cpu_ms(proc.pid)
+            result = loadgen.run_wrk(self.tools.wrk, url, threads=2, connections=16, duration_s=plan.wrk_s)
+            cpu1 = procs.cpu_ms(proc.pid)
+            out["small_get"] = {
+                "requests_per_s": result.rps,
+                "latency_ms": result.latency_ms,
+                "cpu_ms_per_request": (cpu1 - cpu0) / max(result.requests, 1),
+            }
+        with step(f"floor: WebSocket rates ({plan.ws_messages} msgs each way)", proc):
+            cpu0 = procs.cpu_ms(proc.pid)
+            rates = trio.run(partial(wsbench.rates, port, WS, messages=plan.ws_messages))
+            cpu1 = procs.cpu_ms(proc.pid)
+            out["ws_rates"] = {**asdict(rates), "cpu_ms_per_message": (cpu1 - cpu0) / (2 * plan.ws_messages)}
+        with step(f"floor: {plan.idle_relays} idle WebSockets", proc):
+            idle = trio.run(
+                partial(
+                    wsbench.idle_relays,
+                    f"ws://127.0.0.1:{port}{WS}",
+                    count=plan.idle_relays,
+                    concurrency=50,
+                    pid=proc.pid,
+                    settle_s=plan.settle_s,
+                )
+            )
+            out["idle_websockets"] = {
+                **asdict(idle),
+                "kib_per_connection_idle": (idle.rss_open_kib - idle.rss_before_kib) / max(idle.opened, 1),
+            }
+        proc.stop()
+        self.results["floor"] = {
+            "what": "bench/floor.py: hypercorn configured by gateway.runtime._hypercorn_config (default [server]), "
+            "a no-op ASGI app; same loads as the three paths",
+            **out,
+        }
+
     def transfers(self, upload_file: Path) -> None:
         """Big download and upload through each path, with the proxy's peak RSS: one unmeasured direct warm-up,
         then ``plan.transfer_runs`` rounds over the three paths; the best MB/s and the highest peak RSS count."""
@@ -801,6 +850,7 @@ def run(args: argparse.Namespace) -> int:
                 "transfers": partial(bench.transfers, upload),
                 "ws": bench.ws,
                 "idle": bench.idle,
+                "floor": bench.floor,
             }
             for name, measure in steps.items():
                 if args.only is None or name in args.only:
@@ -845,10 +895,16 @@ def run(args: argparse.Namespace) -> int:
     document["table"] = [row._asdict() for row in table]
     text = report.markdown(table)
     document["table_markdown"] = text
+    floor_text = report.floor_markdown(bench.results)
+    document["floor_markdown"] = floor_text
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2, default=str) + "\n")
     print(text)
     print()
+    if floor_text:
+        print("The server stack alone (bench/floor.py) next to the gateway:\n")
+        print(floor_text)
+        print()
     for note in (*bench.notes, *METHOD_NOTES):
         print(f"- {note}")
     print(f"\nmode {plan.name}, {document['runtime_s']} s; JSON: {args.out}")
@@ -886,7 +942,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         type=lambda text: frozenset(text.split(",")),
-        help="comma-separated subset of small,rate,transfers,ws,idle (the table then has gaps)",
+        help="comma-separated subset of small,rate,transfers,ws,idle,floor (the table then has gaps)",
     )
     parser.add_argument(
         "--profile",
@@ -903,8 +959,9 @@ def main(argv: list[str] | None = None) -> int:
         "downloads / uploads of the big file",
     )
     args = parser.parse_args(argv)
-    if args.only is not None and not args.only <= {"small", "rate", "transfers", "ws", "idle"}:
-        parser.error(f"--only: unknown step(s) {sorted(args.only - {'small', 'rate', 'transfers', 'ws', 'idle'})}")
+    steps = {"small", "rate", "transfers", "ws", "idle", "floor"}
+    if args.only is not None and not args.only <= steps:
+        parser.error(f"--only: unknown step(s) {sorted(args.only - steps)}")
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     return run(args)

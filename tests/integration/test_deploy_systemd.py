@@ -28,9 +28,9 @@ from gateway.config import load_config
 from gateway.runtime import GRACEFUL_TIMEOUT_S
 from gateway.session.supervisor import _LOGOUT_TIMEOUT_S
 from gateway.simulator import generate_credentials
-from gateway.upstream.websocket import open_websocket
 from tests.conftest import Figure
 from tests.processes import gateway_popen, wait_healthy
+from tests.twclient import open_websocket
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "deploy" / "systemd" / "ibkr-gateway.service"

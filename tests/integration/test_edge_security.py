@@ -11,8 +11,8 @@ import trio_websocket
 
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
-from gateway.upstream.websocket import open_websocket
 from tests.conftest import Figure
+from tests.twclient import open_websocket
 
 KEY = "k3y-for-tests-0123456789abcdef"
 

@@ -23,10 +23,10 @@ from gateway.runtime import Gateway, serve_gateway
 from gateway.simulator import Simulator, SimulatorCredentials
 from gateway.simulator.credentials import write_credentials
 from gateway.testing import TestGateway, open_test_gateway
-from gateway.upstream.websocket import open_websocket
 from tests.conftest import Figure
 from tests.probes import live_tasks
 from tests.processes import free_port, gateway_process, proc_fds, proc_status, wait_healthy
+from tests.twclient import open_websocket
 
 REPO = Path(__file__).resolve().parents[2]
 

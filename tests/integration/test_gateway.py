@@ -18,7 +18,7 @@ from gateway.config import load_config
 from gateway.runtime import Gateway, serve_gateway
 from gateway.simulator import Record, Simulator, SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
-from gateway.upstream.websocket import open_websocket
+from tests.twclient import open_websocket
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 

@@ -16,7 +16,7 @@ import trio_websocket
 from gateway.logs import configure_logging
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
-from gateway.upstream.websocket import open_websocket
+from tests.twclient import open_websocket
 
 
 async def test_lst_is_refreshed_before_expiry_without_dropping_traffic(

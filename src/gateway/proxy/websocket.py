@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 import trio
-import trio_websocket
 
 from gateway.asgi import Receive, Scope, Send
 from gateway.errors import SessionNotReady
 from gateway.session.supervisor import LiveSession, SessionManager
-from gateway.upstream.websocket import open_websocket
+from gateway.upstream.wsclient import UpstreamWebSocket, WebSocketClosed, WebSocketRejected, connect_websocket
 
 log = logging.getLogger("gateway.websocket")
 
@@ -137,12 +136,11 @@ class WebSocketRelay:
                     (b"user-agent", settings.user_agent.encode("ascii")),
                 ]
                 try:
-                    async with open_websocket(
+                    async with connect_websocket(
                         self._upstream_url(relay.path, relay.scope.get("query_string", b"")),
                         ssl_context=settings.tls,
                         extra_headers=headers,
-                        max_message_size=settings.max_message_bytes,
-                        message_queue_size=16,
+                        max_message_bytes=settings.max_message_bytes,
                         connect_timeout_s=10,
                     ) as upstream:
                         accept: dict[str, object] = {"type": "websocket.accept"}
@@ -165,11 +163,14 @@ class WebSocketRelay:
                             if not self.counters.open:
                                 self._none_open.set()
                             log.info("%s: WebSocket relay closed client=%s", relay.path, client)
-                except trio_websocket.HandshakeError as exc:
-                    log.warning("%s: upstream WebSocket refused: %s", relay.path, _describe(exc))
+                except WebSocketRejected as exc:
+                    log.warning("%s: upstream WebSocket refused: HTTP %d", relay.path, exc.status)
                     await self._close_client(relay, 1011)
                 except OSError as exc:
                     log.warning("%s: cannot connect upstream WebSocket: %s", relay.path, exc.strerror or exc)
+                    await self._close_client(relay, 1011)
+                except trio.BrokenResourceError:
+                    log.warning("%s: upstream WebSocket connection broke during the handshake", relay.path)
                     await self._close_client(relay, 1011)
                 except trio.TooSlowError:
                     log.warning("%s: upstream WebSocket did not connect in time", relay.path)
@@ -184,14 +185,13 @@ class WebSocketRelay:
                     await self._close_client(relay, session.close_code)
             relay.done.set()
 
-    async def _pump(self, relay: _Relay, upstream: trio_websocket.WebSocketConnection) -> None:
+    async def _pump(self, relay: _Relay, upstream: UpstreamWebSocket) -> None:
         async with trio.open_nursery() as pump:
-            pump.start_soon(self._client_to_upstream, relay, upstream, pump.cancel_scope)
             pump.start_soon(self._upstream_to_client, relay, upstream, pump.cancel_scope)
+            await self._client_to_upstream(relay, upstream, pump.cancel_scope)  # this task: one task fewer per relay
 
-    async def _client_to_upstream(
-        self, relay: _Relay, upstream: trio_websocket.WebSocketConnection, done: trio.CancelScope
-    ) -> None:
+    async def _client_to_upstream(self, relay: _Relay, upstream: UpstreamWebSocket, done: trio.CancelScope) -> None:
+        counters = self.counters
         while True:
             message = await relay.receive()
             kind = message["type"]
@@ -200,33 +200,33 @@ class WebSocketRelay:
                 code = relay_close_code(message.get("code"), default=1000)
                 with trio.move_on_after(_CLOSE_TIMEOUT_S) as scope:
                     scope.shield = True
-                    await upstream.aclose(code)
+                    await upstream.start_close(code)  # the peer's answer is awaited when the connection closes
                 done.cancel()
                 return
             if kind != "websocket.receive":
                 continue
             data = message.get("bytes")
-            payload: str | bytes = data if data is not None else message.get("text") or ""
             try:
-                await upstream.send_message(payload)
-            except trio_websocket.ConnectionClosed:
+                await upstream.send_many((data if data is not None else message.get("text") or "",))
+            except WebSocketClosed:
                 return  # the other direction sees the close and handles it
-            self.counters.messages_up += 1
+            counters.messages_up += 1
 
-    async def _upstream_to_client(
-        self, relay: _Relay, upstream: trio_websocket.WebSocketConnection, done: trio.CancelScope
-    ) -> None:
+    async def _upstream_to_client(self, relay: _Relay, upstream: UpstreamWebSocket, done: trio.CancelScope) -> None:
+        counters = self.counters
+        send = relay.send
         while True:
             try:
-                payload = await upstream.get_message()
-            except trio_websocket.ConnectionClosed as exc:
-                code = relay_close_code(exc.reason.code if exc.reason else None)
-                await self._close_client(relay, code)
+                payload = await upstream.receive()
+            except WebSocketClosed as exc:
+                await self._close_client(relay, relay_close_code(exc.code))
                 done.cancel()
                 return
-            key = "bytes" if isinstance(payload, bytes) else "text"
-            await relay.send({"type": "websocket.send", key: payload})
-            self.counters.messages_down += 1
+            if isinstance(payload, str):
+                await send({"type": "websocket.send", "text": payload})
+            else:
+                await send({"type": "websocket.send", "bytes": payload})
+            counters.messages_down += 1
 
     async def _close_client(self, relay: _Relay, code: int) -> None:
         """Close the client leg once (shielded, bounded); before accept this rejects the handshake."""
@@ -239,9 +239,3 @@ class WebSocketRelay:
                 await relay.send({"type": "websocket.close", "code": code})
             except Exception as exc:  # the client may already be gone; nothing left to tell it
                 log.debug("%s: client close not delivered: %s", relay.path, type(exc).__name__)
-
-
-def _describe(exc: trio_websocket.HandshakeError) -> str:
-    if isinstance(exc, trio_websocket.ConnectionRejected):
-        return f"HTTP {exc.status_code}"
-    return type(exc).__name__

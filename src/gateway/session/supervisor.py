@@ -188,7 +188,14 @@ class SessionManager:
         changed.set()
 
     async def wait_ready(self, timeout_s: float) -> LiveSession:
-        """The ready session, waiting up to ``timeout_s``; raises :class:`SessionNotReady` after that."""
+        """The ready session, waiting up to ``timeout_s``; raises :class:`SessionNotReady` after that.
+
+        With a session ready it returns at once, without a checkpoint: it runs on every proxied request, and the
+        proxy checkpoints right after (pacing, the upstream write).
+        """
+        session = self.active
+        if session is not None:
+            return session
         with trio.move_on_after(timeout_s):
             while True:
                 session = self.active

@@ -1,0 +1,239 @@
+"""The relay's upstream WebSocket client: wsproto over a stream the relay owns, with no task or queue of its own.
+
+Why not trio-websocket here: a relay already has a task reading each direction. trio-websocket adds a reader task
+and a message queue per connection and a send lock plus a system call per message; profiled, that leg cost more
+CPU per relayed message than hypercorn's whole client leg, and about a third of the memory of an idle relay. Here
+the relay's upstream→client task reads frames itself (:meth:`UpstreamWebSocket.receive`), the client→upstream
+task writes (:meth:`UpstreamWebSocket.send_many` coalesces what is ready into one write).
+
+Contract:
+- :func:`connect_websocket` opens TCP (+TLS), performs the opening handshake within ``connect_timeout_s`` and yields
+  an :class:`UpstreamWebSocket`. A refused handshake raises :class:`WebSocketRejected` (with the HTTP status);
+  a network failure raises ``OSError``/``trio.BrokenResourceError``; a slow one ``trio.TooSlowError``.
+- :meth:`~UpstreamWebSocket.receive` returns whole messages (``str`` for text, ``bytes`` for binary), answers
+  pings, and raises :class:`WebSocketClosed` with the peer's code once the peer closes (the close is answered)
+  or the connection breaks (code 1006). A message over ``max_message_bytes`` closes the connection with 1009.
+- On exit the connection is closed: a Close frame (code 1000 unless :meth:`~UpstreamWebSocket.start_close` chose
+  one) if none was sent, a bounded wait for the peer's Close, then the stream is closed — whoever closed first.
+  Nothing here logs or raises the handshake headers (they carry the session cookie).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+_SEND_FAILURES = (LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+_CLOSE_TIMEOUT_S = 2.0
+_READ_SIZE = 65536
+_ABNORMAL = 1006
+
+
+class WebSocketRejected(Exception):
+    """The upstream refused the WebSocket handshake with an HTTP status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+class WebSocketClosed(Exception):
+    """The upstream closed the WebSocket (``code``; 1006 when the connection broke without a Close frame)."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(f"closed with {code}")
+        self.code = code
+        self.reason = reason
+
+
+class UpstreamWebSocket:
+    """An open client WebSocket; one task may :meth:`receive` while another sends."""
+
+    def __init__(self, stream: trio.abc.Stream, ws: WSConnection, max_message_bytes: int) -> None:
+        self._stream = stream
+        self._ws = ws
+        self._max = max_message_bytes
+        self._send_lock = trio.StrictFIFOLock()
+        self._events: list[Event] = []  # parsed, not yet handed out (a read may carry many frames)
+        self._parts: list[str | bytes] = []
+        self._size = 0
+        self.close_sent = False
+        self.closed: WebSocketClosed | None = None  # set once the peer's Close (or a break) was seen
+
+    async def _write(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self._stream.send_all(data)
+
+    async def send_many(self, payloads: Sequence[str | bytes]) -> None:
+        """Send ``payloads`` as text (``str``) or binary (``bytes``) messages in one write.
+
+        Raises :class:`WebSocketClosed` if the connection is closing or broken.
+        """
+        if self.closed is not None or self.close_sent:
+            raise WebSocketClosed(self.closed.code if self.closed else 1000)
+        ws = self._ws
+        try:
+            data = b"".join(
+                ws.send(TextMessage(data=p) if isinstance(p, str) else BytesMessage(data=p)) for p in payloads
+            )
+            await self._write(data)
+        except _SEND_FAILURES:
+            raise WebSocketClosed(_ABNORMAL) from None
+
+    async def start_close(self, code: int, reason: str = "") -> None:
+        """Send our Close frame now (once); the rest of the close happens when the connection's block exits."""
+        if self.close_sent or self.closed is not None:
+            return
+        self.close_sent = True
+        await self._answer(CloseConnection(code=code, reason=reason or None))
+
+    async def receive(self) -> str | bytes:
+        """The next whole message; see the module contract."""
+        while True:
+            while not self._events:
+                if self.closed is not None:
+                    raise self.closed
+                await self._read()
+            event = self._events.pop(0) if len(self._events) > 1 else self._events.pop()
+            if isinstance(event, TextMessage | BytesMessage):
+                self._parts.append(event.data if isinstance(event.data, str) else bytes(event.data))
+                self._size += len(event.data)
+                if self._size > self._max:
+                    await self.start_close(1009, "message too big")
+                    self.closed = WebSocketClosed(1009, "message too big")
+                    raise self.closed
+                if event.message_finished:
+                    parts, self._parts, self._size = self._parts, [], 0
+                    if len(parts) == 1:
+                        return parts[0]
+                    return "".join(parts) if isinstance(parts[0], str) else b"".join(parts)  # type: ignore[arg-type]
+            elif isinstance(event, Ping):
+                await self._answer(event.response())
+            elif isinstance(event, CloseConnection):
+                if not self.close_sent:
+                    self.close_sent = True
+                    await self._answer(event.response())
+                self.closed = WebSocketClosed(event.code, event.reason or "")
+                raise self.closed
+
+    async def _answer(self, event: Event) -> None:
+        """Send a control frame; if the peer is gone the read side sees the break, so a failure is dropped."""
+        with contextlib.suppress(*_SEND_FAILURES):
+            await self._write(self._ws.send(event))
+
+    async def _read(self) -> None:
+        try:
+            data = await self._stream.receive_some(_READ_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            data = b""
+        try:
+            self._ws.receive_data(bytes(data) if data else None)
+            self._events.extend(self._ws.events())
+        except RemoteProtocolError:
+            self._events.clear()
+            self.closed = WebSocketClosed(1002, "protocol error")
+            return
+        if not data and not self._events:
+            self.closed = WebSocketClosed(_ABNORMAL)
+
+    async def _finish(self) -> None:
+        """Close frame if none was sent, then wait (bounded) for the peer's Close; the caller closes the stream."""
+        await self.start_close(1000)
+        with trio.move_on_after(_CLOSE_TIMEOUT_S):
+            while self.closed is None:
+                try:
+                    await self.receive()
+                except WebSocketClosed:
+                    return
+
+
+@asynccontextmanager
+async def connect_websocket(
+    url: str,
+    *,
+    extra_headers: Iterable[tuple[bytes, bytes]] = (),
+    subprotocols: Iterable[str] = (),
+    ssl_context: ssl.SSLContext | None = None,
+    max_message_bytes: int = 1 << 20,
+    connect_timeout_s: float = 10.0,
+) -> AsyncIterator[UpstreamWebSocket]:
+    """Connect to ``url`` (``ws://`` or ``wss://``); see the module contract."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError("WebSocket URL must be ws:// or wss:// with a host")
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    stream: trio.abc.Stream
+    with trio.fail_after(connect_timeout_s):
+        if secure:
+            stream = await trio.open_ssl_over_tcp_stream(
+                parts.hostname, port, ssl_context=ssl_context or ssl.create_default_context(), https_compatible=True
+            )
+        else:
+            stream = await trio.open_tcp_stream(parts.hostname, port)
+    try:
+        with trio.fail_after(connect_timeout_s):
+            connection = await _handshake(stream, parts.netloc, target, extra_headers, subprotocols, max_message_bytes)
+        try:
+            yield connection
+        finally:
+            with trio.CancelScope(shield=True):
+                await connection._finish()
+    finally:
+        with trio.move_on_after(_CLOSE_TIMEOUT_S) as closing:
+            closing.shield = True
+            await trio.aclose_forcefully(stream) if closing.cancel_called else await stream.aclose()
+
+
+async def _handshake(
+    stream: trio.abc.Stream,
+    host: str,
+    target: str,
+    extra_headers: Iterable[tuple[bytes, bytes]],
+    subprotocols: Iterable[str],
+    max_message_bytes: int,
+) -> UpstreamWebSocket:
+    ws = WSConnection(ConnectionType.CLIENT)
+    request = Request(host=host, target=target, extra_headers=list(extra_headers), subprotocols=list(subprotocols))
+    await stream.send_all(ws.send(request))
+    status: int | None = None
+    while True:
+        data = await stream.receive_some(_READ_SIZE)
+        if not data:
+            raise trio.BrokenResourceError("upstream closed during the WebSocket handshake")
+        try:
+            ws.receive_data(bytes(data))
+            events = list(ws.events())
+        except RemoteProtocolError as exc:
+            hint = exc.event_hint
+            raise WebSocketRejected(hint.status_code if isinstance(hint, RejectConnection) else 502) from None
+        for index, event in enumerate(events):
+            if isinstance(event, AcceptConnection):
+                connection = UpstreamWebSocket(stream, ws, max_message_bytes)
+                connection._events.extend(events[index + 1 :])  # frames that came with the handshake answer
+                return connection
+            if isinstance(event, RejectConnection):
+                status = event.status_code
+                if not event.has_body:
+                    raise WebSocketRejected(status)
+            elif isinstance(event, RejectData) and event.body_finished:
+                raise WebSocketRejected(status or 502)
