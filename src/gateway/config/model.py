@@ -15,6 +15,7 @@ from gateway.redact import Secret
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
+MetricsAccess = Literal["loopback", "api_key", "off"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -38,6 +39,7 @@ class ServerConfig:
     keep_alive_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
     websocket_ping_interval_s: float = 5.0
+    metrics: MetricsAccess = "loopback"
 
 
 @dataclass(frozen=True, slots=True)

@@ -290,6 +290,11 @@ SECTIONS: Mapping[str, Mapping[str, Key]] = {
         "websocket_ping_interval_s": Key(
             seconds(0.5, 600.0), 5, "ping WebSocket clients this often (keeps idle relays alive, finds dead ones)"
         ),
+        "metrics": Key(
+            choice("loopback", "api_key", "off"),
+            "loopback",
+            "who may read /metrics: loopback clients (or any client with an API key), only API-key holders, or nobody",
+        ),
     },
     "ibkr": {
         "base_url": Key(base_url, "https://api.ibkr.com", "REST base; the WebSocket URL is derived from it"),

@@ -34,6 +34,7 @@ import trio
 
 from gateway.asgi import Receive, Scope, Send, send_error
 from gateway.errors import PacingRejected, SessionNotReady
+from gateway.metrics import RequestMetrics
 from gateway.pacing import Pacer
 from gateway.proxy import transforms
 from gateway.session.supervisor import LiveSession, SessionManager
@@ -66,6 +67,7 @@ class Outcome:
 
     status: int = 499
     sent: int = 0
+    by_gateway: bool = False  # the gateway answered itself (503/429/502/504…): not an upstream latency
 
 
 @dataclass(slots=True)
@@ -91,6 +93,7 @@ class _Exchange:
     ) -> None:
         """Answer the client with the gateway's JSON error and note the status for the log line."""
         self.outcome.status = status
+        self.outcome.by_gateway = True
         await send_error(self.send, status, code, message, headers=headers or [])
 
 
@@ -133,9 +136,16 @@ class HttpProxy:
     """Proxies allow-listed HTTP requests to IBKR under the current session."""
 
     def __init__(
-        self, *, manager: SessionManager, client: httpx.AsyncClient, settings: ProxySettings, pacer: Pacer
+        self,
+        *,
+        manager: SessionManager,
+        client: httpx.AsyncClient,
+        settings: ProxySettings,
+        pacer: Pacer,
+        metrics: RequestMetrics | None = None,
     ) -> None:
         self._manager = manager
+        self._metrics = metrics  # observe_upstream(route, seconds) per upstream answer; see RequestMetrics
         self._client = client
         self._settings = settings
         self._pacer = pacer
@@ -164,6 +174,10 @@ class HttpProxy:
             self.in_flight -= 1
             if not self.in_flight:
                 self._idle.set()
+            if self._metrics is not None and not outcome.by_gateway and outcome.status != 499:
+                # Stand-in until the new upstream client calls observe_upstream at the response headers: times the
+                # whole exchange (session wait, pacing turn, body included).
+                self._metrics.observe_upstream(scope.get("gateway.route", path_text), time.monotonic() - started)
             log.info(
                 "%s %s -> %d %.1f ms %d bytes",
                 method,
