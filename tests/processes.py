@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 import httpx
 import trio
@@ -37,10 +38,13 @@ def proc_fds(pid: int) -> int:
 
 
 @contextmanager
-def gateway_process(tmp_path: Path, *, tick_interval_s: float = 1.0, **env_overrides: str) -> Iterator[tuple[int, int]]:
+def gateway_process(
+    tmp_path: Path, *, tick_interval_s: float = 1.0, log_path: Path | None = None, **env_overrides: str
+) -> Iterator[tuple[int, int]]:
     """A simulator process and a gateway process in front of it; yields ``(gateway pid, gateway port)``.
 
-    Separate processes, so the figures read from ``/proc/<pid>`` are the gateway's own.
+    Separate processes, so the figures read from ``/proc/<pid>`` are the gateway's own. The gateway's config is
+    ``tmp_path / "gateway.toml"``; its log goes to ``log_path`` when given (readable while it runs).
     """
     sim_port, gw_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY__")}
@@ -50,6 +54,7 @@ def gateway_process(tmp_path: Path, *, tick_interval_s: float = 1.0, **env_overr
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     gateway: subprocess.Popen[str] | None = None
+    log_file: TextIO | None = None
     try:
         toml = tmp_path / "gateway.toml"
         deadline = time.monotonic() + 20
@@ -57,9 +62,11 @@ def gateway_process(tmp_path: Path, *, tick_interval_s: float = 1.0, **env_overr
             assert time.monotonic() < deadline and simulator.poll() is None, "simulator did not write its config"
             time.sleep(0.05)
         env |= {"GATEWAY__LOGGING__LEVEL": "warning"} | {f"GATEWAY__{k.upper()}": v for k, v in env_overrides.items()}
+        if log_path is not None:
+            log_file = open(log_path, "w")  # noqa: SIM115 - closed in the finally below
         gateway = subprocess.Popen(
             [sys.executable, "-m", "gateway", "--config", str(toml)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env=env, stdout=subprocess.DEVNULL, stderr=log_file or subprocess.PIPE, text=True,
         )  # fmt: skip
         yield gateway.pid, gw_port
     finally:
@@ -73,7 +80,11 @@ def gateway_process(tmp_path: Path, *, tick_interval_s: float = 1.0, **env_overr
             except subprocess.TimeoutExpired:
                 proc.kill()
                 _, stderr = proc.communicate()
-            assert "Traceback" not in stderr, stderr
+            if proc is gateway and log_path is not None:
+                stderr = log_path.read_text()
+            assert "Traceback" not in (stderr or ""), stderr
+        if log_file is not None:
+            log_file.close()
 
 
 async def wait_healthy(http: httpx.AsyncClient) -> None:

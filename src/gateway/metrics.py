@@ -156,12 +156,13 @@ def render(families: Iterable[Family]) -> str:
 
 
 def histogram_samples(labels: Labels, histogram: Histogram) -> list[tuple[str, Labels, float]]:
-    """The ``_bucket`` (cumulative, ending in ``+Inf``), ``_sum`` and ``_count`` samples of one histogram."""
+    """The ``_bucket`` (cumulative, ending in ``+Inf``; bounds written as floats, ``le="1.0"``, as Prometheus' own
+    clients do), ``_sum`` and ``_count`` samples of one histogram."""
     samples: list[tuple[str, Labels, float]] = []
     running = 0
     for bound, count in zip((*histogram.bounds, math.inf), histogram.counts, strict=True):
         running += count
-        samples.append(("_bucket", (*labels, ("le", format_value(float(bound)))), running))
+        samples.append(("_bucket", (*labels, ("le", "+Inf" if math.isinf(bound) else repr(float(bound)))), running))
     samples.append(("_sum", labels, histogram.total))
     samples.append(("_count", labels, running))
     return samples
