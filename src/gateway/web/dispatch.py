@@ -151,9 +151,33 @@ class Dispatcher:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind == "http":
-            await self._http_with_id(scope, receive, send)
+        if kind != "http":
+            await self._other(kind, scope, receive, send)
             return
+        # HTTP, the hot path, inline: one id, one closure, one header appended to the response start, one dict
+        # increment. Logs written while handling carry the id (REQUEST_ID); the answer is counted by route.
+        rid = request_id(scope["headers"])
+        token = REQUEST_ID.set(rid)
+        id_header = (REQUEST_ID_HEADER, rid.encode("ascii"))
+        answer = _Answer()
+
+        async def stamped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                answer.status = message["status"]
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        try:
+            await self._http_request(scope, receive, stamped, answer, rid)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
+            _connection_lost(exc)
+        finally:
+            REQUEST_ID.reset(token)
+            if self._metrics is not None:
+                self._metrics.count_request(answer.route, scope["method"], answer.status)
+
+    async def _other(self, kind: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """Lifespan and WebSocket scopes (WebSockets get a request id too)."""
         try:
             if kind == "lifespan":
                 await self._pages(scope, receive, send)
@@ -166,31 +190,6 @@ class Dispatcher:
                     REQUEST_ID.reset(token)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
             _connection_lost(exc)
-
-    async def _http_with_id(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Run the checks with the request id set for logs, stamped on the answer, and count the answer.
-
-        Hot path: one id, one closure, one header appended to the response start, one dict increment.
-        """
-        rid = request_id(scope["headers"])
-        token = REQUEST_ID.set(rid)
-        id_header = (REQUEST_ID_HEADER, rid.encode("ascii"))
-        answer = _Answer()
-
-        async def stamped(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                answer.status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), id_header]}
-            await send(message)
-
-        try:
-            await self._http_request(scope, receive, stamped, answer, rid)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
-            _connection_lost(exc)
-        finally:
-            REQUEST_ID.reset(token)
-            if self._metrics is not None:
-                self._metrics.count_request(answer.route, scope["method"], answer.status)
 
     # --- shared checks --------------------------------------------------------------------------------
 

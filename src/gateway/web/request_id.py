@@ -33,8 +33,8 @@ def is_valid(value: bytes) -> bool:
 def request_id(headers: list[tuple[bytes, bytes]]) -> str:
     """The client's ``X-Request-Id`` if it is well-formed (and the only one), else a new id."""
     supplied: bytes | None = None
-    for name, value in headers:
-        if name == HEADER or (len(name) == 12 and name.lower() == HEADER):
+    for name, value in headers:  # ASGI header names are lower-case
+        if name == HEADER:
             if supplied is not None:  # two of them: believe neither
                 return new_request_id()
             supplied = value
