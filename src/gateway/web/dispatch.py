@@ -17,8 +17,8 @@ Contract: the request handed to the proxy or relay carries no ``access_key`` que
 ``gateway.max_body`` (the route's body limit), ``gateway.route`` (the matched route pattern, the metrics label),
 ``gateway.request_id`` and, for WebSockets, ``gateway.subprotocol`` (the entry to echo).
 
-:attr:`Dispatcher.settings` may be replaced at any time (config reload): each request reads it once, so it sees
-either the old or the new settings, never a mix.
+:attr:`Dispatcher.settings` may be replaced at any time (config reload): a request's checks run without yielding
+to other tasks, so each request sees either the old or the new settings, never a mix.
 """
 
 from __future__ import annotations
