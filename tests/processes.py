@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TextIO
 
 import httpx
 import trio
@@ -37,12 +38,18 @@ def proc_fds(pid: int) -> int:
 
 
 @contextmanager
-def gateway_process(tmp_path: Path, *, tick_interval_s: float = 1.0, **env_overrides: str) -> Iterator[tuple[int, int]]:
+def gateway_process(
+    tmp_path: Path, *, tick_interval_s: float = 1.0, log_path: Path | None = None, **env_overrides: str
+) -> Iterator[tuple[int, int]]:
     """A simulator process and a gateway process in front of it; yields ``(gateway pid, gateway port)``.
 
-    Separate processes, so the figures read from ``/proc/<pid>`` are the gateway's own.
+    Separate processes, so the figures read from ``/proc/<pid>`` are the gateway's own. The gateway's config is
+    ``tmp_path / "gateway.toml"``; its log goes to ``log_path`` when given (readable while it runs).
     """
-    with gateway_popen(tmp_path, tick_interval_s=tick_interval_s, env_overrides=env_overrides) as (gateway, port):
+    with gateway_popen(tmp_path, tick_interval_s=tick_interval_s, env_overrides=env_overrides, log_path=log_path) as (
+        gateway,
+        port,
+    ):
         yield gateway.pid, port
 
 
@@ -55,13 +62,15 @@ def gateway_popen(
     preexec_fn: Callable[[], None] | None = None,
     env_overrides: Mapping[str, str] | None = None,
     wrapper: Sequence[str] = (),
+    log_path: Path | None = None,
 ) -> Iterator[tuple[subprocess.Popen[str], int]]:
     """:func:`gateway_process` yielding the gateway's ``Popen`` (to signal it and read its exit status).
 
     ``env_overrides`` are ``section__key`` config overrides (as :func:`gateway_process` takes them as keywords);
     ``extra_env`` adds plain environment variables (e.g. ``NOTIFY_SOCKET``); ``preexec_fn`` runs in the gateway's
     child process before it starts (e.g. to restrict it as systemd would); ``wrapper`` is a command the gateway's
-    command line is appended to (e.g. ``strace``), whose process is then the one yielded.
+    command line is appended to (e.g. ``strace``), whose process is then the one yielded; the gateway's log goes
+    to ``log_path`` when given (readable while it runs).
     """
     sim_port, gw_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY__")}
@@ -71,6 +80,7 @@ def gateway_popen(
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     gateway: subprocess.Popen[str] | None = None
+    log_file: TextIO | None = None
     try:
         toml = tmp_path / "gateway.toml"
         deadline = time.monotonic() + 20
@@ -79,9 +89,11 @@ def gateway_popen(
             time.sleep(0.05)
         env["GATEWAY__LOGGING__LEVEL"] = "warning"
         env |= {f"GATEWAY__{k.upper()}": v for k, v in (env_overrides or {}).items()} | dict(extra_env or {})
+        if log_path is not None:
+            log_file = open(log_path, "w")  # noqa: SIM115 - closed in the finally below
         gateway = subprocess.Popen(
             [*wrapper, sys.executable, "-m", "gateway", "--config", str(toml)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
+            env=env, stdout=subprocess.DEVNULL, stderr=log_file or subprocess.PIPE, text=True, preexec_fn=preexec_fn,
         )  # fmt: skip
         yield gateway, gw_port
     finally:
@@ -95,7 +107,11 @@ def gateway_popen(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 _, stderr = proc.communicate()
-            assert "Traceback" not in stderr, stderr
+            if proc is gateway and log_path is not None:
+                stderr = log_path.read_text()
+            assert "Traceback" not in (stderr or ""), stderr
+        if log_file is not None:
+            log_file.close()
 
 
 async def wait_healthy(http: httpx.AsyncClient) -> None:

@@ -5,7 +5,8 @@ which replaces each registered secret (raw, base64, hex and URL-encoded forms) w
 Secrets are registered with :func:`register_secret` as soon as they exist (access-token secret, prepend, LST,
 session cookie, access token). This is defence in depth: the code never logs secrets on purpose.
 Third-party loggers (httpx, httpcore, hpack, trio-websocket, hypercorn access) are capped at WARNING because
-they log URLs and headers at lower levels.
+they log URLs and headers at lower levels. Every record also gets ``request_id`` (:data:`REQUEST_ID`, set by the
+dispatcher for the request being handled; trio tasks inherit it): ``[id]`` in text lines, a field in JSON lines.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import sys
 import threading
 import time
+from contextvars import ContextVar
 from typing import TextIO
 from urllib.parse import quote
 
@@ -26,6 +28,11 @@ _lock = threading.Lock()
 _secrets: set[str] = set()
 _rotating: dict[str, list[set[str]]] = {}
 _KEEP_PER_SLOT = 2
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
+"""The id of the HTTP request (or WebSocket upgrade) the current task is handling; ``None`` outside requests."""
+
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(request_tag)s%(message)s"
 
 
 def secret_forms(value: str | bytes) -> set[str]:
@@ -83,8 +90,19 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class RequestIdFilter(logging.Filter):
+    """Adds ``request_id`` (the id or ``None``) and ``request_tag`` (``"[id] "`` or ``""``) to every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = REQUEST_ID.get()
+        record.request_id = request_id
+        record.request_tag = f"[{request_id}] " if request_id else ""
+        return True
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and exception text if any)."""
+    """One JSON object per line: time, level, logger, message, ``request_id`` when handling a request, and the
+    exception text if any."""
 
     def format(self, record: logging.LogRecord) -> str:
         payload = {
@@ -93,6 +111,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        request_id = getattr(record, "request_id", None)
+        if request_id:
+            payload["request_id"] = request_id
         if record.exc_text:
             payload["exception"] = record.exc_text
         elif record.exc_info:
@@ -104,15 +125,22 @@ def configure_logging(level: str, fmt: str, *, stream: TextIO | None = None) -> 
     """Send all logs to ``stream`` (stderr) at ``level`` in ``fmt`` (``text`` or ``json``); returns the handler."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(RedactingFilter())
+    handler.addFilter(RequestIdFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
+    set_level(level)
+    return handler
+
+
+def set_level(level: str) -> None:
+    """Set the root level (``debug`` … ``error``), keeping third-party loggers capped at WARNING."""
+    root = logging.getLogger()
     root.setLevel(level.upper())
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
-    return handler

@@ -10,8 +10,10 @@
 Contract: :func:`serve_gateway` reports a :class:`Gateway` handle through ``task_status`` once the socket is
 bound and the session loop runs (not necessarily ready). :meth:`Gateway.request_shutdown` drains: the session
 ends with 1001 to WebSocket clients, ``/health`` turns 503, hypercorn stops accepting and lets in-flight requests
-finish, then the gateway logs out of IBKR and everything stops. :func:`run_gateway` is the process entry point:
-it handles SIGINT/SIGTERM and returns the exit status. Under systemd it sends ``READY=1`` once the socket listens
+finish, then the gateway logs out of IBKR and everything stops. :meth:`Gateway.apply_config` swaps in what a
+reloaded config may change live (:mod:`gateway.config.reload`) without touching the session, relays or
+connections. :func:`run_gateway` is the process entry point: it handles SIGINT/SIGTERM (drain) and SIGHUP (reload
+the config file) and returns the exit status. Under systemd it sends ``READY=1`` once the socket listens
 and the session loop runs (not when IBKR is reachable: an IBKR outage must not make systemd restart the gateway),
 ``STATUS=`` on every session state change, ``WATCHDOG=1`` from the event loop, and ``STOPPING=1`` as the drain starts.
 """
@@ -31,10 +33,13 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 
 from gateway.asgi import ASGIApp
-from gateway.config.load import LoadedConfig
+from gateway.config.load import LoadedConfig, load_config
 from gateway.config.model import Config, Credentials, ServerConfig
 from gateway.config.pacing import pacing_settings
-from gateway.logs import configure_logging, register_secret
+from gateway.config.reload import ReloadPlan, plan_reload
+from gateway.errors import ConfigError
+from gateway.logs import configure_logging, register_secret, set_level
+from gateway.metrics import RequestMetrics
 from gateway.notify import Notifier, status_line
 from gateway.oauth.dh import parse_dh_params_pem
 from gateway.oauth.keys import decrypt_access_token_secret, load_rsa_private_key
@@ -51,6 +56,7 @@ from gateway.upstream.http1 import Http1Pool
 from gateway.web.auth import ApiKeys
 from gateway.web.dispatch import Dispatcher, DispatchSettings
 from gateway.web.examples import ExamplesApp
+from gateway.web.metrics import MetricsPage
 from gateway.web.pages import build_pages_app
 from gateway.web.status import StatusSource
 
@@ -70,6 +76,9 @@ class Gateway:
     manager: SessionManager
     relays: RelayCounters
     upstream_url: str
+    dispatcher: Dispatcher
+    pacer: Pacer
+    metrics: RequestMetrics
     simulator: Simulator | None = None
     _shutdown: trio.Event = field(default_factory=trio.Event)
     _stopped: trio.Event = field(default_factory=trio.Event)
@@ -81,6 +90,20 @@ class Gateway:
     async def wait_stopped(self) -> None:
         """Return once the gateway has drained, logged out and stopped."""
         await self._stopped.wait()
+
+    def apply_config(self, loaded: LoadedConfig) -> ReloadPlan:
+        """Apply what ``loaded`` may change live (routes, pacing, request checks, log level; see
+        :mod:`gateway.config.reload`) and return the plan. The session, relays and connections are untouched;
+        requests already past the checks finish under the settings they started with."""
+        plan = plan_reload(self.config, loaded.config)
+        config = plan.config
+        pacing = pacing_settings(config.pacing)
+        if pacing != self.pacer.settings:
+            self.pacer.reconfigure(pacing)
+        self.dispatcher.settings = dispatch_settings(config, loaded.api_keys.reveal())  # one atomic swap
+        set_level(config.logging.level)
+        self.config = config
+        return plan
 
     @property
     def ws_url(self) -> str:
@@ -126,6 +149,20 @@ async def _serve_http(
     # hypercorn's own graceful wait is not used: its WebSocket ping task outlives a closed connection by up to
     # websocket_ping_interval, so the drain waits on the gateway's own in-flight accounting instead.
     await hypercorn.trio.serve(app, config, shutdown_trigger=trigger.wait, task_status=task_status)  # type: ignore[arg-type]
+
+
+def dispatch_settings(config: Config, api_keys: tuple[str, ...]) -> DispatchSettings:
+    """The dispatcher's checks from ``config`` (and the loaded API keys)."""
+    return DispatchSettings(
+        routes=config.routes,
+        allowed_origins=frozenset(config.server.allowed_origins),
+        trusted_proxies=config.server.trusted_proxies,
+        api_keys=ApiKeys(api_keys),
+        max_body_bytes=config.server.max_body_bytes,
+        max_header_bytes=config.server.max_header_bytes,
+        max_header_count=config.server.max_header_count,
+        metrics=config.server.metrics,
+    )
 
 
 def _register_secrets(credentials: Credentials, access_token_secret: str) -> None:
@@ -199,10 +236,12 @@ async def serve_gateway(
             )
             pacer = Pacer(pacing_settings(config.pacing))
             upstream = Http1Pool(base_url, timeouts, tls=tls, max_connections=UPSTREAM_MAX_CONNECTIONS)
+            metrics = RequestMetrics()
             proxy = HttpProxy(
                 manager=manager,
                 upstream=upstream,
                 pacer=pacer,
+                metrics=metrics,
                 settings=ProxySettings(
                     base_url=base_url,
                     user_agent=config.ibkr.user_agent.encode("ascii"),
@@ -218,19 +257,13 @@ async def serve_gateway(
                 started_at=started_at,
             )
             app = Dispatcher(
-                settings=DispatchSettings(
-                    routes=config.routes,
-                    allowed_origins=frozenset(config.server.allowed_origins),
-                    trusted_proxies=config.server.trusted_proxies,
-                    api_keys=ApiKeys(loaded.api_keys.reveal()),
-                    max_body_bytes=config.server.max_body_bytes,
-                    max_header_bytes=config.server.max_header_bytes,
-                    max_header_count=config.server.max_header_count,
-                ),
+                settings=dispatch_settings(config, loaded.api_keys.reveal()),
                 pages=cast(ASGIApp, build_pages_app(source)),
                 http_proxy=proxy,
                 relay=relay,
                 examples_app=ExamplesApp() if config.server.examples else None,
+                metrics=metrics,
+                metrics_page=MetricsPage(source, metrics),
             )
             trigger = trio.Event()
             hconfig = _hypercorn_config(
@@ -244,6 +277,9 @@ async def serve_gateway(
                 manager=manager,
                 relays=relay.counters,
                 upstream_url=base_url,
+                dispatcher=app,
+                pacer=pacer,
+                metrics=metrics,
                 simulator=simulator,
             )
             log.info("gateway listening on %s, upstream %s", gateway.url, base_url)
@@ -299,6 +335,28 @@ async def _watchdog(notifier: Notifier, interval_s: float) -> None:
         await trio.sleep(interval_s)
 
 
+async def reload_config_file(gateway: Gateway, path: str) -> ReloadPlan | None:
+    """Re-read ``path`` (with the environment's ``GATEWAY__*`` overrides) and apply it live (SIGHUP).
+
+    A config that does not load is rejected with one error line naming every problem; the running config stays in
+    force. Returns the plan applied, or ``None`` when rejected.
+    """
+    try:
+        loaded = await trio.to_thread.run_sync(load_config, path)
+    except ConfigError as exc:
+        errors = [str(p) for p in exc.problems if p.severity == "error"]
+        log.error("config reload rejected, the running config stays in force: %s", "; ".join(errors))
+        return None
+    plan = gateway.apply_config(loaded)
+    log.info(
+        "config reloaded from %s: %s%s",
+        path,
+        "changed " + ", ".join(plan.applied) if plan.applied else "nothing changed",
+        "; NOT applied until restart: " + ", ".join(plan.restart_needed) if plan.restart_needed else "",
+    )
+    return plan
+
+
 async def _main(loaded: LoadedConfig) -> None:
     notifier = Notifier.from_environment()
     try:
@@ -310,8 +368,13 @@ async def _main(loaded: LoadedConfig) -> None:
 async def _run_until_signalled(loaded: LoadedConfig, notifier: Notifier) -> None:
     async with trio.open_nursery() as nursery:
         gateway: Gateway = await nursery.start(partial(serve_gateway, loaded, notifier=notifier))
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    if not gateway._shutdown.is_set():
+                        log.info("SIGHUP received: reloading %s", loaded.config.source)
+                        await reload_config_file(gateway, loaded.config.source)
+                    continue
                 if gateway._shutdown.is_set():
                     log.warning("second %s: stopping now", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()
@@ -327,7 +390,8 @@ async def _exit_when_stopped(gateway: Gateway, scope: trio.CancelScope) -> None:
 
 
 def run_gateway(loaded: LoadedConfig) -> int:
-    """Process entry point for ``python -m gateway``: run until SIGINT/SIGTERM, return the exit status."""
+    """Process entry point for ``python -m gateway``: run until SIGINT/SIGTERM (SIGHUP reloads the config file),
+    return the exit status."""
     configure_logging(loaded.config.logging.level, loaded.config.logging.format)
     try:
         trio.run(_main, loaded)

@@ -15,7 +15,15 @@ from urllib.parse import quote
 import pytest
 
 from gateway import logs
-from gateway.logs import JsonFormatter, RedactingFilter, configure_logging, register_secret, scrub, secret_forms
+from gateway.logs import (
+    REQUEST_ID,
+    JsonFormatter,
+    RedactingFilter,
+    configure_logging,
+    register_secret,
+    scrub,
+    secret_forms,
+)
 
 THIRD_PARTY = ("httpx", "httpcore", "hpack", "trio-websocket", "trio_websocket", "hypercorn.access", "quart")
 
@@ -262,3 +270,24 @@ def test_third_party_cap_follows_a_stricter_root_level(configure: Configure) -> 
     assert "tp-warning" not in out
     assert "tp-error" in out
     assert "own-warning" not in out
+
+
+# --- request ids ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_lines_logged_while_handling_a_request_carry_its_id(configure: Configure, fmt: str) -> None:
+    buffer = configure("info", fmt)
+    token = REQUEST_ID.set("abc123-1f")
+    try:
+        logging.getLogger("gateway.test").info("inside")
+    finally:
+        REQUEST_ID.reset(token)
+    logging.getLogger("gateway.test").info("outside")
+    inside, outside = buffer.getvalue().splitlines()
+    if fmt == "text":
+        assert inside.endswith("gateway.test: [abc123-1f] inside")
+        assert outside.endswith("gateway.test: outside")
+    else:
+        assert (json.loads(inside)["request_id"], json.loads(inside)["message"]) == ("abc123-1f", "inside")
+        assert "request_id" not in json.loads(outside)

@@ -228,6 +228,10 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
     problems = list(warnings)
     credentials = None if config.simulator.enabled else load_credentials(config, problems)
     api_keys = load_api_keys(config, problems)
+    if config.server.metrics == "api_key" and not api_keys:
+        problems.append(
+            ConfigProblem(name, "server.metrics", 'is "api_key" but no API key is configured (server.api_keys_file)')
+        )
     problems = _with_lines(tuple(problems), name, text)
     if any(p.severity == "error" for p in problems):
         raise ConfigError(problems)

@@ -15,6 +15,7 @@ from gateway.redact import Secret
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
+MetricsAccess = Literal["loopback", "api_key", "off"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -39,6 +40,7 @@ class ServerConfig:
     read_timeout_s: float = 30.0
     websocket_ping_interval_s: float = 5.0
     examples: bool = False
+    metrics: MetricsAccess = "loopback"
 
 
 @dataclass(frozen=True, slots=True)

@@ -291,6 +291,11 @@ SECTIONS: Mapping[str, Mapping[str, Key]] = {
             seconds(0.5, 600.0), 5, "ping WebSocket clients this often (keeps idle relays alive, finds dead ones)"
         ),
         "examples": Key(boolean, False, "serve the WebSocket dashboard example at /examples/dashboard/"),
+        "metrics": Key(
+            choice("loopback", "api_key", "off"),
+            "loopback",
+            "who may read /metrics: loopback clients (or any client with an API key), only API-key holders, or nobody",
+        ),
     },
     "ibkr": {
         "base_url": Key(base_url, "https://api.ibkr.com", "REST base; the WebSocket URL is derived from it"),

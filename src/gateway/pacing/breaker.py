@@ -60,6 +60,17 @@ class Breaker:
         self.probe_in_flight = False
         self._state = BreakerState.CLOSED
 
+    def retune(self, cooldown_s: float, max_cooldown_s: float) -> None:
+        """New cool-down bounds (config reload). A hold in force keeps its end (``open_until``); the next hold and
+        the next doubling use the new bounds."""
+        if not (math.isfinite(cooldown_s) and cooldown_s > 0 and math.isfinite(max_cooldown_s)):
+            raise ValueError("cool-downs must be finite numbers > 0")
+        if max_cooldown_s < cooldown_s:
+            raise ValueError("max_cooldown_s must be >= cooldown_s")
+        self.base_cooldown_s = cooldown_s
+        self.max_cooldown_s = max_cooldown_s
+        self.cooldown_s = cooldown_s if self._state is BreakerState.CLOSED else min(self.cooldown_s, max_cooldown_s)
+
     @property
     def state(self) -> BreakerState:
         """The state as of the last call that was given ``now`` (use :meth:`poll` for the state at a given time)."""

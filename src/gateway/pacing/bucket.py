@@ -126,6 +126,13 @@ class SlidingWindow:
             self.take(now)
         return wait
 
+    def adopt(self, other: SlidingWindow) -> None:
+        """Take over ``other``'s recent grants (its last ``limit`` stamps), so a window replaced by a reconfiguration
+        still counts what was already sent. Grants later refunded on ``other`` stay counted here (the safe side)."""
+        stamps = list(other._log)[-self.limit :]
+        self._log = deque(stamps)
+        self._latest = max(self._latest, other._latest)
+
     def refund(self, stamp: float) -> None:
         """Forget a grant recorded by :meth:`take` that was never used (a no-op once it has left the window)."""
         with contextlib.suppress(ValueError):

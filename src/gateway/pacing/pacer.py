@@ -69,6 +69,17 @@ class Pacer:
 
     # -- the API -----------------------------------------------------------------------------------------------------
 
+    def reconfigure(self, settings: PacingSettings) -> None:
+        """Apply new settings live (config reload), keeping the breaker, counters, queue and recent grants (see
+        :meth:`Scheduler.reconfigure`). Invalid ``settings`` raise ``ValueError`` and change nothing. Every waiting
+        task is woken once to re-check under the new rules (a reload is rare; this keeps the wake-up logic simple).
+        """
+        self._scheduler.reconfigure(settings, trio.current_time())
+        self.settings = settings
+        self._keeper, self._keeper_wake = None, math.inf
+        for event in list(self._events.values()):
+            event.set()
+
     def acquire(self, method: str, path: str) -> AbstractAsyncContextManager[None]:
         """Wait until ``method path`` may go upstream; the body of the ``async with`` is the upstream exchange.
 

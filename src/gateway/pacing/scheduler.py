@@ -128,6 +128,44 @@ class Scheduler:
         self.rejected_total = 0
         self.upstream_429_total = 0
 
+    def reconfigure(self, settings: PacingSettings, now: float) -> list[Ticket]:
+        """Switch to ``settings`` (a config reload) without losing what is in flight; returns the tickets changed.
+
+        Kept: the breaker (an IBKR 429 hold stays in force; only its cool-down bounds change), the counters, the
+        waiting queue in arrival order (each ticket moves to the lane of its rule under the new settings, keeping its
+        deadline), and recent grants: a new global window adopts the old one's stamps and a rule present in both
+        keeps its lane, so a reload can never open a burst beyond what IBKR has already seen. Granted requests
+        finish under the lane they were granted in; a rule that is new starts empty. Invalid ``settings`` raise
+        ``ValueError`` and change nothing.
+        """
+        problems = settings_problems(settings)
+        if problems:
+            raise ValueError("; ".join(f"{key}: {message}" for key, message in problems))
+        margin = settings.send_margin_s
+        old_global = max(self.global_windows, key=lambda window: window.in_window(now))
+        global_windows = tuple(SlidingWindow(n, window_s + margin) for n, window_s in settings.global_windows())
+        for window in global_windows:
+            window.adopt(old_global)
+        lanes: dict[Limit | None, Lane] = {None: self.lanes[None]}
+        for limit in settings.limits:
+            if limit not in lanes:
+                kept = self.lanes.get(limit)
+                if kept is None:
+                    shape = limit.window()
+                    kept = Lane(limit, () if shape is None else (SlidingWindow(shape[0], shape[1] + margin),))
+                lanes[limit] = kept
+        for ticket in self._waiting.values():
+            lane = lanes[match_limit(settings.limits, ticket.method, ticket.path)]
+            if lane is not ticket.lane:
+                ticket.lane.waiting -= 1
+                ticket.lane = lane
+                lane.waiting += 1
+        self.settings = settings
+        self.global_windows = global_windows
+        self.lanes = lanes
+        self.breaker.retune(settings.breaker_cooldown_s, settings.breaker_max_cooldown_s)
+        return self.pump(now)
+
     @property
     def queued(self) -> int:
         """Tickets waiting now."""

@@ -31,6 +31,7 @@ import trio
 
 from gateway.asgi import Receive, Scope, Send, send_error
 from gateway.errors import PacingRejected, SessionNotReady, UpstreamError
+from gateway.metrics import RequestMetrics
 from gateway.pacing import Pacer
 from gateway.proxy import transforms
 from gateway.session.supervisor import LiveSession, SessionManager
@@ -74,6 +75,7 @@ class _Exchange:
     path: str
     url: str
     target: bytes
+    route: str  # the allow-list pattern that matched: the metrics label
     headers: list[tuple[bytes, bytes]]
     body: AsyncIterator[bytes] | None
     retryable: bool
@@ -130,8 +132,17 @@ async def _wait_for_disconnect(receive: Receive, scope: trio.CancelScope) -> Non
 class HttpProxy:
     """Proxies allow-listed HTTP requests to IBKR under the current session."""
 
-    def __init__(self, *, manager: SessionManager, upstream: Http1Pool, settings: ProxySettings, pacer: Pacer) -> None:
+    def __init__(
+        self,
+        *,
+        manager: SessionManager,
+        upstream: Http1Pool,
+        settings: ProxySettings,
+        pacer: Pacer,
+        metrics: RequestMetrics | None = None,
+    ) -> None:
         self._manager = manager
+        self._metrics = metrics  # observe_upstream(route, seconds) per upstream answer; see RequestMetrics
         self._upstream = upstream
         self._settings = settings
         self._pacer = pacer
@@ -191,6 +202,7 @@ class HttpProxy:
             path=path,
             url=transforms.upstream_url(settings.base_url, raw_path, query),
             target=raw_path + b"?" + query if query else raw_path,
+            route=scope.get("gateway.route", path),
             headers=headers,
             body=None,
             retryable=method in IDEMPOTENT and not has_body,
@@ -244,6 +256,7 @@ class HttpProxy:
         where = exchange.where
         signer = session.signer
         authorization = signer.authorization(exchange.method, exchange.url).encode("ascii")
+        sent_at = time.monotonic()
         try:
             response = await self._upstream.send(
                 exchange.method.encode("ascii"),
@@ -265,6 +278,8 @@ class HttpProxy:
                 [(b"connection", b"close")],
             )
             return _Retry.DONE
+        if self._metrics is not None:  # IBKR's latency: request written (body included) to response head read
+            self._metrics.observe_upstream(exchange.route, time.monotonic() - sent_at)
         retry_after = response.header(b"retry-after")
         self._pacer.record_response(response.status, retry_after.decode("latin-1") if retry_after else None)
         if response.status == 401 and attempt == 0:

@@ -144,6 +144,8 @@ class WebSocketRelay:
                         connect_timeout_s=10,
                     ) as upstream:
                         accept: dict[str, object] = {"type": "websocket.accept"}
+                        if relay.scope.get("gateway.request_id"):
+                            accept["headers"] = [(b"x-request-id", relay.scope["gateway.request_id"].encode("ascii"))]
                         if relay.scope.get("gateway.subprotocol"):
                             accept["subprotocol"] = relay.scope["gateway.subprotocol"]
                         await relay.send(accept)

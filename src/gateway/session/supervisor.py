@@ -53,6 +53,9 @@ RECENT_ERRORS = 10
 MAX_ERROR_CHARS = 300
 """A recorded error message is cut to this many characters (the status page shows short messages)."""
 
+FAILURE_REASONS = ("handshake", "tickle_error", "unauthenticated", "competing", "upstream_401", "lst_expired", "other")
+"""The bounded set of reasons a handshake fails or a ready session ends (``SessionStats.failures`` keys)."""
+
 
 @dataclass(frozen=True, slots=True)
 class SessionSettings:
@@ -82,13 +85,18 @@ class LiveSession:
     started_at: float = field(default_factory=time.time)
     ended: trio.Event = field(default_factory=trio.Event)
     end_reason: str = ""
+    end_kind: str = "other"
     close_code: int = CLOSE_SERVICE_RESTART
 
-    def end(self, reason: str, *, close_code: int = CLOSE_SERVICE_RESTART) -> bool:
-        """End this session (first caller wins); returns whether this call ended it."""
+    def end(self, reason: str, *, close_code: int = CLOSE_SERVICE_RESTART, kind: str = "other") -> bool:
+        """End this session (first caller wins); returns whether this call ended it.
+
+        ``kind`` is one of :data:`FAILURE_REASONS` (the metrics label); ``reason`` is the human message.
+        """
         if self.ended.is_set():
             return False
         self.end_reason = reason
+        self.end_kind = kind
         self.close_code = close_code
         self.ended.set()
         self.nursery.cancel_scope.cancel()
@@ -143,6 +151,9 @@ class SessionStats:
         self.recent_errors.append(entry)
         return entry
 
+    failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAILURE_REASONS, 0))
+    """Failed handshakes and ended sessions by kind (:data:`FAILURE_REASONS`)."""
+
 
 class SessionManager:
     """Owns the session loop; see the module contract."""
@@ -161,6 +172,8 @@ class SessionManager:
         self._rng = rng
         self.state = State.STARTING
         self.since = time.time()
+        self._since_monotonic = time.monotonic()
+        self._state_seconds = dict.fromkeys(State, 0.0)
         self.stats = SessionStats()
         self._active: LiveSession | None = None
         self._changed = trio.Event()
@@ -182,10 +195,19 @@ class SessionManager:
         new = next_state(self.state, event)
         if new is not self.state:
             log.info("session %s -> %s%s", self.state.value, new.value, f": {note}" if note else "")
+            now = time.monotonic()
+            self._state_seconds[self.state] += now - self._since_monotonic
+            self._since_monotonic = now
             self.state = new
             self.since = time.time()
         changed, self._changed = self._changed, trio.Event()
         changed.set()
+
+    def state_seconds(self) -> dict[State, float]:
+        """Seconds spent in each state since start, the current one counted up to now."""
+        spent = dict(self._state_seconds)
+        spent[self.state] += time.monotonic() - self._since_monotonic
+        return spent
 
     async def wait_ready(self, timeout_s: float) -> LiveSession:
         """The ready session, waiting up to ``timeout_s``; raises :class:`SessionNotReady` after that.
@@ -212,7 +234,7 @@ class SessionManager:
 
     def report_unauthorized(self, session: LiveSession, where: str) -> None:
         """The proxy saw IBKR answer 401 under ``session``: end it (once) so a new handshake starts."""
-        if session.end(f"IBKR answered 401 to {where}"):
+        if session.end(f"IBKR answered 401 to {where}", kind="upstream_401"):
             log.warning("session ended: IBKR answered 401 to %s", where)
 
     def retry_after_s(self) -> int:
@@ -281,16 +303,17 @@ class SessionManager:
         self._active = None
         if not self._stopping:
             self.stats.sessions_ended += 1
-            self._record_failure(session.end_reason)
+            self._record_failure(session.end_reason, session.end_kind)
             self._move(Event.FAIL, session.end_reason)
         return time.time() - ready_at
 
     def _handshake_failed(self, reason: str) -> None:
-        self._record_failure(reason)
+        self._record_failure(reason, "handshake")
         self.stats.handshake_failures += 1
         self._move(Event.FAIL, reason)
 
-    def _record_failure(self, reason: str) -> None:
+    def _record_failure(self, reason: str, kind: str) -> None:
+        self.stats.failures[kind] = self.stats.failures.get(kind, 0) + 1
         self.stats.note_error(reason, time.time())
         self.stats.authenticated = False
         log.warning("session failure: %s", reason)
@@ -346,19 +369,19 @@ class SessionManager:
                     self._client, base_url=settings.base_url, signer=session.signer, user_agent=settings.user_agent
                 )
             except GatewayError as exc:
-                session.end(f"tickle failed: {exc}")
+                session.end(f"tickle failed: {exc}", kind="tickle_error")
                 return
             except Exception as exc:  # never raise into the session nursery
                 log.exception("unexpected error in tickle")
-                session.end(f"tickle failed: unexpected {type(exc).__name__}")
+                session.end(f"tickle failed: unexpected {type(exc).__name__}", kind="tickle_error")
                 return
             self._note_tickle(result)
             session.cookie = result.session
             if result.status.competing:
-                session.end("tickle: another session is competing for the brokerage session")
+                session.end("tickle: another session is competing for the brokerage session", kind="competing")
                 return
             if not result.status.authenticated:
-                session.end("tickle: IBKR says the brokerage session is not authenticated")
+                session.end("tickle: IBKR says the brokerage session is not authenticated", kind="unauthenticated")
                 return
 
     async def _refresh_loop(self, session: LiveSession) -> None:
@@ -375,7 +398,7 @@ class SessionManager:
                 if not isinstance(exc, GatewayError):
                     log.exception("unexpected error refreshing the live session token")
                 if time.time() * 1000 >= session.lst_expires_at_ms:
-                    session.end(f"live session token expired and could not be refreshed: {reason}")
+                    session.end(f"live session token expired and could not be refreshed: {reason}", kind="lst_expired")
                     return
                 log.warning("LST refresh failed, retrying: %s", reason)
                 self.stats.note_error(f"LST refresh failed, retrying: {reason}", time.time())

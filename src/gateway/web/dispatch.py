@@ -1,39 +1,56 @@
 """The top-level ASGI app: checks every request, then hands it to the proxy, the relay or the internal pages.
 
 Order of checks for HTTP (the first failure answers; nothing refused is ever forwarded):
-header limits (431) → canonical path (400) → ``/health`` → API key for ``/`` and ``/session`` (401) → internal
-pages → the dashboard example's static files when enabled (``/examples/dashboard/…``; no key: they hold no data)
-→ allow-listed route (404) → CORS preflight → API key (401) → Origin (403) → method (405) → framing (400) →
-body size (413) → query (400) → proxy.
+header limits (431) → canonical path (400) → ``/metrics`` (its own access rule, ``server.metrics``) → ``/health``
+→ API key for ``/`` and ``/session`` (401) → internal pages → the dashboard example's static files when enabled
+(``/examples/dashboard/…``; no key: they hold no data) → allow-listed route (404) → CORS preflight → API key (401)
+→ Origin (403) → method (405) → framing (400) → body size (413) → query (400) → proxy.
 
 WebSocket upgrades go through the same header, path, route, key, Origin and query checks; a refused upgrade is
 answered before accept (HTTP 403), so no relay starts.
 
+Every HTTP answer — proxied, error or internal page — carries ``X-Request-Id`` (the client's when well-formed,
+see :mod:`gateway.web.request_id`), and every log line written while handling it carries the same id
+(:data:`gateway.logs.REQUEST_ID`). Every answered HTTP request is counted in
+:class:`~gateway.metrics.RequestMetrics` by route pattern (not raw path), method and status.
+
 Contract: the request handed to the proxy or relay carries no ``access_key`` query parameter, and its scope holds
-``gateway.max_body`` (the route's body limit), ``gateway.client`` (a :class:`ClientLabel` for log lines) and, for
-WebSockets, ``gateway.subprotocol`` (the entry to echo).
+``gateway.max_body`` (the route's body limit), ``gateway.route`` (the matched route pattern, the metrics label),
+``gateway.request_id``, ``gateway.client`` (a :class:`ClientLabel` for log lines) and, for WebSockets,
+``gateway.subprotocol`` (the entry to echo).
+
+:attr:`Dispatcher.settings` may be replaced at any time (config reload): a request's checks run without yielding
+to other tasks, so each request sees either the old or the new settings, never a mix.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import trio
 
-from gateway.asgi import ASGIApp, Message, Receive, Scope, Send, send_error
+from gateway.asgi import ASGIApp, Message, Receive, Scope, Send, error_body, send_error
 from gateway.config.model import IPNetwork, RouteConfig
+from gateway.logs import REQUEST_ID
+from gateway.metrics import UNROUTED, RequestMetrics
 from gateway.proxy import transforms
 from gateway.web import auth, examples
+from gateway.web.request_id import HEADER as REQUEST_ID_HEADER
+from gateway.web.request_id import request_id
 
 log = logging.getLogger("gateway.edge")
 
 PUBLIC_PATHS = frozenset({"/health"})
 INTERNAL_PATHS = frozenset({"/", "/health", "/session"})
+METRICS_PATH = "/metrics"
 MAX_BODY_KEY = "gateway.max_body"
 SUBPROTOCOL_KEY = "gateway.subprotocol"
 CLIENT_KEY = "gateway.client"
+ROUTE_KEY = "gateway.route"
+REQUEST_ID_KEY = "gateway.request_id"
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -49,6 +66,7 @@ class DispatchSettings:
     max_body_bytes: int = 65536
     max_header_bytes: int = 16384
     max_header_count: int = 100
+    metrics: str = "loopback"  # who may read /metrics: "loopback", "api_key" or "off"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +133,26 @@ def framing_problem(headers: Headers) -> str | None:
     return None
 
 
+def is_loopback(address: str | None) -> bool:
+    """Whether ``address`` is a loopback IP (``127.0.0.0/8``, ``::1``); names and junk are not."""
+    if address is None:
+        return False
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+class _Answer:
+    """What the request counter needs to know about one HTTP answer: its route label and status (499: none sent)."""
+
+    __slots__ = ("route", "status")
+
+    def __init__(self) -> None:
+        self.route = UNROUTED
+        self.status = 499
+
+
 class Dispatcher:
     """The ASGI entry point; see the module docstring for the order of checks."""
 
@@ -126,32 +164,64 @@ class Dispatcher:
         http_proxy: ASGIApp,
         relay: ASGIApp,
         examples_app: ASGIApp | None = None,
+        metrics: RequestMetrics | None = None,
+        metrics_page: ASGIApp | None = None,
     ) -> None:
         """``examples_app`` serves ``/examples/dashboard/…`` when given; without it those paths are unrouted."""
-        self._settings = settings
+        self.settings = settings
         self._pages = pages
         self._http = http_proxy
         self._relay = relay
         self._examples = examples_app
+        self._metrics = metrics
+        self._metrics_page = metrics_page
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
+        if kind != "http":
+            await self._other(kind, scope, receive, send)
+            return
+        # HTTP, the hot path, inline: one id, one closure, one header appended to the response start, one dict
+        # increment. Logs written while handling carry the id (REQUEST_ID); the answer is counted by route.
+        rid = request_id(scope["headers"])
+        token = REQUEST_ID.set(rid)
+        id_header = (REQUEST_ID_HEADER, rid.encode("ascii"))
+        answer = _Answer()
+
+        async def stamped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                answer.status = message["status"]
+                message["headers"] = [*message.get("headers", ()), id_header]
+            await send(message)
+
+        try:
+            await self._http_request(scope, receive, stamped, answer, rid)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
+            _connection_lost(exc)
+        finally:
+            REQUEST_ID.reset(token)
+            if self._metrics is not None:
+                self._metrics.count_request(answer.route, scope["method"], answer.status)
+
+    async def _other(self, kind: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """Lifespan and WebSocket scopes (WebSockets get a request id too)."""
         try:
             if kind == "lifespan":
                 await self._pages(scope, receive, send)
-            elif kind == "http":
-                await self._http_request(scope, receive, send)
             elif kind == "websocket":
-                await self._websocket(scope, receive, send)
+                rid = request_id(scope["headers"])
+                token = REQUEST_ID.set(rid)
+                try:
+                    await self._websocket(scope, receive, send, rid)
+                finally:
+                    REQUEST_ID.reset(token)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
-            # The client's connection broke (or the server is tearing down a malformed pipelined connection)
-            # while we answered; there is no one left to tell, and it is not the gateway's error.
-            log.info("client connection lost while answering: %s", type(exc).__name__)
+            _connection_lost(exc)
 
     # --- shared checks --------------------------------------------------------------------------------
 
     def _route(self, path: str) -> RouteConfig | None:
-        return transforms.match_route(self._settings.routes, path)
+        return transforms.match_route(self.settings.routes, path)
 
     def _origin_ok(self, scope: Scope, headers: Headers, origin: bytes | None) -> bool:
         """``origin_allowed`` with the scheme the browser used: ``X-Forwarded-Proto`` from a trusted proxy
@@ -160,13 +230,22 @@ class Dispatcher:
             return True
         client = scope.get("client")
         peer = client[0] if client else None
-        _, forwarded_proto = transforms.client_address(peer, headers, self._settings.trusted_proxies)
+        _, forwarded_proto = transforms.client_address(peer, headers, self.settings.trusted_proxies)
         scheme = forwarded_proto or scope["scheme"]
         host = transforms.header_value(headers, b"host")
-        return origin_allowed(origin, host, scheme, self._settings.allowed_origins)
+        return origin_allowed(origin, host, scheme, self.settings.allowed_origins)
+
+    def _from_loopback(self, scope: Scope, headers: Headers) -> bool:
+        """The TCP peer is loopback and so is the client behind it (a trusted proxy's ``X-Forwarded-For``)."""
+        client = scope.get("client")
+        peer = client[0] if client else None
+        if not is_loopback(peer):
+            return False
+        address, _ = transforms.client_address(peer, headers, self.settings.trusted_proxies)
+        return is_loopback(address)
 
     def _authorized(self, headers: Headers, query: bytes, subprotocol_key: str | None = None) -> bool:
-        keys = self._settings.api_keys
+        keys = self.settings.api_keys
         if not keys.enabled:
             return True
         return any(
@@ -182,8 +261,8 @@ class Dispatcher:
 
     # --- HTTP -----------------------------------------------------------------------------------------
 
-    async def _http_request(self, scope: Scope, receive: Receive, send: Send) -> None:
-        settings = self._settings
+    async def _http_request(self, scope: Scope, receive: Receive, send: Send, answer: _Answer, rid: str) -> None:
+        settings = self.settings
         headers: Headers = scope["headers"]
         too_big = header_limit_problem(headers, settings.max_header_bytes, settings.max_header_count)
         if too_big is not None:
@@ -198,6 +277,7 @@ class Dispatcher:
         method: str = scope["method"]
         query: bytes = scope.get("query_string", b"")
         if path in INTERNAL_PATHS and method in ("GET", "HEAD"):
+            answer.route = path
             if path not in PUBLIC_PATHS and not self._authorized(headers, query):
                 await self._unauthorized(send)
                 return
@@ -206,10 +286,15 @@ class Dispatcher:
         if self._examples is not None and examples.is_example_path(path):
             await self._examples(scope, receive, send)
             return
+        if path == METRICS_PATH and method in ("GET", "HEAD"):
+            answer.route = path
+            await self._metrics_endpoint(scope, receive, send, headers, query)
+            return
         route = self._route(path)
         if route is None:
             await send_error(send, 404, "not_routed", f"{path} is not an allow-listed route of this gateway")
             return
+        answer.route = route.path
         origin = transforms.header_value(headers, b"origin")
         allowed = self._origin_ok(scope, headers, origin)
         if (
@@ -253,8 +338,34 @@ class Dispatcher:
         forwarded = dict(scope)
         forwarded["query_string"] = auth.without_query_key(query)
         forwarded[MAX_BODY_KEY] = limit
+        forwarded[ROUTE_KEY] = route.path
+        forwarded[REQUEST_ID_KEY] = rid
         forwarded[CLIENT_KEY] = _client_label(scope, settings.trusted_proxies)
         await self._http(forwarded, receive, _with_headers(send, _cors_headers(origin)) if origin else send)
+
+    async def _metrics_endpoint(
+        self, scope: Scope, receive: Receive, send: Send, headers: Headers, query: bytes
+    ) -> None:
+        """``/metrics`` per ``server.metrics``: ``off`` → 404; ``loopback`` → loopback clients, or anyone with a
+        valid API key when keys are configured (403 otherwise); ``api_key`` → a valid API key (401 otherwise)."""
+        mode = self.settings.metrics
+        if mode == "off" or self._metrics_page is None:
+            await send_error(send, 404, "metrics_off", '/metrics is turned off (server.metrics = "off")')
+            return
+        keyed = self.settings.api_keys.enabled and self._authorized(headers, query)
+        if mode == "api_key" and not keyed:
+            await self._unauthorized(send)
+            return
+        if mode == "loopback" and not keyed and not self._from_loopback(scope, headers):
+            await send_error(
+                send,
+                403,
+                "metrics_forbidden",
+                '/metrics is readable only by loopback clients (server.metrics = "loopback")'
+                + (" or with an API key" if self.settings.api_keys.enabled else ""),
+            )
+            return
+        await self._metrics_page(scope, receive, send)
 
     async def _unauthorized(self, send: Send) -> None:
         await send_error(
@@ -284,8 +395,8 @@ class Dispatcher:
 
     # --- WebSocket ------------------------------------------------------------------------------------
 
-    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        settings = self._settings
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send, rid: str) -> None:
+        settings = self.settings
         headers: Headers = scope["headers"]
         raw_path = self._raw_path(scope)
         query: bytes = scope.get("query_string", b"")
@@ -301,13 +412,36 @@ class Dispatcher:
         if refused:
             message = await receive()
             if message["type"] == "websocket.connect":
-                await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
+                await _refuse_upgrade(scope, send, rid)
             return
         forwarded = dict(scope)
         forwarded["query_string"] = auth.without_query_key(query)
         forwarded[SUBPROTOCOL_KEY] = entry
+        forwarded[REQUEST_ID_KEY] = rid
         forwarded[CLIENT_KEY] = _client_label(scope, settings.trusted_proxies)
         await self._relay(forwarded, receive, send)
+
+
+async def _refuse_upgrade(scope: Scope, send: Send, rid: str) -> None:
+    """Answer a refused WebSocket upgrade with HTTP 403 (before accept, so no relay starts), carrying the request id
+    and the gateway's JSON error where the server supports ASGI's ``websocket.http.response`` extension."""
+    if "websocket.http.response" not in (scope.get("extensions") or {}):
+        await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
+        return
+    body = error_body(403, "upgrade_refused", "WebSocket upgrade refused (route, Origin, API key or request checks)")
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (REQUEST_ID_HEADER, rid.encode("ascii")),
+    ]
+    await send({"type": "websocket.http.response.start", "status": 403, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
+def _connection_lost(exc: BaseException) -> None:
+    # The client's connection broke (or the server is tearing down a malformed pipelined connection) while we
+    # answered; there is no one left to tell, and it is not the gateway's error.
+    log.info("client connection lost while answering: %s", type(exc).__name__)
 
 
 def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
