@@ -14,7 +14,8 @@ Contract:
   pings, and raises :class:`WebSocketClosed` with the peer's code once the peer closes (the close is answered)
   or the connection breaks (code 1006). A message over ``max_message_bytes`` closes the connection with 1009.
 - On exit the connection is closed: a Close frame (code 1000 unless :meth:`~UpstreamWebSocket.start_close` chose
-  one) if none was sent, a bounded wait for the peer's Close, then the stream is closed — whoever closed first.
+  one) if none was sent, a wait for the peer's Close (unless the connection already failed), both bounded together
+  by ``_CLOSE_TIMEOUT_S``, then the stream is closed — whoever closed first.
   Nothing here logs or raises the handshake headers (they carry the session cookie).
 """
 
@@ -114,8 +115,15 @@ class UpstreamWebSocket:
                 await self._read()
             event = self._events.pop(0) if len(self._events) > 1 else self._events.pop()
             if isinstance(event, TextMessage | BytesMessage):
-                self._parts.append(event.data if isinstance(event.data, str) else bytes(event.data))
-                self._size += len(event.data)
+                data = event.data
+                if isinstance(data, str):
+                    self._parts.append(data)
+                    # The limit is in bytes: a character is 1-4 UTF-8 bytes; encode only when it could matter.
+                    size = len(data) if self._size + 4 * len(data) <= self._max else len(data.encode("utf-8"))
+                else:
+                    self._parts.append(bytes(data))
+                    size = len(data)
+                self._size += size
                 if self._size > self._max:
                     await self.start_close(1009, "message too big")
                     self.closed = WebSocketClosed(1009, "message too big")
@@ -155,9 +163,10 @@ class UpstreamWebSocket:
             self.closed = WebSocketClosed(_ABNORMAL)
 
     async def _finish(self) -> None:
-        """Close frame if none was sent, then wait (bounded) for the peer's Close; the caller closes the stream."""
-        await self.start_close(1000)
+        """Close frame if none was sent, then wait for the peer's Close — both within ``_CLOSE_TIMEOUT_S``, since a
+        peer that stops reading can block the write too. The caller closes the stream."""
         with trio.move_on_after(_CLOSE_TIMEOUT_S):
+            await self.start_close(1000)
             while self.closed is None:
                 try:
                     await self.receive()
@@ -192,7 +201,8 @@ async def connect_websocket(
             stream = await trio.open_tcp_stream(parts.hostname, port)
     try:
         with trio.fail_after(connect_timeout_s):
-            connection = await _handshake(stream, parts.netloc, target, extra_headers, subprotocols, max_message_bytes)
+            host = parts.netloc.rsplit("@", 1)[-1]  # never user information in the Host header
+            connection = await _handshake(stream, host, target, extra_headers, subprotocols, max_message_bytes)
         try:
             yield connection
         finally:
@@ -201,7 +211,7 @@ async def connect_websocket(
     finally:
         with trio.move_on_after(_CLOSE_TIMEOUT_S) as closing:
             closing.shield = True
-            await trio.aclose_forcefully(stream) if closing.cancel_called else await stream.aclose()
+            await stream.aclose()  # a TLS close_notify that cannot be sent in time: trio closes the socket anyway
 
 
 async def _handshake(
@@ -218,14 +228,16 @@ async def _handshake(
     status: int | None = None
     while True:
         data = await stream.receive_some(_READ_SIZE)
-        if not data:
+        if not data and status is None:
             raise trio.BrokenResourceError("upstream closed during the WebSocket handshake")
         try:
-            ws.receive_data(bytes(data))
+            ws.receive_data(bytes(data) if data else None)  # None: EOF, which may end a refusal's body
             events = list(ws.events())
         except RemoteProtocolError as exc:
+            # A refusal is an event, not an error; an error means the answer was not a WebSocket handshake at all.
             hint = exc.event_hint
-            raise WebSocketRejected(hint.status_code if isinstance(hint, RejectConnection) else 502) from None
+            known = isinstance(hint, RejectConnection) and hint.status_code != 400  # 400: wsproto's own default
+            raise WebSocketRejected(hint.status_code if known else 502) from None  # type: ignore[union-attr]
         for index, event in enumerate(events):
             if isinstance(event, AcceptConnection):
                 connection = UpstreamWebSocket(stream, ws, max_message_bytes)
@@ -237,3 +249,5 @@ async def _handshake(
                     raise WebSocketRejected(status)
             elif isinstance(event, RejectData) and event.body_finished:
                 raise WebSocketRejected(status or 502)
+        if not data:
+            raise WebSocketRejected(status or 502)  # the refusal's body ended with the connection
