@@ -234,6 +234,10 @@ async def test_websocket_relay_through_nginx(stack: Stack, caplog: pytest.LogCap
                         ticks.append(message)
             assert {tick["conid"] for tick in ticks} == {265598}
             assert stack.gw.gateway.relays.open == 1
+            # The status shows who holds the relay as the browser saw it: nginx's X-Forwarded-For and -Proto.
+            async with stack.gw.client() as direct:
+                relays = (await direct.get("/session")).json()["relays"]
+            assert relays["clients"] == [{"client": CLIENT_ADDRESS, "scheme": "https"}]
         finally:
             await ws.aclose()
     with trio.fail_after(5):

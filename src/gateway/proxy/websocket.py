@@ -61,6 +61,7 @@ class RelayCounters:
     opened_total: int = 0
     messages_up: int = 0
     messages_down: int = 0
+    clients: dict[int, object] = field(default_factory=dict)  # open relay → its client label (see status.py)
 
 
 @dataclass(eq=False)
@@ -154,6 +155,7 @@ class WebSocketRelay:
                         if self.counters.open == 1:
                             self._none_open = trio.Event()
                         client = relay.scope.get("gateway.client", "-")  # real address behind trusted proxies
+                        self.counters.clients[id(relay)] = client
                         log.info("%s: WebSocket relay open client=%s", relay.path, client)
                         try:
                             await self._pump(relay, upstream)
@@ -162,6 +164,7 @@ class WebSocketRelay:
                                 # Tell the client first (1012 restart / 1001 shutdown), then close upstream.
                                 await self._close_client(relay, session.close_code)
                             self.counters.open -= 1
+                            self.counters.clients.pop(id(relay), None)
                             if not self.counters.open:
                                 self._none_open.set()
                             log.info("%s: WebSocket relay closed client=%s", relay.path, client)

@@ -79,15 +79,21 @@ class ClientLabel:
     peer: str | None
     headers: Headers
     trusted: tuple[IPNetwork, ...]
+    scheme: str = "http"
 
     def __str__(self) -> str:
         address, _ = transforms.client_address(self.peer, self.headers, self.trusted)
         return address or "-"
 
+    def describe(self) -> dict[str, str]:
+        """``{"client": address, "scheme": ...}`` as the client saw it (``X-Forwarded-Proto`` from a trusted proxy)."""
+        address, proto = transforms.client_address(self.peer, self.headers, self.trusted)
+        return {"client": address or "-", "scheme": proto or self.scheme}
+
 
 def _client_label(scope: Scope, trusted: tuple[IPNetwork, ...]) -> ClientLabel:
     client = scope.get("client")
-    return ClientLabel(client[0] if client else None, scope["headers"], trusted)
+    return ClientLabel(client[0] if client else None, scope["headers"], trusted, scope.get("scheme", "http"))
 
 
 def origin_allowed(origin: bytes | None, host: bytes | None, scheme: str, allowed: frozenset[str]) -> bool:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +68,19 @@ def _pacing_summary(pacing: dict[str, Any]) -> str:
     )
 
 
+MAX_LISTED_CLIENTS = 50
+
+
+def _relay_clients(labels: Iterable[object]) -> list[dict[str, str]]:
+    """Who holds the open relays: address and scheme as the client saw them (behind nginx: ``X-Forwarded-For`` /
+    ``X-Forwarded-Proto`` from a trusted proxy), at most :data:`MAX_LISTED_CLIENTS`."""
+    listed: list[dict[str, str]] = []
+    for label in itertools.islice(labels, MAX_LISTED_CLIENTS):
+        describe = getattr(label, "describe", None)
+        listed.append(describe() if callable(describe) else {"client": str(label), "scheme": "-"})
+    return listed
+
+
 def healthy(source: StatusSource) -> bool:
     """Ready and IBKR says the brokerage session is authenticated."""
     return source.manager.active is not None and source.manager.stats.authenticated
@@ -111,6 +126,7 @@ def snapshot(source: StatusSource) -> dict[str, Any]:
             "opened_total": source.relays.opened_total,
             "messages_up": source.relays.messages_up,
             "messages_down": source.relays.messages_down,
+            "clients": _relay_clients(source.relays.clients.values()),
         },
         "pacing": pacing,
         "pacing_summary": _pacing_summary(pacing),
