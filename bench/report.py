@@ -153,6 +153,16 @@ def floor_markdown(results: dict[str, Any]) -> str | None:
             ("small_get", "gateway", "proxy_cpu_ms_per_request"),
         ),
         (
+            "small GET at 50 req/s: latency p50 (ms)",
+            get(floor, "fixed_rate", "p50_ms"),
+            ("fixed_rate", "gateway", "p50_ms"),
+        ),
+        (
+            "small GET at 50 req/s: latency p99 (ms)",
+            get(floor, "fixed_rate", "p99_ms"),
+            ("fixed_rate", "gateway", "p99_ms"),
+        ),
+        (
             "WebSocket: messages/s client→server",
             get(floor, "ws_rates", "up_per_s"),
             ("ws_rates", "gateway", "up_per_s"),

@@ -629,6 +629,15 @@ class Bench:
                 "latency_ms": result.latency_ms,
                 "cpu_ms_per_request": (cpu1 - cpu0) / max(result.requests, 1),
             }
+        with step(f"floor: open-loop {plan.rate:g} req/s × {plan.rate_requests}", proc):
+            loop = loadgen.run_open_loop(
+                port, SMALL, rate=plan.rate, count=plan.rate_requests, expect=nginx.SMALL_BODY.encode()
+            )
+            out["fixed_rate"] = {
+                "ok": loop.ok,
+                "p50_ms": pct(loop.latency_ms, 50),
+                "p99_ms": pct(loop.latency_ms, 99),
+            }
         with step(f"floor: WebSocket rates ({plan.ws_messages} msgs each way)", proc):
             cpu0 = procs.cpu_ms(proc.pid)
             rates = trio.run(partial(wsbench.rates, port, WS, messages=plan.ws_messages))
