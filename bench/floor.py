@@ -1,9 +1,11 @@
 """The floor: hypercorn, configured exactly as the gateway configures it, serving a no-op ASGI app.
 
 Every figure the gateway reaches is bounded by what its server stack costs on its own. This app answers
-``GET /v1/api/bench/small`` with the same ``{"ok":true}`` as nginx A, and speaks bench/wsecho.py's protocol on
-``/v1/api/ws`` (``c...`` counted, ``?`` → ``n=<count>``, ``p<N>`` → N pushes, anything else echoed), so the
-benchmark measures it with the same load as the three paths. Usage: ``python bench/floor.py --port P``.
+``GET /v1/api/bench/small`` with the same ``{"ok":true}`` as nginx A, streams ``GET /v1/api/bench/big?bytes=N``
+(N zero bytes with a Content-Length, in 256 KiB pieces), reads ``POST /v1/api/bench/upload`` to its end and
+answers ``{"received": <bytes>}`` like bench/sink.py, and speaks bench/wsecho.py's protocol on ``/v1/api/ws``
+(``c...`` counted, ``?`` → ``n=<count>``, ``p<N>`` → N pushes, anything else echoed), so the benchmark measures it
+with the same loads as the three paths. Usage: ``python bench/floor.py --port P``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import signal
 import time
 from functools import partial
 from typing import Any
+from urllib.parse import parse_qs
 
 import hypercorn.trio
 import trio
@@ -21,6 +24,7 @@ from gateway.config.model import ServerConfig
 from gateway.runtime import _hypercorn_config
 
 SMALL = b'{"ok":true}'
+PIECE = bytes(256 * 1024)
 Message = dict[str, Any]
 
 
@@ -35,10 +39,7 @@ async def app(scope: Message, receive: Any, send: Any) -> None:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
     if scope["type"] == "http":
-        await receive()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(SMALL)).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": SMALL})
+        await _http(scope, receive, send)
         return
     await receive()  # websocket.connect
     await send({"type": "websocket.accept"})
@@ -59,6 +60,31 @@ async def app(scope: Message, receive: Any, send: Any) -> None:
                 await send({"type": "websocket.send", "text": f"t{seq} {time.monotonic_ns()}"})
         else:
             await send({"type": "websocket.send", "text": text})
+
+
+async def _http(scope: Message, receive: Any, send: Any) -> None:
+    received = 0
+    while True:  # the request body, read to its end (an upload is counted, never kept)
+        message = await receive()
+        received += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    if scope["path"] == "/v1/api/bench/upload":
+        body = b'{"received": %d}' % received
+    elif scope["path"] == "/v1/api/bench/big":
+        size = int(parse_qs(scope["query_string"].decode()).get("bytes", ["0"])[0])
+        headers = [(b"content-type", b"application/octet-stream"), (b"content-length", str(size).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        while size > 0:
+            piece = PIECE if size >= len(PIECE) else PIECE[:size]
+            size -= len(piece)
+            await send({"type": "http.response.body", "body": piece, "more_body": size > 0})
+        return
+    else:
+        body = SMALL
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _serve(port: int) -> None:

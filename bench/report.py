@@ -162,6 +162,8 @@ def floor_markdown(results: dict[str, Any]) -> str | None:
             get(floor, "fixed_rate", "p99_ms"),
             ("fixed_rate", "gateway", "p99_ms"),
         ),
+        ("download: MB/s", get(floor, "download", "mb_per_s"), ("download", "gateway", "mb_per_s")),
+        ("upload: MB/s", get(floor, "upload", "mb_per_s"), ("upload", "gateway", "mb_per_s")),
         (
             "WebSocket: messages/s client→server",
             get(floor, "ws_rates", "up_per_s"),

@@ -638,6 +638,24 @@ class Bench:
                 "p50_ms": pct(loop.latency_ms, 50),
                 "p99_ms": pct(loop.latency_ms, 99),
             }
+        size = plan.transfer_bytes
+        for kind, url in (
+            ("download", f"http://127.0.0.1:{port}{BIG}?bytes={size}"),
+            ("upload", f"http://127.0.0.1:{port}{UPLOAD}"),
+        ):
+            with step(f"floor: {size >> 20} MiB {kind}", proc):
+                moved = loadgen.curl_transfer(
+                    self.tools.curl,
+                    url,
+                    size=size,
+                    upload=self.dir / "upload.bin" if kind == "upload" else None,
+                    answer_file=self.dir / "floor-upload-answer.json",
+                    watch_pid=proc.pid,
+                    timeout_s=60 + size / 10e6,
+                )
+                if not moved.ok:
+                    raise RuntimeError(moved.detail)
+                out[kind] = {"mb_per_s": moved.mb_per_s, "hwm_kib": moved.hwm_kib}
         with step(f"floor: WebSocket rates ({plan.ws_messages} msgs each way)", proc):
             cpu0 = procs.cpu_ms(proc.pid)
             rates = trio.run(partial(wsbench.rates, port, WS, messages=plan.ws_messages))
