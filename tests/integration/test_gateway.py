@@ -151,6 +151,22 @@ async def test_websocket_relay_streams_ticks(gw: TestGateway) -> None:
             await trio.sleep(0.01)
 
 
+async def test_websocket_burst_from_the_client_reaches_upstream_whole_and_in_order(gw: TestGateway) -> None:
+    """A client that writes faster than the relay forwards: what queued up goes upstream in batches (one write
+    each), and nothing is lost, reordered or merged; text and binary keep their kind."""
+    sent = [f"burst-{index}" for index in range(500)]
+    async with open_websocket(gw.ws_url + "/v1/api/ws") as ws:
+        for index, text in enumerate(sent):
+            await ws.send_message(text.encode() if index % 7 == 0 else text)
+        with trio.fail_after(10):
+            while sum(m.text.startswith("burst-") for m in gw.simulator.ws_messages) < len(sent):  # noqa: ASYNC110
+                await trio.sleep(0.02)
+    got = [m for m in gw.simulator.ws_messages if m.text.startswith("burst-")]
+    assert [m.text for m in got] == sent
+    assert [m.binary for m in got] == [index % 7 == 0 for index in range(len(sent))]
+    assert gw.gateway.relays.messages_up >= len(sent)
+
+
 async def test_session_failure_closes_relays_1012_and_new_relays_work(gw: TestGateway) -> None:
     generation = (await gw.manager.wait_ready(5)).generation
     async with open_websocket(gw.ws_url + "/v1/api/ws") as ws:

@@ -13,14 +13,16 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
 import trio
 
-from gateway.asgi import Receive, Scope, Send
+from gateway.asgi import Message, Receive, Scope, Send
 from gateway.errors import SessionNotReady
 from gateway.session.supervisor import LiveSession, SessionManager
 from gateway.upstream.wsclient import UpstreamWebSocket, WebSocketClosed, WebSocketRejected, connect_websocket
@@ -28,7 +30,19 @@ from gateway.upstream.wsclient import UpstreamWebSocket, WebSocketClosed, WebSoc
 log = logging.getLogger("gateway.websocket")
 
 _CLOSE_TIMEOUT_S = 2.0
+_MAX_BATCH = 64  # messages sent upstream in one write at most
 _UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
+
+
+def _ready_messages(receive: Receive) -> Callable[[], Message] | None:
+    """A non-blocking take of the client's next ASGI message, when the server offers one, else ``None``.
+
+    hypercorn hands the app a trio memory channel's bound ``receive``; its ``receive_nowait`` (raises
+    ``trio.WouldBlock`` when nothing is queued) lets a relay send everything a client wrote in one burst upstream
+    in one write. With any other server the relay simply sends message by message.
+    """
+    take = getattr(getattr(receive, "__self__", None), "receive_nowait", None)
+    return take if callable(take) else None
 
 
 def relay_close_code(code: int | None, *, default: int = 1011) -> int:
@@ -197,25 +211,41 @@ class WebSocketRelay:
 
     async def _client_to_upstream(self, relay: _Relay, upstream: UpstreamWebSocket, done: trio.CancelScope) -> None:
         counters = self.counters
+        receive = relay.receive
+        ready = _ready_messages(receive)
         while True:
-            message = await relay.receive()
-            kind = message["type"]
-            if kind == "websocket.disconnect":
-                relay.client_closed = True
-                code = relay_close_code(message.get("code"), default=1000)
-                with trio.move_on_after(_CLOSE_TIMEOUT_S) as scope:
-                    scope.shield = True
-                    await upstream.start_close(code)  # the peer's answer is awaited when the connection closes
-                done.cancel()
-                return
-            if kind != "websocket.receive":
+            message = await receive()
+            batch: list[str | bytes] = []
+            while True:  # what the client sent meanwhile goes up in one write (one system call, not one each)
+                kind = message["type"]
+                if kind == "websocket.receive":
+                    data = message.get("bytes")
+                    batch.append(data if data is not None else message.get("text") or "")
+                elif kind == "websocket.disconnect":
+                    with contextlib.suppress(WebSocketClosed):
+                        if batch:
+                            await upstream.send_many(batch)
+                            counters.messages_up += len(batch)
+                    relay.client_closed = True
+                    code = relay_close_code(message.get("code"), default=1000)
+                    with trio.move_on_after(_CLOSE_TIMEOUT_S) as scope:
+                        scope.shield = True
+                        await upstream.start_close(code)  # the peer's answer is awaited when the connection closes
+                    done.cancel()
+                    return
+                if ready is None or len(batch) >= _MAX_BATCH:
+                    break
+                try:
+                    message = ready()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+            if not batch:
                 continue
-            data = message.get("bytes")
             try:
-                await upstream.send_many((data if data is not None else message.get("text") or "",))
+                await upstream.send_many(batch)
             except WebSocketClosed:
                 return  # the other direction sees the close and handles it
-            counters.messages_up += 1
+            counters.messages_up += len(batch)
 
     async def _upstream_to_client(self, relay: _Relay, upstream: UpstreamWebSocket, done: trio.CancelScope) -> None:
         counters = self.counters
