@@ -327,10 +327,13 @@ class Http1Pool:
         ``body`` is None for a request without one; otherwise the headers must carry its ``content-length``, or it
         is sent chunked. ``where`` (``"GET /path"``) names the exchange in error messages.
         """
-        with trio.move_on_after(self._timeouts.pool_s) as waiting:
-            await self._slots.acquire()
-        if waiting.cancelled_caught:
-            raise UpstreamTimeout(f"{where}: no free upstream connection in time (pool timeout)")
+        try:
+            self._slots.acquire_nowait()  # the usual case: no deadline scope and no trip through the scheduler
+        except trio.WouldBlock:
+            with trio.move_on_after(self._timeouts.pool_s) as waiting:
+                await self._slots.acquire()
+            if waiting.cancelled_caught:
+                raise UpstreamTimeout(f"{where}: no free upstream connection in time (pool timeout)") from None
         try:
             length = _content_length(headers)
             head = _request_head(
