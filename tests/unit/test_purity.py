@@ -22,6 +22,7 @@ PURE_MODULES = [
     SRC / "config" / "render.py",
     SRC / "config" / "pacing.py",
     SRC / "proxy" / "transforms.py",
+    SRC / "upstream" / "wire.py",
     SRC / "session" / "state.py",
     SRC / "web" / "auth.py",
     SRC / "pacing" / "model.py",

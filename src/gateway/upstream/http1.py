@@ -1,10 +1,12 @@
-"""The proxy's upstream HTTP/1.1 client: one origin, a LIFO keep-alive pool, h11 framing, every step under a deadline.
+"""The proxy's upstream HTTP/1.1 client: one origin, a LIFO keep-alive pool, strict framing, deadlines everywhere.
 
 Why not httpx here: profiled under load, httpx + httpcore took about half of the gateway's CPU per proxied request
 (its pool polls every pooled socket on every request; several layers of request/response objects). This client
 does only what the proxy needs: one origin (IBKR's base URL), raw header lists in and out, streamed bodies both
-ways, and h11 for the wire format (the same parser hypercorn uses for the client side of the hop). httpx remains
-the client for the session's own calls (handshake, tickle), where convenience matters more than microseconds.
+ways. Request heads are written in one piece; response heads and chunked bodies are parsed by the pure
+:mod:`gateway.upstream.wire` (h11 cost about 100 µs per exchange); Content-Length bodies are passed through without
+a copy. httpx remains the client for the session's own calls (handshake, tickle), where convenience matters more
+than microseconds.
 
 Contract:
 - :meth:`Http1Pool.send` writes one request (``Host`` first, then the given headers; a body of unknown length goes
@@ -30,11 +32,11 @@ import ssl
 from collections.abc import AsyncIterator, Sequence
 from urllib.parse import urlsplit
 
-import h11
 import trio
 
 from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
 from gateway.upstream.client import Timeouts
+from gateway.upstream.wire import ChunkedDecoder, Head, WireError, parse_head
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -44,13 +46,13 @@ READ_SIZE = 256 * 1024  # large reads: a 1 GiB stream costs fewer loop turns; sm
 
 
 class _Connection:
-    """One upstream connection and its h11 state machine."""
+    """One upstream connection and the bytes received on it but not yet consumed."""
 
-    __slots__ = ("answered", "conn", "idle_since", "stream")
+    __slots__ = ("answered", "buffer", "idle_since", "stream")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
-        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        self.buffer = bytearray()
         self.idle_since = 0.0
         self.answered = False  # some byte of the current response arrived (a failed request is then not re-sent)
 
@@ -81,57 +83,34 @@ class _Connection:
         """Close at once, without awaiting (safe in cancelled and cleanup paths; no TLS close_notify)."""
         self.socket().close()
 
-    def buffered(self) -> bytes:
-        """What h11 received but has not parsed (after a response head: the start of the body)."""
-        return self.conn.trailing_data[0]
-
     def take_buffered(self) -> bytes:
-        """:meth:`buffered`, once: h11 is replaced by a fresh state machine, since the rest is read raw."""
-        data = self.conn.trailing_data[0]
-        if data:
-            self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+        """Everything received and not yet consumed, once."""
+        if not self.buffer:
+            return b""
+        data = bytes(self.buffer)
+        self.buffer.clear()
         return data
 
 
 class UpstreamResponse:
     """The status and headers of one upstream response, and its body to be read with :meth:`receive`.
 
-    A body framed by ``Content-Length`` (the common case, and every large download) is read straight from the socket
-    after the head: h11's receive buffer would copy every byte twice more. h11 still parsed and validated the head;
-    the connection gets a fresh h11 state when it goes back to the pool. Chunked and close-delimited bodies go
-    through h11.
+    Content-Length bodies (the common case, and every large download) are passed on as read from the socket, with no
+    copy; chunked bodies go through :class:`~gateway.upstream.wire.ChunkedDecoder`; a body delimited by the
+    connection closing is read to EOF (and the connection is not reused).
     """
 
-    __slots__ = ("_conn", "_keep_alive", "_pool", "_remaining", "_where", "headers", "status")
+    __slots__ = ("_chunks", "_conn", "_keep_alive", "_pool", "_remaining", "_where", "headers", "status")
 
-    def __init__(
-        self,
-        pool: Http1Pool,
-        conn: _Connection,
-        head: h11.Response,
-        where: str,
-        *,
-        bodiless: bool,
-    ) -> None:
-        self.status = head.status_code
-        self.headers = list(head.headers)  # names lower-case, as h11 hands them over
+    def __init__(self, pool: Http1Pool, conn: _Connection, head: Head, where: str) -> None:
+        self.status = head.status
+        self.headers = head.headers  # names lower-case, values stripped
         self._pool = pool
         self._conn: _Connection | None = conn
         self._where = where
-        self._keep_alive = head.http_version == b"1.1"
-        length: int | None = None
-        chunked = False
-        for name, value in self.headers:
-            if name == b"content-length":
-                length = int(value)  # h11 checked it: one valid decimal value
-            elif name == b"transfer-encoding":
-                chunked = True
-            elif name == b"connection" and b"close" in value.lower():
-                self._keep_alive = False
-        # None: framed by h11 (chunked, or delimited by the connection closing); else bytes still to read raw.
-        self._remaining: int | None = 0 if bodiless else (None if chunked else length)
-        if self._remaining is None and not chunked:
-            self._keep_alive = False  # the body ends when the upstream closes: nothing left to reuse
+        self._keep_alive = head.keep_alive
+        self._remaining: int | None = {"none": 0, "length": head.length}.get(head.framing)  # None: chunked or close
+        self._chunks = ChunkedDecoder(MAX_HEAD_BYTES) if head.framing == "chunked" else None
 
     def header(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (lower-case), or ``None``."""
@@ -152,10 +131,16 @@ class UpstreamResponse:
         try:
             if self._remaining is not None:
                 return await self._receive_sized(connection)
-            return await self._receive_framed(connection)
+            if self._chunks is not None:
+                return await self._receive_chunked(connection, self._chunks)
+            return await self._receive_until_close(connection)
         except BaseException:
             self.close()
             raise
+
+    def _finish(self, connection: _Connection, *, reusable: bool) -> None:
+        self._conn = None
+        self._pool.release(connection, reusable=reusable and self._keep_alive)
 
     async def _receive_sized(self, connection: _Connection) -> tuple[bytes, bool]:
         remaining = self._remaining
@@ -168,34 +153,42 @@ class UpstreamResponse:
                 raise UpstreamConnectError(
                     f"{self._where}: upstream connection failed (closed with {remaining} body bytes missing)"
                 )
-        if len(data) > remaining:  # bytes after the body: nothing was asked for, so the connection is not reused
+        clean = len(data) <= remaining  # bytes after the body: nothing was asked for, so the connection is not reused
+        if not clean:
             data = data[:remaining]
-            self._keep_alive = False
         remaining -= len(data)
         self._remaining = remaining
         if remaining:
             return data, False
-        self._conn = None
-        self._pool.release_raw(connection, reusable=self._keep_alive)
+        self._finish(connection, reusable=clean)
         return data, True
 
-    async def _receive_framed(self, connection: _Connection) -> tuple[bytes, bool]:
-        pool = self._pool
-        pieces: list[bytes] = []
+    async def _receive_chunked(self, connection: _Connection, chunks: ChunkedDecoder) -> tuple[bytes, bool]:
+        data = connection.take_buffered()
         while True:
-            event = pool.poll(connection, self._where)
-            if event is h11.NEED_DATA:
-                if pieces:
-                    return b"".join(pieces), False  # nothing more buffered: hand over what we have
-                await pool.read_more(connection, self._where)
-            elif type(event) is h11.Data:
-                pieces.append(bytes(event.data))
-            elif type(event) is h11.EndOfMessage:
-                self._conn = None
-                pool.release(connection, reusable=self._keep_alive)
+            if not data:
+                data = await self._pool.read_raw(connection, READ_SIZE, self._where)
+                if not data:
+                    raise UpstreamConnectError(
+                        f"{self._where}: upstream connection failed (closed inside a chunked body)"
+                    )
+            try:
+                pieces = chunks.feed(data)
+            except WireError as exc:
+                raise UpstreamConnectError(f"{self._where}: malformed response from upstream ({exc})") from None
+            data = b""
+            if chunks.done:
+                self._finish(connection, reusable=not chunks.leftover)
                 return b"".join(pieces), True
-            else:
-                raise UpstreamConnectError(f"{self._where}: upstream connection failed (unexpected {event!r})")
+            if pieces:
+                return b"".join(pieces), False
+
+    async def _receive_until_close(self, connection: _Connection) -> tuple[bytes, bool]:
+        data = connection.take_buffered() or await self._pool.read_raw(connection, READ_SIZE, self._where)
+        if data:
+            return data, False
+        self._finish(connection, reusable=False)
+        return b"", True
 
     def close(self) -> None:
         """Abandon the rest of the body: the connection is closed, not reused. Idempotent, never awaits."""
@@ -272,35 +265,12 @@ class Http1Pool:
         return _Connection(stream)
 
     def release(self, connection: _Connection, *, reusable: bool) -> None:
-        """Return a connection whose exchange finished through h11; it is kept only if both sides may go on and
-        nothing unasked followed the response."""
+        """Return a connection whose response was read to its exact end; kept only if ``reusable`` (HTTP/1.1, no
+        ``Connection: close``, nothing unasked after the body)."""
         self._slots.release()
-        conn = connection.conn
-        if (
-            not reusable
-            or self._closed
-            or conn.our_state is not h11.DONE
-            or conn.their_state is not h11.DONE
-            or conn.trailing_data[0]
-        ):
+        if not reusable or self._closed or connection.buffer:
             connection.close()
             return
-        conn.start_next_cycle()
-        connection.idle_since = trio.current_time()
-        self._idle.append(connection)
-        if len(self._idle) > self._max_idle:
-            self._idle.pop(0).close()
-
-    def release_raw(self, connection: _Connection, *, reusable: bool) -> None:
-        """Return a connection whose response body was read raw to its exact end (see :class:`UpstreamResponse`)."""
-        if not reusable:
-            self.discard(connection)
-            return
-        self._slots.release()
-        if self._closed:
-            connection.close()
-            return
-        connection.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         connection.idle_since = trio.current_time()
         self._idle.append(connection)
         if len(self._idle) > self._max_idle:
@@ -364,14 +334,8 @@ class Http1Pool:
         length: int | None,
         where: str,
     ) -> UpstreamResponse:
-        """Write the request, read the response head. On failure the connection is closed (the slot is kept).
-
-        The head and body are written here, not by h11 (whose writers copy every body chunk); h11 is told of a
-        bodiless request with the same method, which is all it needs to parse the response.
-        """
-        conn = connection.conn
-        conn.send(h11.Request(method=method, target=b"/", headers=[(b"host", self._host_header)]))
-        conn.send(h11.EndOfMessage())
+        """Write the request (head in one write, body chunks as they come), read the response head. On failure the
+        connection is closed (the slot is kept)."""
         try:
             if body is None:
                 await self._write(connection, head, where)
@@ -390,19 +354,33 @@ class Http1Pool:
                     await self._write(connection, b"0\r\n\r\n", where)
                 elif sent != length:  # the client's framing was checked upstream of here; never send a short body
                     raise UpstreamConnectError(f"{where}: request body was {sent} bytes, not the declared {length}")
-            event = await self.next_event(connection, where)
-            while type(event) is h11.InformationalResponse:  # 100 Continue and friends: not for the client
-                event = await self.next_event(connection, where)
-            if type(event) is not h11.Response:
-                raise UpstreamConnectError(f"{where}: upstream connection failed (no response)")
-            # h11 bounds only heads still incomplete; one that arrived whole in a large read is measured here.
-            if sum(len(name) + len(value) + 4 for name, value in event.headers) > MAX_HEAD_BYTES:
-                raise UpstreamConnectError(f"{where}: malformed response from upstream (header block too large)")
+            response_head = await self._read_head(connection, method, where)
         except BaseException:
             connection.close()
             raise
-        bodiless = method == b"HEAD" or event.status_code in (204, 304)
-        return UpstreamResponse(self, connection, event, where, bodiless=bodiless)
+        return UpstreamResponse(self, connection, response_head, where)
+
+    async def _read_head(self, connection: _Connection, method: bytes, where: str) -> Head:
+        """The final response head (1xx heads are skipped), reading as needed; the body's start stays buffered."""
+        buffer = connection.buffer
+        while True:
+            try:
+                parsed = parse_head(buffer, request_method=method, max_head_bytes=MAX_HEAD_BYTES)
+            except WireError as exc:
+                raise UpstreamConnectError(f"{where}: malformed response from upstream ({exc})") from None
+            if parsed is None:
+                data = await self.read_raw(connection, READ_SIZE, where)
+                if not data:
+                    what = "closed before answering" if not buffer else "closed inside the response head"
+                    raise UpstreamConnectError(f"{where}: upstream connection failed ({what})")
+                buffer += data
+                continue
+            head, size = parsed
+            del buffer[:size]
+            if head.status >= 200:
+                return head
+            if head.status == 101:
+                raise UpstreamConnectError(f"{where}: malformed response from upstream (unasked protocol switch)")
 
     async def _write(self, connection: _Connection, data: bytes, where: str) -> None:
         try:
@@ -415,53 +393,18 @@ class Http1Pool:
         if deadline.cancelled_caught:
             raise UpstreamTimeout(f"{where}: upstream did not answer in time (write timeout)")
 
-    async def next_event(self, connection: _Connection, where: str) -> h11.Event:
-        """The next h11 event from the upstream, reading as needed under the read deadline."""
-        event = self.poll(connection, where)
-        while event is h11.NEED_DATA:
-            await self.read_more(connection, where)
-            event = self.poll(connection, where)
-        assert isinstance(event, h11.Event)
-        return event
-
-    def poll(self, connection: _Connection, where: str) -> h11.Event | type[h11.NEED_DATA]:
-        """The next event already buffered, or ``NEED_DATA`` (no I/O)."""
-        try:
-            event = connection.conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise UpstreamConnectError(f"{where}: malformed response from upstream ({_protocol_reason(exc)})") from None
-        if event is h11.PAUSED:  # only after a complete response, which receive() never reads past
-            raise UpstreamConnectError(f"{where}: upstream connection failed (unexpected data after the response)")
-        return event  # type: ignore[return-value]
-
     async def read_raw(self, connection: _Connection, size: int, where: str) -> bytes:
-        """One read of at most ``size`` bytes under the read deadline, bypassing h11 (``b""`` at EOF)."""
+        """One read of at most ``size`` bytes under the read deadline (``b""`` at EOF)."""
         data = b""
         try:
             with trio.CancelScope(deadline=trio.current_time() + self._timeouts.read_s) as deadline:
                 data = bytes(await connection.stream.receive_some(size))
-                connection.answered = True
+                connection.answered = connection.answered or bool(data)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
             raise UpstreamConnectError(f"{where}: upstream connection failed ({_reason(exc)})") from None
         if deadline.cancelled_caught:
             raise UpstreamTimeout(f"{where}: upstream did not answer in time (read timeout)")
         return data
-
-    async def read_more(self, connection: _Connection, where: str) -> None:
-        """One read from the upstream under the read deadline, fed to h11 (EOF included)."""
-        data: bytes | bytearray = b""
-        try:
-            with trio.CancelScope(deadline=trio.current_time() + self._timeouts.read_s) as deadline:
-                data = await connection.stream.receive_some(READ_SIZE)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
-            raise UpstreamConnectError(f"{where}: upstream connection failed ({_reason(exc)})") from None
-        if deadline.cancelled_caught:
-            raise UpstreamTimeout(f"{where}: upstream did not answer in time (read timeout)")
-        connection.answered = connection.answered or bool(data)
-        try:
-            connection.conn.receive_data(data)  # type: ignore[arg-type]  # h11 takes any bytes-like
-        except h11.RemoteProtocolError as exc:
-            raise UpstreamConnectError(f"{where}: malformed response from upstream ({_protocol_reason(exc)})") from None
 
 
 def _content_length(headers: Headers) -> int | None:
@@ -484,11 +427,6 @@ def _request_head(method: bytes, target: bytes, host: bytes, headers: Headers, *
         lines.append(b"transfer-encoding: chunked")
     lines.append(b"\r\n")
     return b"\r\n".join(lines)
-
-
-def _protocol_reason(exc: h11.RemoteProtocolError) -> str:
-    """h11's complaint without the offending bytes it quotes (a header line may carry a cookie or a token)."""
-    return str(exc).split(":", 1)[0].strip()[:100] or "framing error"
 
 
 def _reason(exc: BaseException) -> str:
