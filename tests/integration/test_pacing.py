@@ -63,8 +63,14 @@ async def _burst(pid: int, port: int, figure: Figure) -> None:
     async def probe_health(http: httpx.AsyncClient, done: trio.Event) -> None:
         while not done.is_set():
             started = time.perf_counter()
-            assert (await http.get("/health")).status_code == 200
+            answer = await http.get("/health")
             health_ms.append((time.perf_counter() - started) * 1000)
+            if answer.status_code != 200:  # say why: the session's state and its latest errors
+                session = (await http.get("/session")).json()
+                raise AssertionError(
+                    f"/health {answer.status_code} during the burst: state {session['state']}, "
+                    f"recent errors {session['recent_errors'][:3]}, handshakes {session['handshakes']}"
+                )
             await trio.sleep(0.1)
 
     limits = httpx.Limits(max_connections=concurrency + 10, max_keepalive_connections=concurrency + 10)
