@@ -26,6 +26,17 @@ def test_a_complete_head_and_where_the_body_starts() -> None:
     assert (result.framing, result.length, result.keep_alive) == ("length", 2, True)
 
 
+def test_the_first_head_end_counts_even_when_the_body_holds_the_other_kind() -> None:
+    data = b"HTTP/1.1 200 OK\nContent-Length: 8\n\nab\r\n\r\ncd"
+    parsed = head(data)
+    assert parsed is not None
+    assert data[parsed[1] :] == b"ab\r\n\r\ncd"
+    crlf = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nab\n\ncd"
+    parsed = head(crlf)
+    assert parsed is not None
+    assert crlf[parsed[1] :] == b"ab\n\ncd"
+
+
 def test_incomplete_head_waits_and_bare_lf_is_tolerated() -> None:
     assert head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n") is None
     parsed = head(b"HTTP/1.1 204 No Content\nX: y\n\n")

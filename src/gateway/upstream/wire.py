@@ -54,9 +54,9 @@ def parse_head(buffer: bytes | bytearray, *, request_method: bytes, max_head_byt
     """Parse the response head at the start of ``buffer``; see the module contract."""
     end = buffer.find(b"\r\n\r\n")
     size = end + 4
-    if end < 0:
-        end = buffer.find(b"\n\n")  # bare LF line ends are tolerated (RFC 9112 §2.2)
-        size = end + 2
+    bare = buffer.find(b"\n\n")  # bare LF line ends are tolerated (RFC 9112 §2.2): whichever head end comes first
+    if bare >= 0 and (end < 0 or bare < end):
+        end, size = bare, bare + 2
     if end < 0:
         if len(buffer) > max_head_bytes:
             raise WireError("header block too large")
