@@ -14,6 +14,7 @@ import trio
 import trio_websocket
 
 from gateway.logs import configure_logging
+from gateway.session import calls
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
 from tests.twclient import open_websocket
@@ -36,6 +37,49 @@ async def test_lst_is_refreshed_before_expiry_without_dropping_traffic(
         assert gw.manager.active.generation == generation  # refreshed in place: no session restart
         lst_requests = [r for r in gw.simulator.records if r.path == "/v1/api/oauth/live_session_token"]
         assert len(lst_requests) == 1 + gw.manager.stats.lst_refreshes
+
+
+async def test_a_request_racing_an_lst_refresh_is_re_signed_not_a_session_restart(
+    ibkr_sim_credentials: SimulatorCredentials, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """IBKR rejects the old LST from the moment it issues a new one; until the gateway has derived and installed the
+    new token, requests signed with the old one come back 401. That is a race with the refresh, not a dead session:
+    they wait for the new token and are re-signed, and the session (with its relays) goes on. The window, a few ms
+    of DH math in real life, is widened here to 0.5 s after the simulator has issued the new token."""
+    real = calls.request_live_session_token
+    issued = 0
+
+    async def slow_to_install(*args: object, **kwargs: object) -> calls.LiveSessionToken:
+        nonlocal issued
+        token = await real(*args, **kwargs)  # type: ignore[arg-type]
+        issued += 1
+        if issued > 1:  # a refresh (not the first handshake): the simulator already rejects the old token
+            await trio.sleep(0.5)
+        return token
+
+    monkeypatch.setattr(calls, "request_live_session_token", slow_to_install)
+    async with open_test_gateway(credentials=ibkr_sim_credentials, simulator_options={"lst_ttl_s": 2.0}) as gw:
+        generation = (await gw.manager.wait_ready(5)).generation
+        statuses: list[int] = []
+
+        async def keep_asking(http: httpx.AsyncClient) -> None:
+            while True:
+                statuses.append((await http.get("/v1/api/iserver/accounts")).status_code)
+                await trio.sleep(0.02)
+
+        async with gw.client() as http, trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(keep_asking, http)
+            with trio.fail_after(10):
+                while gw.manager.stats.lst_refreshes < 1:  # noqa: ASYNC110 - polls a counter owned by the gateway
+                    await trio.sleep(0.05)
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+        raced = [r for r in gw.simulator.records if r.status == 401 and "superseded" in r.reason]
+        assert raced, "no request hit the refresh window: the test did not exercise the race"
+        assert set(statuses) == {200}
+        assert gw.manager.active is not None
+        assert gw.manager.active.generation == generation  # no session restart
 
 
 async def test_upstream_connection_refused_is_502(ibkr_sim_credentials: SimulatorCredentials) -> None:

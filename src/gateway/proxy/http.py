@@ -7,9 +7,10 @@ Contract:
   ``Content-Encoding`` and ``Content-Length`` stay consistent.
 - No ready session within ``ready_timeout_s`` → 503 JSON with ``Retry-After``. Upstream connect failure → 502,
   timeout → 504, each with a JSON body saying what failed.
-- IBKR 401 → the session is renewed (unless the request merely raced an LST refresh: it was signed with the token
-  just replaced); a request without a body and an idempotent method (GET, HEAD, OPTIONS) is re-signed with a fresh
-  nonce and sent once more under the current token; anything else is never re-sent (503).
+- IBKR 401 → the session is renewed, unless the request merely raced an LST refresh (it was signed with the token
+  just replaced, or while a refresh was in flight: IBKR rejects the old token as soon as it issues the new one —
+  then it waits for the new token); a request without a body and an idempotent method (GET, HEAD, OPTIONS) is
+  re-signed with a fresh nonce and sent once more under the current token; anything else is never re-sent (503).
 - If the upstream fails after the response started, the client connection is aborted (a chunked response never
   gets its last chunk, a sized one is cut short): a truncated body never looks complete.
 - If the client disconnects, the upstream exchange is cancelled.
@@ -284,7 +285,10 @@ class HttpProxy:
         self._pacer.record_response(response.status, retry_after.decode("latin-1") if retry_after else None)
         if response.status == 401 and attempt == 0:
             response.close()
-            if session.signer is signer:  # not a request that raced an LST refresh: the session is gone
+            # A request signed just before an LST refresh took effect is a race, not a dead session: IBKR rejects
+            # the old token from the moment it issues the new one, before the new signer is in place here.
+            raced = session.signer is not signer or session.refreshing
+            if not raced:
                 self._manager.report_unauthorized(session, where)
             if not exchange.retryable:
                 await exchange.fail(
@@ -295,7 +299,8 @@ class HttpProxy:
                     [(b"retry-after", b"1")],
                 )
                 return _Retry.DONE
-            if session.signer is not signer and session.usable:
+            if raced and session.usable:
+                await session.wait_refresh(self._settings.ready_timeout_s)
                 return _Retry.RESIGN  # re-sign under the refreshed token, same session
             return _Retry.NEW_SESSION
         try:

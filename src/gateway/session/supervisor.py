@@ -87,6 +87,33 @@ class LiveSession:
     end_reason: str = ""
     end_kind: str = "other"
     close_code: int = CLOSE_SERVICE_RESTART
+    _refresh_done: trio.Event | None = None  # set while an LST refresh is in flight
+
+    @property
+    def refreshing(self) -> bool:
+        """True from the moment a new LST is asked for until the new signer is in place (or the refresh failed).
+
+        IBKR rejects the old token as soon as it has issued the new one, so a 401 in this window is a race with the
+        refresh, not a dead session.
+        """
+        return self._refresh_done is not None
+
+    def begin_refresh(self) -> None:
+        """Mark an LST refresh as in flight (see :attr:`refreshing`)."""
+        self._refresh_done = trio.Event()
+
+    def end_refresh(self) -> None:
+        """The refresh is over (new signer installed, or it failed): wake requests waiting for it."""
+        done, self._refresh_done = self._refresh_done, None
+        if done is not None:
+            done.set()
+
+    async def wait_refresh(self, timeout_s: float) -> None:
+        """Return when no refresh is in flight (at most ``timeout_s`` later)."""
+        done = self._refresh_done
+        if done is not None:
+            with trio.move_on_after(timeout_s):
+                await done.wait()
 
     def end(self, reason: str, *, close_code: int = CLOSE_SERVICE_RESTART, kind: str = "other") -> bool:
         """End this session (first caller wins); returns whether this call ended it.
@@ -391,9 +418,11 @@ class SessionManager:
             lifetime = max(0.0, session.lst_expires_at_ms / 1000 - session.started_at)
             margin = min(self._settings.refresh_margin_s, lifetime * 0.1)
             await trio.sleep(max(0.0, remaining - margin))
+            session.begin_refresh()
             try:
                 lst = await self._handshake_token()
             except Exception as exc:  # GatewayError or anything unforeseen: retry until the token expires
+                session.end_refresh()
                 reason = str(exc) if isinstance(exc, GatewayError) else f"unexpected {type(exc).__name__}"
                 if not isinstance(exc, GatewayError):
                     log.exception("unexpected error refreshing the live session token")
@@ -405,6 +434,7 @@ class SessionManager:
                 await trio.sleep(min(30.0, max(1.0, margin / 4)))
                 continue
             session.signer = RequestSigner(self._credentials.identity, lst.token)
+            session.end_refresh()
             session.lst_expires_at_ms = lst.expires_at_ms
             session.started_at = time.time()
             self.stats.lst_refreshes += 1
