@@ -291,11 +291,15 @@ class HttpProxy:
             if not raced:
                 self._manager.report_unauthorized(session, where)
             if not exchange.retryable:
+                why = (
+                    "IBKR rejected the request's token while it was being refreshed (401)"
+                    if raced
+                    else "IBKR rejected the session (401); it is being renewed"
+                )
                 await exchange.fail(
                     503,
                     "session_renewing",
-                    f"{where}: IBKR rejected the session (401); it is being renewed. "
-                    "This request was not re-sent because it is not idempotent; retry it.",
+                    f"{where}: {why}. This request was not re-sent because it is not idempotent; retry it.",
                     [(b"retry-after", b"1")],
                 )
                 return _Retry.DONE
