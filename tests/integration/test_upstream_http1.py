@@ -80,9 +80,16 @@ class TrackedPool(Http1Pool):
         self.responses: list[UpstreamResponse] = []
 
     async def send(
-        self, method: bytes, target: bytes, headers: Headers, body: AsyncIterator[bytes] | None, where: str
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        body: AsyncIterator[bytes] | None,
+        where: str,
+        *,
+        authorize: Callable[[], bytes] | None = None,
     ) -> UpstreamResponse:
-        response = await super().send(method, target, headers, body, where)
+        response = await super().send(method, target, headers, body, where, authorize=authorize)
         self.responses.append(response)
         return response
 
@@ -742,6 +749,21 @@ async def test_reused_connection_closed_without_answer_retries_idempotent_reques
         assert len(server.connections[0].requests) == 2  # written once on the stale connection …
         assert len(server.connections[1].requests) == 1  # … and once more on a fresh one
         assert pool.idle_connections == 1
+
+
+async def test_the_stale_connection_retry_is_signed_afresh(pools: Pools) -> None:
+    """The retry writes the request again with a new Authorization (a new OAuth nonce): if the server did see the
+    first write before closing, the second is not a replay of it."""
+    issued = iter([b"OAuth nonce-1", b"OAuth nonce-2", b"OAuth nonce-3"])
+    async with open_raw_server(closes_on_second_request()) as server:
+        pool = pools(server, max_connections=1)
+        assert await get(pool) == b"c0"
+        with trio.fail_after(CEILING):
+            response = await pool.send(b"GET", b"/again", [], None, "GET /again", authorize=lambda: next(issued))
+            assert await read_body(response) == b"c1"
+        stale, fresh = server.connections[0].requests[1], server.connections[1].requests[0]
+        assert b"\r\nauthorization: OAuth nonce-1\r\n" in stale
+        assert b"\r\nauthorization: OAuth nonce-2\r\n" in fresh
 
 
 @pytest.mark.parametrize(

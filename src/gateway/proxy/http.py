@@ -256,15 +256,15 @@ class HttpProxy:
         """Sign, send and relay once (inside the pacer's slot); says whether and how to try again."""
         where = exchange.where
         signer = session.signer
-        authorization = signer.authorization(exchange.method, exchange.url).encode("ascii")
         sent_at = time.monotonic()
         try:
             response = await self._upstream.send(
                 exchange.method.encode("ascii"),
                 exchange.target,
-                [*exchange.headers, (b"authorization", authorization)],
+                exchange.headers,
                 exchange.body,
                 where,
+                authorize=lambda: signer.authorization(exchange.method, exchange.url).encode("ascii"),
             )
         except UpstreamError as exc:
             await exchange.fail(exc.status, exc.code, str(exc))

@@ -29,7 +29,7 @@ Contract:
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from urllib.parse import urlsplit
 
 import trio
@@ -48,13 +48,18 @@ READ_SIZE = 256 * 1024  # large reads: a 1 GiB stream costs fewer loop turns; sm
 class _Connection:
     """One upstream connection and the bytes received on it but not yet consumed."""
 
-    __slots__ = ("answered", "buffer", "idle_since", "stream")
+    __slots__ = ("_socket", "answered", "buffer", "idle_since", "stream")
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.buffer = bytearray()
         self.idle_since = 0.0
         self.answered = False  # some byte of the current response arrived (a failed request is then not re-sent)
+        transport = stream
+        while isinstance(transport, trio.SSLStream):
+            transport = transport.transport_stream
+        assert isinstance(transport, trio.SocketStream)
+        self._socket = transport.socket
 
     def holds_unread_bytes(self) -> bool:
         """Whether anything arrived that no one asked for: in the socket, or already inside the TLS layer.
@@ -69,19 +74,11 @@ class _Connection:
             if stream._ssl_object.pending() or stream._incoming.pending:  # private: see the docstring
                 return True
             stream = stream.transport_stream
-        assert isinstance(stream, trio.SocketStream)
-        return stream.socket.is_readable()
-
-    def socket(self) -> trio.socket.SocketType:
-        stream = self.stream
-        while isinstance(stream, trio.SSLStream):
-            stream = stream.transport_stream
-        assert isinstance(stream, trio.SocketStream)
-        return stream.socket
+        return self._socket.is_readable()
 
     def close(self) -> None:
         """Close at once, without awaiting (safe in cancelled and cleanup paths; no TLS close_notify)."""
-        self.socket().close()
+        self._socket.close()
 
     def take_buffered(self) -> bytes:
         """Everything received and not yet consumed, once."""
@@ -290,12 +287,21 @@ class Http1Pool:
     # --- one exchange ---------------------------------------------------------------------------------
 
     async def send(
-        self, method: bytes, target: bytes, headers: Headers, body: AsyncIterator[bytes] | None, where: str
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        body: AsyncIterator[bytes] | None,
+        where: str,
+        *,
+        authorize: Callable[[], bytes] | None = None,
     ) -> UpstreamResponse:
         """Send ``method target`` with ``headers`` (lower-case names, no ``Host``) and ``body``; the response head.
 
         ``body`` is None for a request without one; otherwise the headers must carry its ``content-length``, or it
-        is sent chunked. ``where`` (``"GET /path"``) names the exchange in error messages.
+        is sent chunked. ``where`` (``"GET /path"``) names the exchange in error messages. ``authorize`` gives the
+        ``Authorization`` value, called for each write of the request: the stale-connection retry is signed afresh
+        (a new OAuth nonce), so a request the server did see before closing is never replayed byte for byte.
         """
         try:
             self._slots.acquire_nowait()  # the usual case: no deadline scope and no trip through the scheduler
@@ -306,21 +312,24 @@ class Http1Pool:
                 raise UpstreamTimeout(f"{where}: no free upstream connection in time (pool timeout)") from None
         try:
             length = _content_length(headers)
-            head = _request_head(
-                method, target, self._host_header, headers, chunked=body is not None and length is None
-            )
+            chunked = body is not None and length is None
+
+            def head() -> bytes:
+                signed = headers if authorize is None else [*headers, (b"authorization", authorize())]
+                return _request_head(method, target, self._host_header, signed, chunked=chunked)
+
             connection = self._take_idle()
             if connection is not None and body is None and method in _REPLAYABLE:
                 try:
-                    return await self._exchange(connection, method, head, None, length, where)
+                    return await self._exchange(connection, method, head(), None, length, where)
                 except UpstreamConnectError:
                     if connection.answered:
                         raise
                     # A stale keep-alive connection: the server closed it as we picked it; one fresh try.
             elif connection is not None:
-                return await self._exchange(connection, method, head, body, length, where)
+                return await self._exchange(connection, method, head(), body, length, where)
             connection = await self._connect(where)
-            return await self._exchange(connection, method, head, body, length, where)
+            return await self._exchange(connection, method, head(), body, length, where)
         except BaseException:
             self._slots.release()
             raise

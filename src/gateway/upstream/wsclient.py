@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+from collections import deque
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
@@ -73,7 +74,7 @@ class UpstreamWebSocket:
         self._ws = ws
         self._max = max_message_bytes
         self._send_lock = trio.StrictFIFOLock()
-        self._events: list[Event] = []  # parsed, not yet handed out (a read may carry many frames)
+        self._events: deque[Event] = deque()  # parsed, not yet handed out (a read may carry many frames)
         self._parts: list[str | bytes] = []
         self._size = 0
         self.close_sent = False
@@ -113,7 +114,7 @@ class UpstreamWebSocket:
                 if self.closed is not None:
                     raise self.closed
                 await self._read()
-            event = self._events.pop(0) if len(self._events) > 1 else self._events.pop()
+            event = self._events.popleft()
             if isinstance(event, TextMessage | BytesMessage):
                 data = event.data
                 if isinstance(data, str):

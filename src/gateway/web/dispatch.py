@@ -91,9 +91,14 @@ class ClientLabel:
         return {"client": address or "-", "scheme": proto or self.scheme}
 
 
-def _client_label(scope: Scope, trusted: tuple[IPNetwork, ...]) -> ClientLabel:
+def _peer(scope: Scope) -> str | None:
+    """The TCP peer's address (the last hop: nginx when it is in front)."""
     client = scope.get("client")
-    return ClientLabel(client[0] if client else None, scope["headers"], trusted, scope.get("scheme", "http"))
+    return client[0] if client else None
+
+
+def _client_label(scope: Scope, trusted: tuple[IPNetwork, ...]) -> ClientLabel:
+    return ClientLabel(_peer(scope), scope["headers"], trusted, scope.get("scheme", "http"))
 
 
 def origin_allowed(origin: bytes | None, host: bytes | None, scheme: str, allowed: frozenset[str]) -> bool:
@@ -150,13 +155,15 @@ def is_loopback(address: str | None) -> bool:
 
 
 class _Answer:
-    """What the request counter needs to know about one HTTP answer: its route label and status (499: none sent)."""
+    """One HTTP answer as the dispatcher shapes it: its route label and status for the request counter (499: none
+    sent), and the headers every response start gets (the request id; CORS headers for an allowed Origin)."""
 
-    __slots__ = ("route", "status")
+    __slots__ = ("headers", "route", "status")
 
-    def __init__(self) -> None:
+    def __init__(self, request_id_header: tuple[bytes, bytes]) -> None:
         self.route = UNROUTED
         self.status = 499
+        self.headers = [request_id_header]
 
 
 class Dispatcher:
@@ -191,13 +198,12 @@ class Dispatcher:
         # increment. Logs written while handling carry the id (REQUEST_ID); the answer is counted by route.
         rid = request_id(scope["headers"])
         token = REQUEST_ID.set(rid)
-        id_header = (REQUEST_ID_HEADER, rid.encode("ascii"))
-        answer = _Answer()
+        answer = _Answer((REQUEST_ID_HEADER, rid.encode("ascii")))
 
         async def stamped(message: Message) -> None:
             if message["type"] == "http.response.start":
                 answer.status = message["status"]
-                message["headers"] = [*message.get("headers", ()), id_header]
+                message["headers"] = [*message.get("headers", ()), *answer.headers]
             await send(message)
 
         try:
@@ -234,17 +240,14 @@ class Dispatcher:
         (nginx terminating TLS) wins over the scheme of the hop to the gateway."""
         if origin is None:  # not a browser cross-origin request; skip the forwarded-header walk on the hot path
             return True
-        client = scope.get("client")
-        peer = client[0] if client else None
-        _, forwarded_proto = transforms.client_address(peer, headers, self.settings.trusted_proxies)
+        _, forwarded_proto = transforms.client_address(_peer(scope), headers, self.settings.trusted_proxies)
         scheme = forwarded_proto or scope["scheme"]
         host = transforms.header_value(headers, b"host")
         return origin_allowed(origin, host, scheme, self.settings.allowed_origins)
 
     def _from_loopback(self, scope: Scope, headers: Headers) -> bool:
         """The TCP peer is loopback and so is the client behind it (a trusted proxy's ``X-Forwarded-For``)."""
-        client = scope.get("client")
-        peer = client[0] if client else None
+        peer = _peer(scope)
         if not is_loopback(peer):
             return False
         address, _ = transforms.client_address(peer, headers, self.settings.trusted_proxies)
@@ -347,7 +350,9 @@ class Dispatcher:
         forwarded[ROUTE_KEY] = route.path
         forwarded[REQUEST_ID_KEY] = rid
         forwarded[CLIENT_KEY] = _client_label(scope, settings.trusted_proxies)
-        await self._http(forwarded, receive, _with_headers(send, _cors_headers(origin)) if origin else send)
+        if origin:
+            answer.headers += _cors_headers(origin)
+        await self._http(forwarded, receive, send)
 
     async def _metrics_endpoint(
         self, scope: Scope, receive: Receive, send: Send, headers: Headers, query: bytes
@@ -448,15 +453,3 @@ def _connection_lost(exc: BaseException) -> None:
     # The client's connection broke (or the server is tearing down a malformed pipelined connection) while we
     # answered; there is no one left to tell, and it is not the gateway's error.
     log.info("client connection lost while answering: %s", type(exc).__name__)
-
-
-def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
-    """A ``send`` that adds ``extra`` headers to the response start."""
-
-    async def wrapped(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message = dict(message)
-            message["headers"] = [*message.get("headers", []), *extra]
-        await send(message)
-
-    return wrapped
