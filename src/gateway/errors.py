@@ -13,6 +13,8 @@ Hierarchy::
     │   ├── UpstreamTimeout         504  no (complete) answer within the configured deadline
     │   └── UpstreamStatusError     502  a session call got an unexpected HTTP status or body
     ├── PacingRejected              429  outbound pacing would not let the request go in time (carries Retry-After)
+    ├── RequestRejected             400  a client's request refused at the edge, never forwarded
+    │   └── BadQuery                400  a query string the gateway cannot forward exactly as checked
     └── SessionError                503  no usable brokerage session
         ├── SessionNotReady         503  no session became ready within ready_timeout_s
         └── SessionEnded            503  the session ended (tickle failed, 401, LST expiry, shutdown)
@@ -152,6 +154,20 @@ class PacingRejected(GatewayError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.reason = reason
+
+
+class RequestRejected(GatewayError):
+    """A client's request that the gateway refuses at its edge; nothing of it is forwarded."""
+
+    status = 400
+    code = "bad_request"
+
+
+class BadQuery(RequestRejected):
+    """A query string that is malformed (percent-escapes, UTF-8, a fragment, bytes a URL cannot hold) or ambiguous
+    (more than one ``access_key``). Messages give positions, never the query's text: it may hold an API key."""
+
+    code = "bad_query"
 
 
 class SessionError(GatewayError):

@@ -4,7 +4,7 @@
 
     serve_gateway ── root nursery ── simulator (only when [simulator] enabled)
                                   ├── systemd watchdog + status line (only under systemd, see gateway.notify)
-                                  ├── hypercorn.trio.serve(Dispatcher)     listening socket: survives session restarts
+                                  ├── web.server.serve(Dispatcher)         listening socket: survives session restarts
                                   └── SessionManager.run ── per-session nursery (tickle, refresh, relays)
 
 Contract: :func:`serve_gateway` reports a :class:`Gateway` handle through ``task_status`` once the socket is
@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import cast
 
-import hypercorn.trio
 import trio
 from hypercorn.config import Config as HypercornConfig
 
@@ -58,7 +57,9 @@ from gateway.web.dispatch import Dispatcher, DispatchSettings
 from gateway.web.examples import ExamplesApp
 from gateway.web.metrics import MetricsPage
 from gateway.web.pages import build_pages_app
+from gateway.web.server import serve as serve_http
 from gateway.web.status import StatusSource
+from gateway.web.tickle import LocalTickle
 
 log = logging.getLogger("gateway")
 
@@ -137,18 +138,6 @@ def _hypercorn_config(server: ServerConfig, host: str, port: int) -> HypercornCo
     config.websocket_max_message_size = MAX_WS_MESSAGE_BYTES
     config.h11_max_incomplete_size = server.max_header_bytes + 1024  # request line + slack; the app enforces it
     return config
-
-
-async def _serve_http(
-    app: Dispatcher,
-    config: HypercornConfig,
-    trigger: trio.Event,
-    *,
-    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    # hypercorn's own graceful wait is not used: its WebSocket ping task outlives a closed connection by up to
-    # websocket_ping_interval, so the drain waits on the gateway's own in-flight accounting instead.
-    await hypercorn.trio.serve(app, config, shutdown_trigger=trigger.wait, task_status=task_status)  # type: ignore[arg-type]
 
 
 def dispatch_settings(config: Config, api_keys: tuple[str, ...]) -> DispatchSettings:
@@ -236,6 +225,7 @@ async def serve_gateway(
             )
             pacer = Pacer(pacing_settings(config.pacing))
             upstream = Http1Pool(base_url, timeouts, tls=tls, max_connections=UPSTREAM_MAX_CONNECTIONS)
+            root.start_soon(upstream.keep_tidy)  # idle connections IBKR closed do not linger in CLOSE-WAIT
             metrics = RequestMetrics()
             proxy = HttpProxy(
                 manager=manager,
@@ -246,6 +236,7 @@ async def serve_gateway(
                     base_url=base_url,
                     user_agent=config.ibkr.user_agent.encode("ascii"),
                     ready_timeout_s=config.session.ready_timeout_s,
+                    body_timeout_s=config.server.body_timeout_s,
                 ),
             )
             source = StatusSource(
@@ -264,12 +255,15 @@ async def serve_gateway(
                 examples_app=ExamplesApp() if config.server.examples else None,
                 metrics=metrics,
                 metrics_page=MetricsPage(source, metrics),
+                tickle=LocalTickle(manager, config.session.ready_timeout_s),
             )
             trigger = trio.Event()
             hconfig = _hypercorn_config(
                 config.server, host or config.server.host, config.server.port if port is None else port
             )
-            urls = await root.start(partial(_serve_http, app, hconfig, trigger))
+            # hypercorn's protocol on the gateway's own accept loop (web/server.py says why). Its drain waits
+            # for busy connections; the gateway's own in-flight accounting below decides when to stop.
+            urls = await root.start(partial(serve_http, app, hconfig, trigger))
             await root.start(manager.run)
             gateway = Gateway(
                 url=urls[0],

@@ -165,13 +165,27 @@ async def test_content_length_with_transfer_encoding_alone_gets_400(gw: TestGate
     assert b'"code": "bad_framing"' in answer
 
 
-async def test_two_content_lengths_are_refused(gw: TestGateway) -> None:
+async def test_two_different_content_lengths_are_refused(gw: TestGateway) -> None:
     request = (
-        b"POST /v1/api/iserver/secdef/search HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
-        b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+        b"POST /v1/api/sim/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        b"Content-Length: 3\r\nConnection: close\r\n\r\n{}"
     )
     answer = await raw_exchange(gw, request)
     assert answer.split(b"\r\n", 1)[0].startswith(b"HTTP/1.1 400"), answer[:120]
+    assert not [r for r in gw.simulator.records if r.path == "/v1/api/sim/echo"]
+
+
+async def test_identical_duplicate_content_lengths_are_merged_into_one(gw: TestGateway) -> None:
+    """What the README says: the HTTP parser merges identical duplicates (RFC 9110 §8.6 allows it); the request goes
+    upstream once, with one Content-Length."""
+    request = (
+        b"POST /v1/api/sim/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+    )
+    answer = await raw_exchange(gw, request)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:120]
+    (record,) = [r for r in gw.simulator.records if r.path == "/v1/api/sim/echo"]
+    assert [value for name, value in record.headers if name.lower() == "content-length"] == ["2"]
 
 
 async def test_absolute_form_and_bad_targets_are_refused(gw: TestGateway) -> None:

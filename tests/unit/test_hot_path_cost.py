@@ -80,7 +80,9 @@ def _difference_us(with_it: Callable[[], object], without: Callable[[], object],
 def test_request_id_and_metrics_cost_per_request(figure: Figure) -> None:
     metrics = RequestMetrics()
     settings = DispatchSettings(routes=(RouteConfig("/v1/api/iserver/*"),), allowed_origins=frozenset())
-    dispatcher = Dispatcher(settings=settings, pages=_proxy, http_proxy=_proxy, relay=_proxy, metrics=metrics)
+    dispatcher = Dispatcher(
+        settings=settings, pages=_proxy, http_proxy=_proxy, relay=_proxy, tickle=_proxy, metrics=metrics
+    )
 
     def full() -> None:
         _run(lambda: dispatcher(SCOPE, _receive, _send))

@@ -24,6 +24,7 @@ PURE_MODULES = [
     SRC / "proxy" / "transforms.py",
     SRC / "upstream" / "wire.py",
     SRC / "session" / "state.py",
+    SRC / "session" / "paths.py",
     SRC / "web" / "auth.py",
     SRC / "pacing" / "model.py",
     SRC / "pacing" / "bucket.py",

@@ -11,16 +11,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config.model import IPNetwork, RouteConfig
+from gateway.errors import BadQuery
 from gateway.proxy.transforms import (
     HOP_BY_HOP,
     REQUEST_HEADER_ALLOWLIST,
+    QueryParam,
     client_address,
     downstream_response_headers,
     header_value,
     header_values,
     match_route,
+    parse_query,
     path_problem,
-    query_problem,
+    query_without,
+    reserved_parameter,
     upstream_request_headers,
     upstream_url,
 )
@@ -249,7 +253,15 @@ def test_property_route_order_does_not_matter(routes: list[RouteConfig], path: s
     assert match_route(routes, path) == match_route(ROUTES, path)
 
 
-# --- query_problem ---------------------------------------------------------------------------------------------
+# --- parse_query / reserved_parameter / query_without -----------------------------------------------------------
+
+
+def query_problem(query: bytes) -> str | None:
+    """What the edge says about ``query``: the parse error, the reserved-name problem, or ``None``."""
+    try:
+        return reserved_parameter(parse_query(query))
+    except BadQuery as exc:
+        return str(exc)
 
 
 @pytest.mark.parametrize(
@@ -277,7 +289,41 @@ def test_client_oauth_parameters_are_rejected(query: bytes) -> None:
 def test_non_ascii_query_is_rejected(query: bytes) -> None:
     problem = query_problem(query)
     assert problem is not None
-    assert "ASCII" in problem
+    assert "printable ASCII" in problem
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        (b"a=%zz", "two hex digits"),
+        (b"q=%ZZ", "two hex digits"),
+        (b"a=%", "two hex digits"),
+        (b"a=%2", "two hex digits"),
+        (b"a=%%", "two hex digits"),
+        (b"%g1=x", "two hex digits"),
+        (b"a=%E9", "UTF-8"),  # a lone Latin-1 byte: no text the signer could sign
+        (b"a=%C3", "UTF-8"),
+        (b"a=1#x", "'#'"),
+        (b"a=1&b=2#", "'#'"),
+        (b"a=b c", "0x20"),
+        (b"a=\tb", "0x09"),
+        (b"a=\x7f", "0x7f"),
+        (b"a=\x00", "0x00"),
+    ],
+)
+def test_malformed_queries_are_refused_saying_what_is_wrong(query: bytes, says: str) -> None:
+    with pytest.raises(BadQuery) as caught:
+        parse_query(query)
+    assert says in str(caught.value)
+    assert caught.value.status == 400
+
+
+def test_a_malformed_query_message_never_quotes_the_query() -> None:
+    secret = b"access_key=very-secret-key-0123456789&x=%zz"
+    with pytest.raises(BadQuery) as caught:
+        parse_query(secret)
+    assert "very-secret" not in str(caught.value)
+    assert "parameter 2" in str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -296,12 +342,39 @@ def test_non_ascii_query_is_rejected(query: bytes) -> None:
         b"token=oauth_token",
         b"a=oauth_token%3Dx",
         b"a=%C3%A9",
-        b"q=%ZZ",
+        b"a=%e2%82%ac",
         b"period=1d&bar=5min",
+        b"q=a+b",
     ],
 )
 def test_ordinary_queries_are_accepted(query: bytes) -> None:
     assert query_problem(query) is None
+
+
+def test_parse_query_decodes_like_the_signer_and_keeps_the_raw_pieces() -> None:
+    params = parse_query(b"%61ccess_key=k&x=a+b&&y=%C3%A9&z")
+    assert params == (
+        QueryParam(b"%61ccess_key=k", "access_key", "k"),
+        QueryParam(b"x=a+b", "x", "a b"),
+        QueryParam(b"y=%C3%A9", "y", "\u00e9"),
+        QueryParam(b"z", "z", ""),
+    )
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        (b"a=1&access_key=k&b=2", b"a=1&b=2"),
+        (b"%61ccess_key=k&b=2", b"b=2"),  # the name is compared decoded, as the key check reads it
+        (b"access%5Fkey=k", b""),
+        (b"access%5fkey=k&a=%2F", b"a=%2F"),  # the rest is kept byte for byte
+        (b"a=1&b=2", b"a=1&b=2"),
+        (b"a=1&&b=2", b"a=1&&b=2"),  # nothing stripped: unchanged, empty pieces included
+        (b"access+key=k&access_keyx=1", b"access+key=k&access_keyx=1"),  # other names stay
+    ],
+)
+def test_query_without_strips_every_spelling_of_a_name(query: bytes, expected: bytes) -> None:
+    assert query_without(query, parse_query(query), "access_key") == expected
 
 
 _key = st.text(alphabet=string.ascii_letters + string.digits + "_-.", min_size=1, max_size=10).filter(
@@ -314,6 +387,13 @@ _pairs = st.lists(st.tuples(_key, st.text(max_size=10)), max_size=6)
 @given(_pairs)
 def test_property_queries_without_oauth_keys_are_accepted(pairs: list[tuple[str, str]]) -> None:
     assert query_problem(urlencode(pairs).encode("ascii")) is None
+
+
+@fast
+@given(_pairs)
+def test_property_parse_query_decodes_what_urlencode_encodes(pairs: list[tuple[str, str]]) -> None:
+    params = parse_query(urlencode(pairs).encode("ascii"))
+    assert [(p.name, p.value) for p in params] == pairs
 
 
 @fast

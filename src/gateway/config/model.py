@@ -38,6 +38,7 @@ class ServerConfig:
     max_websockets: int = 1000
     keep_alive_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
+    body_timeout_s: float = 30.0
     websocket_ping_interval_s: float = 5.0
     examples: bool = False
     metrics: MetricsAccess = "loopback"

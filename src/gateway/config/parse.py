@@ -30,6 +30,7 @@ from gateway.config.model import (
 from gateway.config.pacing import pacing_problems
 from gateway.errors import ConfigError, ConfigProblem
 from gateway.redact import Secret
+from gateway.session.paths import route_claims_session
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +175,16 @@ def _parse_routes(data: Mapping[str, object], source: str, problems: list[Config
             continue
         if path in seen:
             problems.append(ConfigProblem(source, f"{where}.path", f"{path!r} is listed twice"))
+            continue
+        if route_claims_session(path):
+            problems.append(
+                ConfigProblem(
+                    source,
+                    f"{where}.path",
+                    f"{path!r} controls the IBKR session, which the gateway owns: it is never forwarded "
+                    "(remove this route)",
+                )
+            )
             continue
         seen.add(path)
         routes.append(RouteConfig(path=path, methods=methods, max_body_bytes=max_body))

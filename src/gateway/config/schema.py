@@ -287,6 +287,11 @@ SECTIONS: Mapping[str, Mapping[str, Key]] = {
         "read_timeout_s": Key(
             seconds(1.0, 3600.0), 30, "a silent client connection (idle keep-alive, stalled body, WebSocket) is closed"
         ),
+        "body_timeout_s": Key(
+            seconds(1.0, 3600.0),
+            30,
+            "a request body must arrive whole within this many seconds of the request (408 and the connection closed)",
+        ),
         "websocket_ping_interval_s": Key(
             seconds(0.5, 600.0), 5, "ping WebSocket clients this often (keeps idle relays alive, finds dead ones)"
         ),

@@ -16,7 +16,14 @@ from urllib.parse import SplitResult, urlsplit
 from gateway.errors import OAuthError
 from gateway.oauth.encoding import percent_decode, percent_encode
 
-__all__ = ["EXCLUDED_PARAMS", "QueryRule", "normalized_url", "parse_query", "signature_base_string"]
+__all__ = [
+    "EXCLUDED_PARAMS",
+    "QueryRule",
+    "decode_query_pair",
+    "normalized_url",
+    "parse_query",
+    "signature_base_string",
+]
 
 #: Names that belong in the Authorization header but never in the base string.
 EXCLUDED_PARAMS = frozenset({"oauth_signature", "realm"})
@@ -97,13 +104,17 @@ def parse_query(query: str) -> list[tuple[str, str]]:
     Raises:
         OAuthError: a malformed ``%`` escape or escapes that are not valid UTF-8.
     """
-    pairs: list[tuple[str, str]] = []
-    for piece in query.split("&"):
-        if not piece:
-            continue
-        name, _, value = piece.partition("=")
-        pairs.append((percent_decode(name.replace("+", " ")), percent_decode(value.replace("+", " "))))
-    return pairs
+    return [decode_query_pair(piece) for piece in query.split("&") if piece]
+
+
+def decode_query_pair(piece: str) -> tuple[str, str]:
+    """Decode one ``name=value`` piece of a query string (no ``=``: the empty value; ``+`` is a space).
+
+    Raises:
+        OAuthError: a malformed ``%`` escape or escapes that are not valid UTF-8.
+    """
+    name, _, value = piece.partition("=")
+    return percent_decode(name.replace("+", " ")), percent_decode(value.replace("+", " "))
 
 
 def signature_base_string(

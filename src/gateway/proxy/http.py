@@ -3,8 +3,13 @@
 Contract:
 - The request goes upstream with the client's method, raw path and raw query unchanged, only allow-listed
   headers, the configured User-Agent, and an ``Authorization`` header signed last under the session's current LST.
-- Bodies stream both ways with backpressure (nothing is buffered whole); response bytes are passed raw, so
-  ``Content-Encoding`` and ``Content-Length`` stay consistent.
+- A request body must arrive whole within ``body_timeout_s`` of the request (a client trickling it is answered
+  408 and its connection closed). Bodies up to :data:`BUFFER_BODY_BYTES` — sized or chunked, all of IBKR's JSON
+  bodies — are read whole before the request waits for a session or a pacing turn, so a slow client never holds
+  an upstream connection or IBKR's pacing, and a body over the route's limit (413) never reaches IBKR; a chunked
+  one goes up with ``Content-Length``. Larger bodies (routes that allow them) stream up with backpressure; one cut
+  by the deadline or the limit aborts its upstream exchange, so IBKR never sees a complete request. Response bytes
+  are passed raw, so ``Content-Encoding`` and ``Content-Length`` stay consistent.
 - No ready session within ``ready_timeout_s`` → 503 JSON with ``Retry-After``. Upstream connect failure → 502,
   timeout → 504, each with a JSON body saying what failed.
 - IBKR 401 → the session is renewed, unless the request merely raced an LST refresh (it was signed with the token
@@ -25,7 +30,8 @@ import enum
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 import trio
@@ -41,6 +47,8 @@ from gateway.upstream.http1 import Http1Pool, UpstreamResponse
 log = logging.getLogger("gateway.proxy")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+BUFFER_BODY_BYTES = 64 * 1024
+"""A sized request body up to this is read whole before anything goes upstream (IBKR's bodies are small JSON)."""
 
 
 class ClientGone(Exception):
@@ -49,6 +57,10 @@ class ClientGone(Exception):
 
 class BodyTooLarge(Exception):
     """The client's (chunked) request body grew past the route's limit."""
+
+
+class BodyTimeout(Exception):
+    """The client's request body did not arrive whole within ``body_timeout_s``."""
 
 
 class _Retry(enum.Enum):
@@ -78,7 +90,7 @@ class _Exchange:
     target: bytes
     route: str  # the allow-list pattern that matched: the metrics label
     headers: list[tuple[bytes, bytes]]
-    body: AsyncIterator[bytes] | None
+    body: AsyncGenerator[bytes] | None
     retryable: bool
     outcome: Outcome
 
@@ -102,13 +114,18 @@ class ProxySettings:
     base_url: str
     user_agent: bytes
     ready_timeout_s: float
+    body_timeout_s: float = 30.0
 
 
-async def _request_body(receive: Receive, limit: int) -> AsyncIterator[bytes]:
-    """The client's request body as it arrives (ASGI ``http.request`` messages), at most ``limit`` bytes."""
-    total = 0
+async def _request_body(receive: Receive, limit: int, deadline: float, received: int = 0) -> AsyncGenerator[bytes]:
+    """The client's request body as it arrives (ASGI ``http.request`` messages), at most ``limit`` bytes in all
+    (``received`` of them already taken), all of it before ``deadline`` (trio time)."""
+    total = received
     while True:
-        message = await receive()
+        with trio.CancelScope(deadline=deadline) as waiting:
+            message = await receive()
+        if waiting.cancelled_caught:
+            raise BodyTimeout
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk = message.get("body", b"")
@@ -121,6 +138,29 @@ async def _request_body(receive: Receive, limit: int) -> AsyncIterator[bytes]:
             return
 
 
+async def _body_start(receive: Receive, limit: int, deadline: float) -> tuple[bytes, bool]:
+    """The first :data:`BUFFER_BODY_BYTES` (or a little more) of the body, and whether that is all of it."""
+    parts: list[bytes] = []
+    size = 0
+    async with aclosing(_request_body(receive, limit, deadline)) as body:
+        async for chunk in body:
+            parts.append(chunk)
+            size += len(chunk)
+            if size > BUFFER_BODY_BYTES:
+                return b"".join(parts), False
+    return b"".join(parts), True
+
+
+async def _replay(start: bytes, rest: AsyncGenerator[bytes] | None = None) -> AsyncGenerator[bytes]:
+    """A body whose start was read already (one piece), then the rest as it arrives."""
+    if start:
+        yield start
+    if rest is not None:
+        async with aclosing(rest):
+            async for chunk in rest:
+                yield chunk
+
+
 async def _wait_for_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
     """After the body is read, the next ASGI message can only be ``http.disconnect``: cancel the exchange."""
     while True:
@@ -128,6 +168,27 @@ async def _wait_for_disconnect(receive: Receive, scope: trio.CancelScope) -> Non
         if message["type"] == "http.disconnect":
             scope.cancel()
             return
+
+
+def _body_too_large_answer(where: str, *, partly_sent: bool = False) -> tuple[int, str, str, list[tuple[bytes, bytes]]]:
+    """The 413 for a body that grew past the route's limit (the connection closes)."""
+    what = "its start went upstream and that exchange was aborted" if partly_sent else "nothing was forwarded"
+    return (
+        413,
+        "body_too_large",
+        f"{where}: request body exceeds the route's limit; {what}",
+        [(b"connection", b"close")],
+    )
+
+
+def _body_timeout_answer(where: str, timeout_s: float) -> tuple[int, str, str, list[tuple[bytes, bytes]]]:
+    """The 408 for a body that did not arrive in time: status, code, message, headers (the connection closes)."""
+    return (
+        408,
+        "body_timeout",
+        f"{where}: the request body did not arrive within {timeout_s:g} s (server.body_timeout_s); not forwarded",
+        [(b"connection", b"close")],
+    )
 
 
 class HttpProxy:
@@ -209,21 +270,45 @@ class HttpProxy:
             retryable=method in IDEMPOTENT and not has_body,
             outcome=outcome,
         )
+        limit = scope.get("gateway.max_body", 1 << 62)
+        deadline = trio.current_time() + settings.body_timeout_s
+        start, complete = b"", not has_body
+        if has_body and (chunked or int(length or 0) <= BUFFER_BODY_BYTES):
+            # Read before anything goes upstream: a slow or oversized body then holds no upstream connection or
+            # pacing turn, and never reaches IBKR at all.
+            try:
+                start, complete = await _body_start(receive, limit, deadline)
+            except ClientGone:
+                return
+            except BodyTimeout:
+                await exchange.fail(*_body_timeout_answer(exchange.where, settings.body_timeout_s))
+                return
+            except BodyTooLarge:
+                await exchange.fail(*_body_too_large_answer(exchange.where))
+                return
+            if complete and chunked:
+                headers.append((b"content-length", str(len(start)).encode()))  # sized upstream
         session = await self._ready_session(exchange)
         if session is None:
             return
         with trio.CancelScope() as exchange_scope:
             async with trio.open_nursery() as watchers:
-                if has_body:
-                    exchange.body = _request_body(receive, scope.get("gateway.max_body", 1 << 62))
-                else:
+                if not has_body:
                     # Drain the (empty) request so the next receive() reports a disconnect.
                     await receive()
+                elif complete:
+                    exchange.body = _replay(start)
+                else:
+                    exchange.body = _replay(start, _request_body(receive, limit, deadline, len(start)))
+                if complete:
                     watchers.start_soon(_wait_for_disconnect, receive, exchange_scope)
                 try:
                     await self._send_upstream(exchange, session)
                 finally:
                     watchers.cancel_scope.cancel()
+                    if exchange.body is not None:  # not read to its end when the exchange failed: close it now
+                        with trio.CancelScope(shield=True):
+                            await exchange.body.aclose()
 
     async def _ready_session(self, exchange: _Exchange) -> LiveSession | None:
         """The ready session, or ``None`` after answering 503 with ``Retry-After``."""
@@ -272,12 +357,10 @@ class HttpProxy:
         except ClientGone:
             return _Retry.DONE
         except BodyTooLarge:
-            await exchange.fail(
-                413,
-                "body_too_large",
-                f"{where}: request body exceeds the route's limit; not forwarded completely",
-                [(b"connection", b"close")],
-            )
+            await exchange.fail(*_body_too_large_answer(where, partly_sent=True))
+            return _Retry.DONE
+        except BodyTimeout:
+            await exchange.fail(*_body_timeout_answer(where, self._settings.body_timeout_s))
             return _Retry.DONE
         if self._metrics is not None:  # IBKR's latency: request written (body included) to response head read
             self._metrics.observe_upstream(exchange.route, time.monotonic() - sent_at)

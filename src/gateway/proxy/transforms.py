@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
-from urllib.parse import parse_qsl
+from dataclasses import dataclass
 
 from gateway.config.model import IPNetwork, RouteConfig
+from gateway.errors import BadQuery, OAuthError
+from gateway.oauth.basestring import decode_query_pair
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -91,20 +93,67 @@ def match_route(routes: Sequence[RouteConfig], path: str) -> RouteConfig | None:
     return best
 
 
-def query_problem(query_string: bytes) -> str | None:
-    """Why the client's query string cannot be forwarded, or ``None``.
+@dataclass(frozen=True, slots=True)
+class QueryParam:
+    """One ``name=value`` piece of a client's query string: the bytes as sent, and the decoded name and value."""
 
-    Clients may not send ``oauth_*`` parameters (the gateway signs; a client-supplied one would either break the
-    signature or try to impersonate it) and the query must be ASCII.
+    raw: bytes
+    name: str
+    value: str
+
+
+# What a query string may hold: printable ASCII except "#" (a fragment is never sent to a server). Anything else
+# (spaces, controls, non-ASCII) has no single reading: the signer would sign one string and IBKR rebuild another.
+_QUERY_ALLOWED = frozenset(range(0x21, 0x7F)) - {ord("#")}
+
+
+def parse_query(raw: bytes) -> tuple[QueryParam, ...]:
+    """Split ``raw`` at ``&`` and decode each piece exactly as the OAuth signer will (``+`` is a space, ``%XX``
+    escapes strictly, UTF-8); empty pieces are skipped. Parsed once at the edge: every check and every rewrite of
+    the query reads the result, so what is checked is what is forwarded and signed.
+
+    Raises:
+        BadQuery: a byte a query may not hold, a malformed ``%`` escape, or escapes that are not UTF-8. The
+            message gives positions, never the query's text (it may carry an API key).
     """
-    try:
-        text = query_string.decode("ascii")
-    except UnicodeDecodeError:
-        return "query string must be ASCII (percent-encode other characters)"
-    for key, _ in parse_qsl(text, keep_blank_values=True):
-        if key.lower().startswith("oauth_"):
-            return f"query parameter {key!r} is reserved for the gateway's own signature"
+    if not raw:
+        return ()
+    for offset, byte in enumerate(raw):
+        if byte not in _QUERY_ALLOWED:
+            what = "'#' (a URL fragment)" if byte == 0x23 else f"byte 0x{byte:02x}"
+            raise BadQuery(
+                f"query string holds {what} at offset {offset}; only printable ASCII may be sent "
+                "(percent-encode anything else)"
+            )
+    params = []
+    for index, piece in enumerate(raw.split(b"&"), start=1):
+        if not piece:
+            continue
+        try:
+            name, value = decode_query_pair(piece.decode("ascii"))
+        except OAuthError as exc:
+            raise BadQuery(f"query parameter {index} is malformed: {exc}") from None
+        params.append(QueryParam(piece, name, value))
+    return tuple(params)
+
+
+def reserved_parameter(params: Iterable[QueryParam]) -> str | None:
+    """Why the query cannot be forwarded because of a reserved name, or ``None``.
+
+    Clients may not send ``oauth_*`` parameters (in any spelling: names are compared decoded and case-blind): the
+    gateway signs, and a client-supplied one would either break the signature or try to impersonate it.
+    """
+    for param in params:
+        if param.name.lower().startswith("oauth_"):
+            return f"query parameter {param.name!r} is reserved for the gateway's own signature"
     return None
+
+
+def query_without(raw: bytes, params: Sequence[QueryParam], name: str) -> bytes:
+    """``raw`` without the pieces whose decoded name is ``name``; unchanged (byte for byte) when there is none."""
+    if not any(param.name == name for param in params):
+        return raw
+    return b"&".join(param.raw for param in params if param.name != name)
 
 
 def upstream_url(base_url: str, raw_path: bytes, query_string: bytes) -> str:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -21,12 +22,8 @@ from gateway.errors import OAuthError, UpstreamStatusError
 from gateway.oauth.dh import derive_live_session_token, dh_challenge, dh_shared_secret, validate_live_session_token
 from gateway.oauth.signer import lst_request_authorization
 from gateway.redact import Secret
+from gateway.session.paths import LOGOUT_PATH, LST_PATH, SSODH_INIT_PATH, TICKLE_PATH
 from gateway.upstream.client import RequestSigner, map_httpx_error
-
-LST_PATH = "/v1/api/oauth/live_session_token"
-SSODH_INIT_PATH = "/v1/api/iserver/auth/ssodh/init"
-TICKLE_PATH = "/v1/api/tickle"
-LOGOUT_PATH = "/v1/api/logout"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,10 +46,14 @@ class AuthStatus:
 
 @dataclass(frozen=True, slots=True)
 class TickleResult:
-    """What a tickle says: the WebSocket session cookie value and the brokerage status."""
+    """What a tickle says: the WebSocket session cookie value and the brokerage status.
+
+    ``answer`` is IBKR's whole answer without ``session`` (the cookie value): what the gateway may show a client.
+    """
 
     session: Secret[str]
     status: AuthStatus
+    answer: Mapping[str, Any] = field(default_factory=dict)
 
 
 def _ibkr_error_text(response: httpx.Response) -> str:
@@ -171,7 +172,8 @@ async def tickle(client: httpx.AsyncClient, *, base_url: str, signer: RequestSig
         raise UpstreamStatusError(f"{operation}: answer has no session value")
     iserver = body.get("iserver")
     status = _auth_status(iserver.get("authStatus") if isinstance(iserver, dict) else None, operation)
-    return TickleResult(session=Secret(session), status=status)
+    answer = {name: value for name, value in body.items() if name != "session"}
+    return TickleResult(session=Secret(session), status=status, answer=answer)
 
 
 async def logout(client: httpx.AsyncClient, *, base_url: str, signer: RequestSigner, user_agent: str) -> None:

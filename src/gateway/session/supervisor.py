@@ -26,8 +26,9 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import trio
@@ -209,6 +210,8 @@ class SessionManager:
         self._stopped = trio.Event()
         self._loop_scope: trio.CancelScope | None = None
         self._last_session: LiveSession | None = None
+        self.last_tickle: Mapping[str, Any] = {}
+        """IBKR's latest tickle answer without the session cookie value (see :mod:`gateway.web.tickle`)."""
 
     # --- state ------------------------------------------------------------------------------------------
 
@@ -384,6 +387,7 @@ class SessionManager:
     def _note_tickle(self, result: calls.TickleResult) -> None:
         register_secret(result.session.reveal(), slot="session_cookie")
         self.stats.last_tickle_at = time.time()
+        self.last_tickle = result.answer
         self.stats.authenticated = result.status.authenticated
         self.stats.competing = result.status.competing
 

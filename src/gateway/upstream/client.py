@@ -49,12 +49,17 @@ def tls_context() -> ssl.SSLContext:
 
 
 def build_client(timeouts: Timeouts, *, tls: ssl.SSLContext, max_connections: int = 100) -> httpx.AsyncClient:
-    """An ``httpx.AsyncClient`` for IBKR: verified TLS, bounded pool, no redirects, no cookies, no env proxies."""
+    """An ``httpx.AsyncClient`` for IBKR: verified TLS, bounded pool, no redirects, no cookies, no env proxies.
+
+    No keep-alive: the session's calls are a short burst at each handshake and then one tickle a minute, and httpx
+    closes an idle connection only when it next sends — so a kept connection that IBKR closed would sit in
+    CLOSE-WAIT until the next tickle, and one kept for a minute would be stale anyway.
+    """
     return httpx.AsyncClient(
         timeout=httpx.Timeout(
             connect=timeouts.connect_s, read=timeouts.read_s, write=timeouts.write_s, pool=timeouts.pool_s
         ),
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=20, keepalive_expiry=30.0),
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=0),
         cookies=http.cookiejar.CookieJar(policy=_RefuseAllCookies()),
         follow_redirects=False,
         trust_env=False,

@@ -24,6 +24,9 @@ Contract:
   written once more on a new connection; anything else gets the error (it may have reached the server).
 - Idle connections are kept newest-first (the warm one is reused), at most ``max_idle``, and closed after
   ``idle_expiry_s``; one readability check per reuse (a readable idle socket has been closed by the server).
+  :meth:`Http1Pool.keep_tidy` (a task of the gateway's root nursery) does the same check every second, so a
+  connection the server closed while idle is closed here too instead of sitting in CLOSE-WAIT until the next
+  request.
 """
 
 from __future__ import annotations
@@ -238,6 +241,26 @@ class Http1Pool:
                 return connection
             connection.close()  # expired, or the server closed it (EOF is readable) or sent bytes unasked
         return None
+
+    def prune(self) -> int:
+        """Close the idle connections that expired or that the server closed (or sent unasked bytes on); returns
+        how many were closed."""
+        now = trio.current_time()
+        kept: list[_Connection] = []
+        for connection in self._idle:
+            if now - connection.idle_since < self._idle_expiry_s and not connection.holds_unread_bytes():
+                kept.append(connection)
+            else:
+                connection.close()
+        closed = len(self._idle) - len(kept)
+        self._idle = kept
+        return closed
+
+    async def keep_tidy(self, interval_s: float = 1.0) -> None:
+        """:meth:`prune` every ``interval_s`` seconds until cancelled."""
+        while True:
+            await trio.sleep(interval_s)
+            self.prune()
 
     async def _connect(self, where: str) -> _Connection:
         try:

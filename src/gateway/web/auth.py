@@ -7,18 +7,21 @@ A client proves itself with one of:
 - an ``access_key=<key>`` query parameter (browsers: WebSockets and the status page).
 
 Contract: :meth:`ApiKeys.check` compares against every configured key with :func:`hmac.compare_digest` and no early
-exit; none of the helpers returns or logs a key except to the caller. The gateway removes the query parameter and
-never forwards the client's ``Authorization`` or subprotocols, so a key never travels upstream.
+exit; none of the helpers returns or logs a key except to the caller. The gateway removes the query parameter (in
+any percent-encoded spelling of its name: the dispatcher finds and strips it by the same decoded name, and refuses
+a request carrying it twice) and never forwards the client's ``Authorization`` or subprotocols, so a key never
+travels upstream.
 """
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Iterable, Sequence
-from urllib.parse import parse_qsl
+
+from gateway.proxy.transforms import QueryParam
 
 SUBPROTOCOL_PREFIX = "access_key."
-QUERY_PARAMETER = b"access_key"
+QUERY_PARAMETER = "access_key"
 
 
 class ApiKeys:
@@ -66,21 +69,7 @@ def subprotocol_key(subprotocols: Iterable[str]) -> tuple[str | None, str | None
     return None, None
 
 
-def query_key(query_string: bytes) -> str | None:
-    """The value of the ``access_key`` query parameter, or ``None``."""
-    try:
-        pairs = parse_qsl(query_string.decode("ascii"), keep_blank_values=True)
-    except UnicodeDecodeError:
-        return None
-    for name, value in pairs:
-        if name == QUERY_PARAMETER.decode() and value:
-            return value
-    return None
-
-
-def without_query_key(query_string: bytes) -> bytes:
-    """``query_string`` with every ``access_key`` parameter removed; the rest is kept byte for byte."""
-    if QUERY_PARAMETER not in query_string:
-        return query_string
-    kept = [part for part in query_string.split(b"&") if part.split(b"=", 1)[0] != QUERY_PARAMETER]
-    return b"&".join(kept)
+def query_keys(params: Iterable[QueryParam]) -> list[str]:
+    """Every ``access_key`` query parameter's value, names compared decoded (``%61ccess_key`` is ``access_key``),
+    exactly as :func:`~gateway.proxy.transforms.query_without` strips them."""
+    return [param.value for param in params if param.name == QUERY_PARAMETER]

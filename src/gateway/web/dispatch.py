@@ -1,13 +1,16 @@
 """The top-level ASGI app: checks every request, then hands it to the proxy, the relay or the internal pages.
 
 Order of checks for HTTP (the first failure answers; nothing refused is ever forwarded):
-header limits (431) → canonical path (400) → ``/metrics`` (its own access rule, ``server.metrics``) → ``/health``
-→ API key for ``/`` and ``/session`` (401) → internal pages → the dashboard example's static files when enabled
-(``/examples/dashboard/…``; no key: they hold no data) → allow-listed route (404) → CORS preflight → API key (401)
-→ Origin (403) → method (405) → framing (400) → body size (413) → query (400) → proxy.
+HTTP version (505: HTTP/1.0 and 1.1 only) → header limits (431) → canonical path (400) → query string parsed once
+(400: malformed, or more than one ``access_key``) → ``/metrics`` (its own access rule, ``server.metrics``) →
+``/health`` → API key for ``/`` and ``/session`` (401) → internal pages → the dashboard example's static files when
+enabled (``/examples/dashboard/…``; no key: they hold no data) → allow-listed route (404) → session-control endpoint
+(403, see :mod:`gateway.session.paths`) → CORS preflight → API key (401) → Origin (403) → method (405) → framing
+(400) → body size (413) → reserved ``oauth_*`` query parameters (400) → the client's tickle, answered here from the
+session → proxy.
 
-WebSocket upgrades go through the same header, path, route, key, Origin and query checks; a refused upgrade is
-answered before accept (HTTP 403), so no relay starts.
+WebSocket upgrades go through the same version, header, path, query, route, key and Origin checks; a refused
+upgrade is answered before accept (HTTP 403), so no relay starts.
 
 Every HTTP answer — proxied, error or internal page — carries ``X-Request-Id`` (the client's when well-formed,
 see :mod:`gateway.web.request_id`), and every log line written while handling it carries the same id
@@ -34,9 +37,11 @@ import trio
 
 from gateway.asgi import ASGIApp, Message, Receive, Scope, Send, error_body, send_error
 from gateway.config.model import IPNetwork, RouteConfig
+from gateway.errors import BadQuery
 from gateway.logs import REQUEST_ID
 from gateway.metrics import UNROUTED, RequestMetrics
 from gateway.proxy import transforms
+from gateway.session.paths import TICKLE_PATH, session_owned
 from gateway.web import auth, examples
 from gateway.web.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.web.request_id import request_id
@@ -51,6 +56,7 @@ SUBPROTOCOL_KEY = "gateway.subprotocol"
 CLIENT_KEY = "gateway.client"
 ROUTE_KEY = "gateway.route"
 REQUEST_ID_KEY = "gateway.request_id"
+HTTP_VERSIONS = frozenset({"1.0", "1.1"})
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -131,10 +137,15 @@ def header_limit_problem(headers: Headers, max_bytes: int, max_count: int) -> st
     return None
 
 
-def framing_problem(headers: Headers) -> str | None:
-    """Why the request's framing headers are ambiguous (400), or ``None``."""
+def framing_problem(headers: Headers, http_version: str = "1.1") -> str | None:
+    """Why the request's framing headers are ambiguous (400), or ``None``.
+
+    HTTP/1.0 has no transfer codings: RFC 9112 §6.1 says such a message's framing is faulty.
+    """
     lengths = transforms.header_values(headers, b"content-length")
     has_te = transforms.header_value(headers, b"transfer-encoding") is not None
+    if has_te and http_version == "1.0":
+        return "an HTTP/1.0 request cannot carry Transfer-Encoding"
     if lengths and has_te:
         return "request has both Content-Length and Transfer-Encoding"
     if len(lengths) > 1:
@@ -176,11 +187,13 @@ class Dispatcher:
         pages: ASGIApp,
         http_proxy: ASGIApp,
         relay: ASGIApp,
+        tickle: ASGIApp,
         examples_app: ASGIApp | None = None,
         metrics: RequestMetrics | None = None,
         metrics_page: ASGIApp | None = None,
     ) -> None:
-        """``examples_app`` serves ``/examples/dashboard/…`` when given; without it those paths are unrouted."""
+        """``tickle`` answers a client's ``/v1/api/tickle`` (when a route allows it; it is never forwarded).
+        ``examples_app`` serves ``/examples/dashboard/…`` when given; without it those paths are unrouted."""
         self.settings = settings
         self._pages = pages
         self._http = http_proxy
@@ -188,6 +201,7 @@ class Dispatcher:
         self._examples = examples_app
         self._metrics = metrics
         self._metrics_page = metrics_page
+        self._tickle = tickle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -253,13 +267,13 @@ class Dispatcher:
         address, _ = transforms.client_address(peer, headers, self.settings.trusted_proxies)
         return is_loopback(address)
 
-    def _authorized(self, headers: Headers, query: bytes, subprotocol_key: str | None = None) -> bool:
+    def _authorized(self, headers: Headers, query_key: str | None, subprotocol_key: str | None = None) -> bool:
         keys = self.settings.api_keys
         if not keys.enabled:
             return True
         return any(
             keys.check(candidate)
-            for candidate in (auth.bearer_key(headers), subprotocol_key, auth.query_key(query))
+            for candidate in (auth.bearer_key(headers), subprotocol_key, query_key)
             if candidate is not None
         )
 
@@ -273,6 +287,16 @@ class Dispatcher:
     async def _http_request(self, scope: Scope, receive: Receive, send: Send, answer: _Answer, rid: str) -> None:
         settings = self.settings
         headers: Headers = scope["headers"]
+        version: str = scope.get("http_version", "1.1")
+        if version not in HTTP_VERSIONS:
+            await send_error(
+                send,
+                505,
+                "http_version_not_supported",
+                f"HTTP/{version} is not spoken here: the gateway serves HTTP/1.1 (put nginx in front for HTTP/2)",
+                headers=[(b"connection", b"close")],
+            )
+            return
         too_big = header_limit_problem(headers, settings.max_header_bytes, settings.max_header_count)
         if too_big is not None:
             await send_error(send, 431, "headers_too_large", too_big, headers=[(b"connection", b"close")])
@@ -282,12 +306,17 @@ class Dispatcher:
         if problem is not None:
             await send_error(send, 400, "bad_path", f"{problem}; request not forwarded")
             return
+        query: bytes = scope.get("query_string", b"")
+        try:
+            params, query_key = _parse_query(query)
+        except BadQuery as exc:
+            await send_error(send, exc.status, exc.code, f"{exc}; request not forwarded")
+            return
         path = raw_path.decode("ascii")
         method: str = scope["method"]
-        query: bytes = scope.get("query_string", b"")
         if path in INTERNAL_PATHS and method in ("GET", "HEAD"):
             answer.route = path
-            if path not in PUBLIC_PATHS and not self._authorized(headers, query):
+            if path not in PUBLIC_PATHS and not self._authorized(headers, query_key):
                 await self._unauthorized(send)
                 return
             await self._pages(scope, receive, send)
@@ -297,13 +326,22 @@ class Dispatcher:
             return
         if path == METRICS_PATH and method in ("GET", "HEAD"):
             answer.route = path
-            await self._metrics_endpoint(scope, receive, send, headers, query)
+            await self._metrics_endpoint(scope, receive, send, headers, query_key)
             return
         route = self._route(path)
         if route is None:
             await send_error(send, 404, "not_routed", f"{path} is not an allow-listed route of this gateway")
             return
         answer.route = route.path
+        if session_owned(path):
+            await send_error(
+                send,
+                403,
+                "session_owned",
+                f"{path} controls the IBKR session, which this gateway owns and keeps alive for all its clients; "
+                "it is never forwarded",
+            )
+            return
         origin = transforms.header_value(headers, b"origin")
         allowed = self._origin_ok(scope, headers, origin)
         if (
@@ -313,7 +351,7 @@ class Dispatcher:
         ):
             await self._preflight(send, route, origin if allowed else None, headers)
             return
-        if not self._authorized(headers, query):
+        if not self._authorized(headers, query_key):
             await self._unauthorized(send)
             return
         if not allowed:
@@ -325,7 +363,7 @@ class Dispatcher:
                 send, 405, "method_not_allowed", f"{method} is not allowed on {path}", headers=[(b"allow", allow)]
             )
             return
-        framing = framing_problem(headers)
+        framing = framing_problem(headers, version)
         if framing is not None:
             await send_error(send, 400, "bad_framing", framing, headers=[(b"connection", b"close")])
             return
@@ -340,22 +378,25 @@ class Dispatcher:
                 headers=[(b"connection", b"close")],
             )
             return
-        query_problem = transforms.query_problem(query)
-        if query_problem is not None:
-            await send_error(send, 400, "bad_query", f"{query_problem}; request not forwarded")
+        reserved = transforms.reserved_parameter(params)
+        if reserved is not None:
+            await send_error(send, 400, "bad_query", f"{reserved}; request not forwarded")
+            return
+        if origin:
+            answer.headers += _cors_headers(origin)
+        if path == TICKLE_PATH:
+            await self._tickle(scope, receive, send)
             return
         forwarded = dict(scope)
-        forwarded["query_string"] = auth.without_query_key(query)
+        forwarded["query_string"] = transforms.query_without(query, params, auth.QUERY_PARAMETER)
         forwarded[MAX_BODY_KEY] = limit
         forwarded[ROUTE_KEY] = route.path
         forwarded[REQUEST_ID_KEY] = rid
         forwarded[CLIENT_KEY] = _client_label(scope, settings.trusted_proxies)
-        if origin:
-            answer.headers += _cors_headers(origin)
         await self._http(forwarded, receive, send)
 
     async def _metrics_endpoint(
-        self, scope: Scope, receive: Receive, send: Send, headers: Headers, query: bytes
+        self, scope: Scope, receive: Receive, send: Send, headers: Headers, query_key: str | None
     ) -> None:
         """``/metrics`` per ``server.metrics``: ``off`` → 404; ``loopback`` → loopback clients, or anyone with a
         valid API key when keys are configured (403 otherwise); ``api_key`` → a valid API key (401 otherwise)."""
@@ -363,7 +404,7 @@ class Dispatcher:
         if mode == "off" or self._metrics_page is None:
             await send_error(send, 404, "metrics_off", '/metrics is turned off (server.metrics = "off")')
             return
-        keyed = self.settings.api_keys.enabled and self._authorized(headers, query)
+        keyed = self.settings.api_keys.enabled and self._authorized(headers, query_key)
         if mode == "api_key" and not keyed:
             await self._unauthorized(send)
             return
@@ -412,25 +453,42 @@ class Dispatcher:
         raw_path = self._raw_path(scope)
         query: bytes = scope.get("query_string", b"")
         key, entry = auth.subprotocol_key(scope.get("subprotocols") or ())
+        try:
+            params, query_key = _parse_query(query)
+        except BadQuery:
+            params, query_key = None, None
         refused = (
-            header_limit_problem(headers, settings.max_header_bytes, settings.max_header_count) is not None
+            params is None
+            or scope.get("http_version", "1.1") not in HTTP_VERSIONS
+            or header_limit_problem(headers, settings.max_header_bytes, settings.max_header_count) is not None
             or transforms.path_problem(raw_path) is not None
             or self._route(raw_path.decode("ascii")) is None
-            or transforms.query_problem(query) is not None
+            or transforms.reserved_parameter(params) is not None
             or not self._origin_ok(scope, headers, transforms.header_value(headers, b"origin"))
-            or not self._authorized(headers, query, key)
+            or not self._authorized(headers, query_key, key)
         )
         if refused:
             message = await receive()
             if message["type"] == "websocket.connect":
                 await _refuse_upgrade(scope, send, rid)
             return
+        assert params is not None
         forwarded = dict(scope)
-        forwarded["query_string"] = auth.without_query_key(query)
+        forwarded["query_string"] = transforms.query_without(query, params, auth.QUERY_PARAMETER)
         forwarded[SUBPROTOCOL_KEY] = entry
         forwarded[REQUEST_ID_KEY] = rid
         forwarded[CLIENT_KEY] = _client_label(scope, settings.trusted_proxies)
         await self._relay(forwarded, receive, send)
+
+
+def _parse_query(query: bytes) -> tuple[tuple[transforms.QueryParam, ...], str | None]:
+    """The client's query, parsed once, and the API key it carries; raises :class:`BadQuery` for a malformed one
+    or one naming ``access_key`` more than once (two keys: which one would be checked, which one stripped?)."""
+    params = transforms.parse_query(query)
+    keys = auth.query_keys(params)
+    if len(keys) > 1:
+        raise BadQuery(f"query string carries {len(keys)} access_key parameters; send one")
+    return params, keys[0] if keys else None
 
 
 async def _refuse_upgrade(scope: Scope, send: Send, rid: str) -> None:

@@ -1,0 +1,45 @@
+"""The IBKR paths of the session's own calls, and which of them no client may reach through the gateway (pure).
+
+The gateway owns the brokerage session: it alone mints live session tokens, opens and re-opens the brokerage
+session, keeps it alive and ends it. A client reaching one of these endpoints could end or replace the session
+under every other client (a ``logout``, an ``ssodh/init`` with other parameters, a new LST that makes IBKR reject
+the gateway's), so they are never forwarded, whatever the route allow-list says:
+
+- ``/v1/api/oauth/…`` — the OAuth handshake (request/access token, live session token);
+- ``/v1/api/iserver/auth/ssodh/…`` — opening the brokerage session (``init``);
+- ``/v1/api/iserver/reauthenticate`` — re-opening it;
+- ``/v1/api/logout`` — ending it.
+
+``/v1/api/tickle`` is the session's keep-alive. Clients written for IBKR's Client Portal Gateway call it too (some
+read the ``session`` value it returns before opening a WebSocket), so the gateway answers a client's tickle itself,
+from its own session state, and never forwards it: IBKR's answer carries the session cookie.
+Read-only session endpoints (``/v1/api/iserver/auth/status``, ``/v1/api/sso/validate``) are ordinary routes.
+"""
+
+from __future__ import annotations
+
+LST_PATH = "/v1/api/oauth/live_session_token"
+SSODH_INIT_PATH = "/v1/api/iserver/auth/ssodh/init"
+TICKLE_PATH = "/v1/api/tickle"
+LOGOUT_PATH = "/v1/api/logout"
+REAUTHENTICATE_PATH = "/v1/api/iserver/reauthenticate"
+
+_OWNED_EXACT = frozenset({LOGOUT_PATH, REAUTHENTICATE_PATH})
+_OWNED_PREFIXES = ("/v1/api/oauth/", "/v1/api/iserver/auth/ssodh/")
+
+
+def session_owned(path: str) -> bool:
+    """Whether ``path`` (a canonical request path) is a session-control endpoint no client may reach."""
+    if path in _OWNED_EXACT or (path + "/") in _OWNED_PREFIXES:
+        return True
+    return path.startswith(_OWNED_PREFIXES)
+
+
+def route_claims_session(route_path: str) -> bool:
+    """Whether an allow-list entry names session-control endpoints *only* (a config error): an exact owned path
+    (``/v1/api/logout``) or a prefix inside an owned one (``/v1/api/oauth/*``). A wider prefix that merely covers
+    them (``/v1/api/iserver/*``) is an ordinary route; the owned paths below it are refused per request."""
+    if route_path.endswith("/*"):
+        prefix = route_path[:-1]  # "/x/*" -> "/x/"
+        return prefix in _OWNED_PREFIXES or prefix.startswith(_OWNED_PREFIXES)
+    return session_owned(route_path)

@@ -1,0 +1,229 @@
+"""The gateway's HTTP server: hypercorn's HTTP/1.1 and WebSocket protocol code on the gateway's own accept loop.
+
+Why not ``hypercorn.trio.serve`` as it comes (each point was reproduced against hypercorn 0.18.0 and has a test):
+
+- **A connection's failure is that connection's problem.** hypercorn runs every connection in one handler
+  nursery and catches only ``OSError`` around it, so any other exception from its protocol code (one was a
+  ``KeyError`` in its HTTP/2 stream table, reachable by any client) ended the whole server — and with it the
+  gateway. Here each connection runs under :class:`Connection`, which logs such an exception as one line and
+  closes that connection; nothing a client sends can end the process.
+- **HTTP/1.1 only.** IBKR and every client of the gateway speak HTTP/1.1, and nginx in front terminates HTTP/2.
+  hypercorn switched to HTTP/2 on an ``Upgrade: h2c`` header (answering 101) or on the prior-knowledge preface,
+  doubling the protocol surface for nothing. Here the ``Upgrade: h2c`` header is ignored (RFC 9110 §7.8 lets a
+  server do that; the request is answered over HTTP/1.1), and the prior-knowledge preface ``PRI * HTTP/2.0`` is
+  answered 505 (JSON) and the connection closed, before anything reaches the app. Any other HTTP version h11
+  accepts (``HTTP/1.2``…) reaches the app, and the dispatcher answers 505 too.
+- **A closed connection is closed at once.** hypercorn closes a connection from inside the app's ``send`` call;
+  when the app's own disconnect watcher had cancelled that task meanwhile, the close was cut short by the
+  cancellation and the socket stayed open until ``read_timeout`` (30 s after a ``Connection: close`` answer).
+  The close is shielded and bounded here.
+- **A WebSocket protocol violation is answered with a Close frame.** wsproto reports a frame it cannot accept
+  (bad UTF-8, an unmasked client frame, reserved bits) as a ``CloseConnection`` event while the connection is still
+  open; hypercorn then dropped TCP without the Close frame (1002/1007) that RFC 6455 §7.1.7 asks for.
+
+Contract: :func:`serve` binds ``config.bind`` (plain TCP; the gateway terminates no TLS), reports the bound URLs
+through ``task_status`` (``["http://127.0.0.1:PORT"]``), serves until ``shutdown`` is set, then stops accepting and
+closes idle keep-alive connections; connections still busy are given ``config.graceful_timeout`` before they are
+cancelled. Lifespan events reach the app as with hypercorn. Everything else about a connection — header and read
+deadlines, keep-alive, WebSocket pings, message limits — is hypercorn's, configured by ``config``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import h11
+import trio
+from hypercorn.config import Config
+from hypercorn.events import Closed, Event
+from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.ws_stream import FrameTooLargeError, WSStream
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
+from hypercorn.utils import parse_socket_addr, repr_socket_addr, wrap_app
+from wsproto.connection import ConnectionState as WebSocketState
+from wsproto.events import CloseConnection, Message, Ping
+from wsproto.frame_protocol import CloseReason
+
+from gateway.asgi import ASGIApp, error_body
+
+log = logging.getLogger("gateway.server")
+
+CLOSE_TIMEOUT_S = 2.0
+"""Longest a connection's close waits for a write in flight before it closes the socket (shielded from
+cancellation)."""
+HTTP2_REFUSAL = "HTTP/2 is not spoken here: the gateway serves HTTP/1.1 (put nginx in front for HTTP/2)"
+
+
+class _WebSocketStream(WSStream):
+    """hypercorn's WebSocket stream, except that a protocol violation is answered with a Close frame."""
+
+    async def _handle_events(self) -> None:
+        for event in self.connection.events():
+            if isinstance(event, Message):
+                try:
+                    self.buffer.extend(event)
+                except FrameTooLargeError:
+                    await self._send_wsproto_event(CloseConnection(code=CloseReason.MESSAGE_TOO_BIG))
+                    break
+                if event.message_finished:
+                    assert self.app_put is not None  # set when the handshake was accepted
+                    await self.app_put(self.buffer.to_message())
+                    self.buffer.clear()
+            elif isinstance(event, Ping):
+                await self._send_wsproto_event(event.response())
+            elif isinstance(event, CloseConnection):
+                if self.connection.state is WebSocketState.REMOTE_CLOSING:
+                    await self._send_wsproto_event(event.response())  # the peer closed: echo its Close
+                elif self.connection.state is WebSocketState.OPEN:
+                    # No Close frame arrived: wsproto refused a frame (event.code is 1002 or 1007). Fail the
+                    # connection as RFC 6455 §7.1.7 says: our Close frame with that code, then TCP goes.
+                    await self._send_wsproto_event(CloseConnection(code=event.code, reason=event.reason))
+                await self.send(StreamClosed(stream_id=self.stream_id))
+                break
+
+
+class HTTP11(H11Protocol):
+    """hypercorn's HTTP/1.1 protocol, never switching to HTTP/2, with the WebSocket stream above."""
+
+    _refused = False
+
+    async def _check_protocol(self, event: h11.Request) -> None:
+        """No protocol switch: ``Upgrade: h2c`` is ignored; the HTTP/2 preface is answered 505 and the connection
+        closed (it is not a request: nothing reaches the app)."""
+        if event.method == b"PRI" and event.target == b"*":
+            self._refused = True
+            body = error_body(505, "http_version_not_supported", HTTP2_REFUSAL)
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+                *self.config.response_headers("h11"),
+            ]
+            await self._send_h11_event(h11.Response(status_code=505, headers=headers))
+            await self._send_h11_event(h11.Data(data=body))
+            await self._send_h11_event(h11.EndOfMessage())
+            await self.send(Closed())
+
+    async def _create_stream(self, request: h11.Request) -> None:
+        if self._refused:
+            return
+        await super()._create_stream(request)
+        if type(self.stream) is WSStream:
+            # hypercorn builds the stream and hands it the request in one method; frames arrive only after the
+            # handshake, so the subclass is in place before its _handle_events can run.
+            self.stream.__class__ = _WebSocketStream
+
+
+class Connection(TCPServer):
+    """One client connection: hypercorn's TCP handling with :attr:`protocol_class`, failures contained, close
+    shielded."""
+
+    protocol_class: type[HTTP11] = HTTP11
+
+    async def run(self) -> None:
+        """Serve the connection until it closes; never raises (except cancellation)."""
+        peer: tuple[str, int] | None = None
+        try:
+            sock = self.stream.socket
+            peer = parse_socket_addr(sock.family, sock.getpeername())
+            local = parse_socket_addr(sock.family, sock.getsockname())
+            async with TaskGroup() as task_group:
+                self._task_group = task_group
+                self.protocol = self.protocol_class(  # type: ignore[assignment]  # TCPServer declares ProtocolWrapper
+                    self.app,
+                    self.config,
+                    self.context,
+                    task_group,
+                    ConnectionState(self.state),
+                    False,
+                    peer,
+                    local,
+                    self.protocol_send,
+                )
+                await self.protocol.initiate()
+                await self.idle_task.restart(task_group, self._idle_timeout)
+                await self._read_data()
+        except* OSError:
+            pass  # the peer went away: nothing to report
+        except* Exception as group:
+            _log_failure(peer, group)
+        finally:
+            await self._close()
+
+    async def _close(self) -> None:
+        """Send EOF after any write in flight, then close the socket; shielded (the caller may be a cancelled app
+        task) and bounded (a write stuck on a client that does not read is ended by the close)."""
+        with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
+            scope.shield = True
+            async with self.send_lock:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    await self.stream.send_eof()
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()
+
+    async def protocol_send(self, event: Event) -> None:
+        """hypercorn's, except that a close requested by the protocol is the shielded one above."""
+        if isinstance(event, Closed):
+            await self._close()
+            await self.protocol.handle(Closed())
+            return
+        await super().protocol_send(event)
+
+
+def _log_failure(peer: tuple[str, int] | None, group: BaseExceptionGroup[Exception]) -> None:
+    # One line per failure: the type and hypercorn's message (no request data: its exceptions carry stream ids and
+    # states). The traceback is for developers, at debug level.
+    where = f"{peer[0]}:{peer[1]}" if peer else "-"
+    for exc in group.exceptions:
+        log.warning(
+            "connection from %s closed after an error in the HTTP server: %s: %s", where, type(exc).__name__, exc
+        )
+    log.debug("connection error detail", exc_info=group)
+
+
+async def serve(
+    app: ASGIApp,
+    config: Config,
+    shutdown: trio.Event,
+    *,
+    connection_class: type[Connection] = Connection,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` over HTTP/1.1 and WebSocket on ``config.bind`` until ``shutdown``; see the module contract.
+
+    ``connection_class`` runs each connection (tests pass a subclass whose protocol fails on purpose)."""
+    wrapped: AppWrapper = wrap_app(app, config.wsgi_max_body_size, "asgi")  # type: ignore[arg-type]
+    lifespan_state: LifespanState = {}
+    lifespan = Lifespan(wrapped, config, lifespan_state)
+    context = WorkerContext(None)
+    sockets = config.create_sockets()
+    listeners = []
+    urls = []
+    for sock in sockets.insecure_sockets:
+        sock.listen(config.backlog)
+        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+        urls.append("http://" + repr_socket_addr(sock.family, sock.getsockname()))
+    connection: Callable[[trio.SocketStream], Awaitable[None]] = partial(
+        connection_class, wrapped, config, context, ConnectionState(lifespan_state)
+    )
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as accepting:
+                accepting.start_soon(partial(trio.serve_listeners, connection, listeners, handler_nursery=connections))
+                task_status.started(urls)
+                await shutdown.wait()
+                accepting.cancel_scope.cancel()  # stop accepting; the listening sockets close
+            await context.terminated.set()  # idle keep-alive connections close; busy ones finish their exchange
+            connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
