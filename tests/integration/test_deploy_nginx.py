@@ -161,6 +161,22 @@ async def stack(
         assert not errors and "emerg" not in stderr, (errors, stderr)
 
 
+def test_documented_site_renders_for_loopback(tmp_path: Path) -> None:
+    """The substitutions the tests below rely on still fit the documented site (no nginx needed): every listen line
+    moves to loopback, both certificate lines and the upstream change, and nothing else does."""
+    site = SITE.read_text()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    rendered = render_site(site, http_port=8080, https_port=8443, upstream_port=5555, cert=cert, key=key)
+    assert not re.search(r"(?m)^\s*listen\s+(\[::\]:)?(80|443)\b", rendered)
+    assert rendered.count("listen 127.0.0.1:8080") == rendered.count("listen [::1]:8080") == 2
+    assert rendered.count("listen 127.0.0.1:8443") == rendered.count("listen [::1]:8443") == 2
+    assert re.search(rf"(?m)^\s*ssl_certificate\s+{re.escape(str(cert))};$", rendered)
+    assert re.search(rf"(?m)^\s*ssl_certificate_key\s+{re.escape(str(key))};$", rendered)
+    assert re.search(r"(?m)^\s*server\s+127\.0\.0\.1:5555;$", rendered)
+    changed = [pair for pair in zip(site.splitlines(), rendered.splitlines(), strict=True) if pair[0] != pair[1]]
+    assert len(changed) == 8 + 2 + 1, changed
+
+
 async def test_https_proxy_redirect_and_unknown_hosts(stack: Stack) -> None:
     async with stack.client() as http:
         r = await http.get(ACCOUNTS, params={"x": "1"}, extensions=SNI)
