@@ -163,3 +163,11 @@ def test_refuses_to_run_inside_trio() -> None:
 
     with pytest.raises(RuntimeError, match="inside trio: call it from a sync fixture"):
         trio.run(main)
+
+
+def test_ci_run_sets_ci_before_it_runs_pytest() -> None:
+    """CI does not rely on its machine setting ``CI``: ``.ci/run`` exports it before the README's test command."""
+    lines = (REPO / ".ci" / "run").read_text().splitlines()
+    exported = lines.index("export CI=1")
+    assert exported < next(n for n, line in enumerate(lines) if "-m pytest" in line)
+    assert in_ci({"CI": "1"})
