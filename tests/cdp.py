@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -56,14 +55,6 @@ FLAGS = (
 
 class CdpError(Exception):
     """A DevTools command failed, or JavaScript evaluated in the page threw."""
-
-
-def chromium_binary() -> str:
-    """Path of the Chromium executable (``$CHROMIUM`` or ``chromium`` on ``PATH``); fails with how to install it."""
-    for candidate in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser"):
-        if candidate and (path := shutil.which(candidate)):
-            return path
-    raise AssertionError("the browser tests need Chromium: apt-get install chromium (or set CHROMIUM=/path)")
 
 
 class Cdp:
@@ -233,15 +224,16 @@ async def _devtools_address(profile: Path, proc: trio.Process) -> tuple[int, str
 
 
 @asynccontextmanager
-async def open_chromium(workdir: Path) -> AsyncIterator[Browser]:
-    """Run headless Chromium with a profile under ``workdir`` for the body of the ``async with``; see the module
-    contract. Chromium's own log goes to ``workdir/chromium.log``."""
+async def open_chromium(binary: str, workdir: Path) -> AsyncIterator[Browser]:
+    """Run headless Chromium (the executable ``binary``: tests take it from the ``chromium_path`` fixture of
+    tests/tools.py) with a profile under ``workdir`` for the body of the ``async with``; see the module contract.
+    Chromium's own log goes to ``workdir/chromium.log``."""
     profile = workdir / "chromium-profile"
     profile.mkdir(parents=True, exist_ok=True)
     (profile / "DevToolsActivePort").unlink(missing_ok=True)  # a stale one from an earlier run would mislead us
     with (workdir / "chromium.log").open("wb") as log:
         proc = await trio.lowlevel.open_process(
-            [chromium_binary(), *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+            [binary, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

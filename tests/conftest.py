@@ -1,5 +1,6 @@
 """Suite-wide helpers: the FIGURE recorder that fault and load tests report their measured numbers through, and the
-ARTIFACT recorder that says where tests saved files worth looking at (browser screenshots)."""
+ARTIFACT recorder that says where tests saved files worth looking at (browser screenshots); and the system-tool
+fixtures with their "missing tools" section (``tests/tools.py``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+pytest_plugins = ["tests.tools"]  # the system-tool fixtures and the "missing tools" section
 
 _FIGURES: list[str] = []
 _ARTIFACTS: list[str] = []

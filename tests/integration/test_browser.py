@@ -24,8 +24,8 @@ AAPL = 265598  # the simulator's conid for AAPL
 
 
 @pytest.fixture
-async def browser(tmp_path: Path) -> AsyncIterator[Browser]:
-    async with open_chromium(tmp_path) as chromium:
+async def browser(chromium_path: str, tmp_path: Path) -> AsyncIterator[Browser]:
+    async with open_chromium(chromium_path, tmp_path) as chromium:
         yield chromium
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import ssl
@@ -79,10 +78,10 @@ def wrapper_conf(prefix: Path, site: Path) -> str:
     )
 
 
-def self_signed(tmp: Path) -> tuple[Path, Path]:
+def self_signed(tmp: Path, openssl: str) -> tuple[Path, Path]:
     cert, key = tmp / "cert.pem", tmp / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
          "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={SERVER_NAME}",
          "-addext", f"subjectAltName=DNS:{SERVER_NAME}"],
         check=True, capture_output=True,
@@ -120,8 +119,10 @@ def _listening(port: int) -> bool:
 
 
 @pytest.fixture
-async def stack(tmp_path: Path, ibkr_sim_credentials: SimulatorCredentials) -> AsyncIterator[Stack]:
-    cert, key = self_signed(tmp_path)
+async def stack(
+    nginx_path: str, openssl_path: str, tmp_path: Path, ibkr_sim_credentials: SimulatorCredentials
+) -> AsyncIterator[Stack]:
+    cert, key = self_signed(tmp_path, openssl_path)
     tls = ssl.create_default_context(cafile=str(cert))
     async with open_test_gateway(
         {"server": {"trusted_proxies": ["127.0.0.1"]}},
@@ -139,8 +140,7 @@ async def stack(tmp_path: Path, ibkr_sim_credentials: SimulatorCredentials) -> A
         )  # fmt: skip
         conf = tmp_path / "nginx.conf"
         conf.write_text(wrapper_conf(tmp_path, site))
-        base = ["nginx", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")]
-        assert shutil.which("nginx"), "nginx is not installed (.ci/run installs it from apt)"
+        base = [nginx_path, "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")]
         check = await trio.run_process([*base, "-t", "-q"], capture_stderr=True, check=False)
         assert check.returncode == 0, check.stderr.decode()
         stderr_path = tmp_path / "nginx.stderr"
@@ -159,6 +159,22 @@ async def stack(tmp_path: Path, ibkr_sim_credentials: SimulatorCredentials) -> A
         stderr = stderr_path.read_text()
         errors = [line for line in (tmp_path / "error.log").read_text().splitlines() if "[emerg]" in line]
         assert not errors and "emerg" not in stderr, (errors, stderr)
+
+
+def test_documented_site_renders_for_loopback(tmp_path: Path) -> None:
+    """The substitutions the tests below rely on still fit the documented site (no nginx needed): every listen line
+    moves to loopback, both certificate lines and the upstream change, and nothing else does."""
+    site = SITE.read_text()
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    rendered = render_site(site, http_port=8080, https_port=8443, upstream_port=5555, cert=cert, key=key)
+    assert not re.search(r"(?m)^\s*listen\s+(\[::\]:)?(80|443)\b", rendered)
+    assert rendered.count("listen 127.0.0.1:8080") == rendered.count("listen [::1]:8080") == 2
+    assert rendered.count("listen 127.0.0.1:8443") == rendered.count("listen [::1]:8443") == 2
+    assert re.search(rf"(?m)^\s*ssl_certificate\s+{re.escape(str(cert))};$", rendered)
+    assert re.search(rf"(?m)^\s*ssl_certificate_key\s+{re.escape(str(key))};$", rendered)
+    assert re.search(r"(?m)^\s*server\s+127\.0\.0\.1:5555;$", rendered)
+    changed = [pair for pair in zip(site.splitlines(), rendered.splitlines(), strict=True) if pair[0] != pair[1]]
+    assert len(changed) == 8 + 2 + 1, changed
 
 
 async def test_https_proxy_redirect_and_unknown_hosts(stack: Stack) -> None:

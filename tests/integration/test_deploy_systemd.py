@@ -14,7 +14,6 @@ import ctypes
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -63,32 +62,31 @@ def runnable_copy(tmp_path: Path, text: str | None = None) -> Path:
     return copy
 
 
-def verify(unit: Path) -> list[str]:
+def verify(systemd_analyze: str, unit: Path) -> list[str]:
     """``systemd-analyze verify`` lines about this unit. Lines naming other units (the container's own, e.g. a
     missing dependency's file) are not the unit's directives and are left out; none appear on CI's image today."""
-    assert shutil.which("systemd-analyze"), "systemd-analyze is missing (.ci/run installs systemd)"
     result = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60
+        [systemd_analyze, "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60
     )
     lines = (result.stdout + result.stderr).splitlines()
     return [line for line in lines if UNIT_NAME in line or str(unit) in line]
 
 
-def test_systemd_analyze_verify_reports_nothing(tmp_path: Path) -> None:
-    assert verify(runnable_copy(tmp_path)) == []
+def test_systemd_analyze_verify_reports_nothing(systemd_analyze_path: str, tmp_path: Path) -> None:
+    assert verify(systemd_analyze_path, runnable_copy(tmp_path)) == []
 
 
-def test_verify_does_report_a_broken_unit(tmp_path: Path) -> None:
+def test_verify_does_report_a_broken_unit(systemd_analyze_path: str, tmp_path: Path) -> None:
     """The check above can fail: the same tool, on a copy with a misspelt and a mistyped directive, complains."""
     broken = UNIT.read_text().replace("ProtectSystem=strict", "ProtectSystem=strictest\nWatchdogSecs=30")
-    complaints = verify(runnable_copy(tmp_path, broken))
+    complaints = verify(systemd_analyze_path, runnable_copy(tmp_path, broken))
     assert any("WatchdogSecs" in line for line in complaints), complaints
     assert any("strictest" in line or "protect system" in line.lower() for line in complaints), complaints
 
 
-def test_hardening_exposure_score(tmp_path: Path, figure: Figure) -> None:
+def test_hardening_exposure_score(systemd_analyze_path: str, tmp_path: Path, figure: Figure) -> None:
     result = subprocess.run(
-        ["systemd-analyze", "security", "--offline=yes", str(runnable_copy(tmp_path))],
+        [systemd_analyze_path, "security", "--offline=yes", str(runnable_copy(tmp_path))],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     match = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout)
@@ -186,14 +184,14 @@ async def test_gateway_runs_under_memory_deny_write_execute(tmp_path: Path) -> N
         assert proc.poll() is None
 
 
-def _syscall_group(name: str) -> set[str]:
+def _syscall_group(systemd_analyze: str, name: str) -> set[str]:
     """The system calls of a ``SystemCallFilter=`` group, nested groups expanded, as systemd itself lists them."""
-    out = subprocess.run(["systemd-analyze", "syscall-filter", name], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([systemd_analyze, "syscall-filter", name], capture_output=True, text=True, timeout=60)
     calls: set[str] = set()
     for line in out.stdout.splitlines()[1:]:
         entry = line.strip()
         if entry and not entry.startswith("#"):
-            calls |= _syscall_group(entry) if entry.startswith("@") else {entry}
+            calls |= _syscall_group(systemd_analyze, entry) if entry.startswith("@") else {entry}
     assert calls, f"systemd-analyze knows no group {name}"
     return calls
 
@@ -202,18 +200,19 @@ def _children(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
 
 
-async def test_gateway_stays_inside_the_system_call_filter(tmp_path: Path, figure: Figure) -> None:
+async def test_gateway_stays_inside_the_system_call_filter(
+    systemd_analyze_path: str, strace_path: str, tmp_path: Path, figure: Figure
+) -> None:
     """Every system call a real gateway process makes — start, handshake, proxied request, WebSocket relay,
     SIGTERM drain and logout — is one the unit's SystemCallFilter= allows (counted with strace)."""
-    assert shutil.which("strace"), "strace is missing (.ci/run installs it)"
     unit = unit_settings(UNIT.read_text())
     allowed: set[str] = set()
     for entry in unit["SystemCallFilter"]:
         groups = entry.removeprefix("~").split()
-        calls = set().union(*(_syscall_group(group) for group in groups))
+        calls = set().union(*(_syscall_group(systemd_analyze_path, group) for group in groups))
         allowed = allowed - calls if entry.startswith("~") else allowed | calls
     summary = tmp_path / "strace.txt"
-    with gateway_popen(tmp_path, wrapper=["strace", "-f", "-c", "-o", str(summary)]) as (tracer, port):
+    with gateway_popen(tmp_path, wrapper=[strace_path, "-f", "-c", "-o", str(summary)]) as (tracer, port):
         await _exercise(port)
         children = _children(tracer.pid)
         assert len(children) == 1, children

@@ -80,15 +80,15 @@ def test_dh_pem_roundtrip_and_der_shape() -> None:
     assert all(len(line) <= 64 for line in pem.splitlines())
 
 
-def test_openssl_reads_the_dh_pem(tmp_path: Path) -> None:
+def test_openssl_reads_the_dh_pem(openssl_path: str, tmp_path: Path) -> None:
     path = tmp_path / "dh.pem"
     path.write_bytes(creds().dh_param_pem)
     result = subprocess.run(
-        ["openssl", "pkeyparam", "-in", str(path), "-noout", "-text"], capture_output=True, text=True, check=False
+        [openssl_path, "pkeyparam", "-in", str(path), "-noout", "-text"], capture_output=True, text=True, check=False
     )
     if result.returncode != 0:
         result = subprocess.run(
-            ["openssl", "dhparam", "-in", str(path), "-noout", "-text"], capture_output=True, text=True, check=False
+            [openssl_path, "dhparam", "-in", str(path), "-noout", "-text"], capture_output=True, text=True, check=False
         )
     assert result.returncode == 0, result.stderr
     assert "2048 bit" in result.stdout
