@@ -14,6 +14,7 @@ the gateway's), so they are never forwarded, whatever the route allow-list says:
 read the ``session`` value it returns before opening a WebSocket), so the gateway answers a client's tickle itself,
 from its own session state, and never forwards it: IBKR's answer carries the session cookie.
 Read-only session endpoints (``/v1/api/iserver/auth/status``, ``/v1/api/sso/validate``) are ordinary routes.
+WebSocket upgrades are relayed to :data:`WEBSOCKET_PATH` only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ SSODH_INIT_PATH = "/v1/api/iserver/auth/ssodh/init"
 TICKLE_PATH = "/v1/api/tickle"
 LOGOUT_PATH = "/v1/api/logout"
 REAUTHENTICATE_PATH = "/v1/api/iserver/reauthenticate"
+WEBSOCKET_PATH = "/v1/api/ws"
+"""IBKR's one WebSocket endpoint. Upgrades are relayed here only: the relay presents the session's cookie, which
+must never reach another endpoint (a wildcard route would otherwise let ``GET /v1/api/logout`` carry it)."""
 
 _OWNED_EXACT = frozenset({LOGOUT_PATH, REAUTHENTICATE_PATH})
 _OWNED_PREFIXES = ("/v1/api/oauth/", "/v1/api/iserver/auth/ssodh/")

@@ -9,8 +9,9 @@ enabled (``/examples/dashboard/…``; no key: they hold no data) → allow-liste
 (400) → body size (413) → reserved ``oauth_*`` query parameters (400) → the client's tickle, answered here from the
 session → proxy.
 
-WebSocket upgrades go through the same version, header, path, query, route, key and Origin checks; a refused
-upgrade is answered before accept (HTTP 403), so no relay starts.
+WebSocket upgrades go through the same version, header, path, query, route, key and Origin checks, and are relayed
+on IBKR's WebSocket endpoint ``/v1/api/ws`` only (the relay carries the session's cookie); a refused upgrade is
+answered before accept (HTTP 403), so no relay starts.
 
 Every HTTP answer — proxied, error or internal page — carries ``X-Request-Id`` (the client's when well-formed,
 see :mod:`gateway.web.request_id`), and every log line written while handling it carries the same id
@@ -41,7 +42,7 @@ from gateway.errors import BadQuery
 from gateway.logs import REQUEST_ID
 from gateway.metrics import UNROUTED, RequestMetrics
 from gateway.proxy import transforms
-from gateway.session.paths import TICKLE_PATH, session_owned
+from gateway.session.paths import TICKLE_PATH, WEBSOCKET_PATH, session_owned
 from gateway.web import auth, examples
 from gateway.web.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.web.request_id import request_id
@@ -57,6 +58,7 @@ CLIENT_KEY = "gateway.client"
 ROUTE_KEY = "gateway.route"
 REQUEST_ID_KEY = "gateway.request_id"
 HTTP_VERSIONS = frozenset({"1.0", "1.1"})
+WEBSOCKET_PATH_BYTES = WEBSOCKET_PATH.encode()
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -462,7 +464,8 @@ class Dispatcher:
             or scope.get("http_version", "1.1") not in HTTP_VERSIONS
             or header_limit_problem(headers, settings.max_header_bytes, settings.max_header_count) is not None
             or transforms.path_problem(raw_path) is not None
-            or self._route(raw_path.decode("ascii")) is None
+            or raw_path != WEBSOCKET_PATH_BYTES
+            or self._route(WEBSOCKET_PATH) is None
             or transforms.reserved_parameter(params) is not None
             or not self._origin_ok(scope, headers, transforms.header_value(headers, b"origin"))
             or not self._authorized(headers, query_key, key)
