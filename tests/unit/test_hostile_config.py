@@ -17,7 +17,9 @@ import pytest
 
 from gateway.cli import main
 from gateway.config import load_config
+from gateway.config.document import MAX_KEY_PARTS, TomlRefused, parse_toml
 from gateway.config.load import MAX_CONFIG_FILE_BYTES
+from gateway.errors import ConfigError
 from tests.keyfiles import KeySet, new_keyset
 
 DEADLINE_S = 5.0
@@ -115,6 +117,69 @@ def test_file_at_the_size_limit_is_read(tmp_path: Path) -> None:
     path.write_text(head + "#" * (MAX_CONFIG_FILE_BYTES - len(head) - 1) + "\n")
     assert path.stat().st_size == MAX_CONFIG_FILE_BYTES
     assert load_config(path, env={}).config.simulator.enabled
+
+
+# --- what the file holds -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("a = " + "[" * 50_000 + "]" * 50_000, ": nests arrays or tables too deeply", id="deep-arrays"),
+        pytest.param(
+            "a = " + "{a = " * 50_000 + "1" + "}" * 50_000, ": nests arrays or tables too deeply", id="deep-tables"
+        ),
+        pytest.param(
+            "[server]\nport = " + "9" * 5000 + "\n",
+            ": is not valid TOML: Exceeds the limit (4300 digits)",
+            id="5000-digit-integer",
+        ),
+        pytest.param(
+            "[server]\n" + ".".join(["a"] * 200_000) + " = 1\n",
+            f":2: has a key or table name of more than {MAX_KEY_PARTS} dotted parts",
+            id="200000-part-key",
+        ),
+        pytest.param(
+            "[" + ".".join(['"a"'] * 200_000) + "]\n",
+            f":1: has a key or table name of more than {MAX_KEY_PARTS} dotted parts",
+            id="200000-part-quoted-header",
+        ),
+        pytest.param('[server]\nhost = "127.0.0.1\x00"\n', ":2: is not valid TOML: Illegal character", id="nul"),
+    ],
+)
+def test_hostile_toml_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: str) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text(text)
+    assert expected in check_refused(capsys, path)
+
+
+def test_invalid_utf8_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "g.toml"
+    path.write_bytes(b'[server]\nhost = "\xff\xfe"\n')
+    assert check_refused(capsys, path).endswith("is not UTF-8 text (invalid byte at offset 17)")
+
+
+def test_long_dotted_keys_parse_in_linear_time() -> None:
+    # tomllib's cost for one key is quadratic in its parts: 16,000 parts took 4 s, 200,000 would take ~10 minutes.
+    for text in (
+        ".".join(["a"] * 500_000),
+        "[" + ".".join(["a"] * 500_000) + "]",
+        "x = [{" + "a." * 500_000 + "a = 1}]",
+    ):
+        started = time.monotonic()
+        with pytest.raises(TomlRefused, match="dotted parts"):
+            parse_toml(text)
+        assert time.monotonic() - started < 1.0
+    parts = ".".join(["a"] * MAX_KEY_PARTS)
+    assert parse_toml(f'{parts} = 1\nurl = "{"x." * 1000}"  # {"a." * 1000}\n')["url"].startswith("x.x.")
+
+
+def test_environment_override_cannot_nest_deeply(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text("[simulator]\nenabled = true\n")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, env={"GATEWAY__SERVER__PORT": "[" * 50_000 + "]" * 50_000})
+    assert str(excinfo.value) == "GATEWAY__SERVER__PORT: server.port: nests arrays or tables too deeply"
 
 
 # --- key files and the API-key file follow the same rules ---------------------------------------------------

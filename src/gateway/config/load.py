@@ -7,7 +7,7 @@ the key and, where it can be found, the line. No message contains secret materia
 
 Every file it reads — the config, the PEM key files, ``server.api_keys_file`` — must be a regular file of at most
 1 MiB; a FIFO, device, socket or directory is refused without being read (and without blocking), and no read
-goes past the limit.
+goes past the limit. Hostile TOML (deep nesting, huge keys) is refused by :mod:`gateway.config.document`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 import re
 import stat
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
+from gateway.config.document import TomlRefused, parse_toml
 from gateway.config.model import Config, Credentials
 from gateway.config.parse import parse_config
 from gateway.config.schema import api_key
@@ -41,16 +41,6 @@ class LoadedConfig:
     warnings: tuple[ConfigProblem, ...]
     api_keys: Secret[tuple[str, ...]] = field(default_factory=lambda: Secret(()))
     """Every client API key (``server.api_keys`` plus the lines of ``server.api_keys_file``); empty = no auth."""
-
-
-_LINE_POSITION = re.compile(r"at line (\d+)")
-
-
-def _toml_error(path: str, exc: tomllib.TOMLDecodeError) -> ConfigProblem:
-    message = str(exc)
-    match = _LINE_POSITION.search(message)
-    line = int(match.group(1)) if match else None
-    return ConfigProblem(path, "", f"is not valid TOML: {message}", line=line)
 
 
 def _locate(text: str, dotted: str) -> int | None:
@@ -280,11 +270,13 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
         raise ConfigError([ConfigProblem(name, "", f"config file {refused.reason}")]) from None
     try:
         text = raw.decode("utf-8")
-        data = tomllib.loads(text)
-    except UnicodeDecodeError:
-        raise ConfigError([ConfigProblem(name, "", "is not UTF-8 text")]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([_toml_error(name, exc)]) from None
+    except UnicodeDecodeError as exc:
+        problem = ConfigProblem(name, "", f"is not UTF-8 text (invalid byte at offset {exc.start})")
+        raise ConfigError([problem]) from None
+    try:
+        data = parse_toml(text)
+    except TomlRefused as refused:
+        raise ConfigError([ConfigProblem(name, "", refused.reason, line=refused.line)]) from None
     try:
         config, warnings = parse_config(data, source=name, base_dir=file.resolve().parent, env=env)
     except ConfigError as exc:
