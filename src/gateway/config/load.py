@@ -43,12 +43,16 @@ class LoadedConfig:
     """Every client API key (``server.api_keys`` plus the lines of ``server.api_keys_file``); empty = no auth."""
 
 
-def _locate(text: str, dotted: str) -> int | None:
-    """Best-effort line number of ``section.key`` (or ``routes[i].key``) in ``text``, for messages."""
-    head, _, key = dotted.partition(".")
-    route_index: int | None = None
-    if head.startswith("routes[") and head.endswith("]"):
-        route_index, head = int(head[7:-1]), "routes"
+_Where = tuple[str, int | None, str]
+"""``(section, route index or None, key)``; ``key`` is ``""`` for a section's header line."""
+
+_ASSIGNMENT = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
+
+
+def _line_index(text: str) -> dict[_Where, int]:
+    """The first line of every header and bare ``key =`` in ``text``, in one pass (so locating every problem of a
+    file with many is linear, not quadratic)."""
+    index: dict[_Where, int] = {}
     section: str | None = None
     routes_seen = -1
     for number, line in enumerate(text.splitlines(), start=1):
@@ -57,27 +61,34 @@ def _locate(text: str, dotted: str) -> int | None:
             section = stripped[2:-2].strip()
             if section == "routes":
                 routes_seen += 1
-                if route_index == routes_seen and not key:
-                    return number
+                index.setdefault(("routes", routes_seen, ""), number)
             continue
         if stripped.startswith("["):
             section = stripped[1:].split("]", 1)[0].strip()
-            if section == head and not key:
-                return number
+            index.setdefault((section, None, ""), number)
             continue
-        if section != head or (route_index is not None and route_index != routes_seen):
-            continue
-        if key and re.match(rf"^\s*{re.escape(key)}\s*=", line):
-            return number
-    return None
+        match = _ASSIGNMENT.match(line)
+        if section is not None and match is not None:
+            index.setdefault((section, routes_seen if section == "routes" else None, match.group(1)), number)
+    return index
+
+
+def _where(dotted: str) -> _Where:
+    """``section.key`` or ``routes[i].key`` (or a bare section / ``routes[i]``) as an index key."""
+    head, _, key = dotted.partition(".")
+    if head.startswith("routes[") and head.endswith("]") and head[7:-1].isdigit():
+        return "routes", int(head[7:-1]), key
+    return head, None, key
 
 
 def _with_lines(problems: tuple[ConfigProblem, ...], path: str, text: str) -> list[ConfigProblem]:
-    """Add line numbers to the problems found in ``path`` and order them as they appear in the file."""
+    """Add line numbers (best effort) to the problems found in ``path`` and order them as they appear in the file."""
+    index: dict[_Where, int] | None = None
     located = []
     for problem in problems:
         if problem.source == path and problem.line is None and problem.key:
-            problem = replace(problem, line=_locate(text, problem.key))
+            index = _line_index(text) if index is None else index
+            problem = replace(problem, line=index.get(_where(problem.key)))
         located.append(problem)
     return sorted(located, key=lambda p: (p.source != path, p.line is None, p.line or 0))
 
