@@ -8,6 +8,7 @@ the key and, where it can be found, the line. No message contains secret materia
 Every file it reads — the config, the PEM key files, ``server.api_keys_file`` — must be a regular file of at most
 1 MiB; a FIFO, device, socket or directory is refused without being read (and without blocking), and no read
 goes past the limit. Hostile TOML (deep nesting, huge keys) is refused by :mod:`gateway.config.document`.
+A listen address beyond loopback with no API key is an error unless opted in (:mod:`gateway.config.exposure`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 from gateway.config.document import TomlRefused, parse_toml
+from gateway.config.exposure import exposure_problem, host_source
 from gateway.config.model import Config, Credentials
 from gateway.config.parse import parse_config
 from gateway.config.schema import api_key
@@ -299,6 +301,10 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
         problems.append(
             ConfigProblem(name, "server.metrics", 'is "api_key" but no API key is configured (server.api_keys_file)')
         )
+    if not any(p.key == "server.api_keys_file" and p.severity == "error" for p in problems):  # keys were meant
+        exposure = exposure_problem(config.server, has_api_keys=bool(api_keys), source=host_source(env, name))
+        if exposure is not None:
+            problems.append(exposure)
     problems = _with_lines(tuple(problems), name, text)
     if any(p.severity == "error" for p in problems):
         raise ConfigError(problems)
