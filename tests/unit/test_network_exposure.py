@@ -1,8 +1,9 @@
 """Listening beyond loopback with no API key (security issue, task 9): refused at check and at start unless
-``server.allow_network_without_api_keys`` opts in, which then warns on every start."""
+``server.allow_network_without_api_keys`` opts in, which then warns on every start; also on reload."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import pytest
 from gateway.cli import main
 from gateway.config import load_config
 from gateway.errors import ConfigError
+from gateway.runtime import reload_config_file
+from gateway.simulator import SimulatorCredentials
+from gateway.testing import open_test_gateway
 
 API_KEY = "k" * 24
 ANY = "0.0.0.0"  # noqa: S104 - only ever a value under test; nothing here listens beyond loopback
@@ -124,3 +128,46 @@ def test_opt_in_is_silent_when_keys_or_loopback_make_it_moot(tmp_path: Path) -> 
     opt_in = "allow_network_without_api_keys = true"
     assert load_config(write(tmp_path, f'host = "0.0.0.0"\n{opt_in}\napi_keys = "{API_KEY}"'), env={}).warnings == ()
     assert load_config(write(tmp_path, f"{opt_in}"), env={}).warnings == ()
+
+
+# --- reload: the listen address needs a restart, so the check runs against the one in force --------------------
+
+
+async def test_reload_cannot_drop_the_keys_of_a_gateway_on_the_network(
+    tmp_path: Path, ibkr_sim_credentials: SimulatorCredentials, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway")
+    # The test gateway really binds 127.0.0.1; its config says it listens on every address, with a key.
+    overrides = {"server": {"host": ANY, "api_keys": API_KEY}}
+    async with open_test_gateway(overrides, credentials=ibkr_sim_credentials) as gw:
+        running = gw.gateway.config
+        # 1. The file moves to loopback and drops the key: loads on its own, but the socket stays on 0.0.0.0.
+        to_loopback = write(tmp_path, 'host = "127.0.0.1"', "loopback.toml")
+        assert await reload_config_file(gw.gateway, str(to_loopback)) is None
+        (line,) = [r.getMessage() for r in caplog.records if "config reload" in r.getMessage()]
+        assert line == (
+            f"config reload rejected, the running config stays in force: {to_loopback}: server.host: the gateway "
+            "listens on '0.0.0.0' until it restarts, and this config has no API key for it; keep the keys until it "
+            "has restarted on a loopback host, or set server.allow_network_without_api_keys = true"
+        )
+        # 2. The same host without a key: refused by the load itself.
+        caplog.clear()
+        same_host = write(tmp_path, 'host = "0.0.0.0"', "same.toml")
+        assert await reload_config_file(gw.gateway, str(same_host)) is None
+        (line,) = [r.getMessage() for r in caplog.records if "config reload" in r.getMessage()]
+        assert line.endswith(f"{same_host}:2: {refusal(ANY)}")
+        assert gw.gateway.config is running
+        assert gw.gateway.dispatcher.settings.api_keys.enabled
+        # 3. With the opt-in, dropping the key is what was asked for.
+        opted = write(tmp_path, 'host = "127.0.0.1"\nallow_network_without_api_keys = true', "opted.toml")
+        plan = await reload_config_file(gw.gateway, str(opted))
+        assert plan is not None
+        assert set(plan.applied) >= {"server.api_keys", "server.allow_network_without_api_keys"}
+        assert "server.host" in plan.restart_needed
+        assert not gw.gateway.dispatcher.settings.api_keys.enabled
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warnings == [
+            f"{opted}: server.host: warning: '0.0.0.0' is reachable from the network and no API key is configured "
+            "(server.allow_network_without_api_keys = true): anyone who can reach the port can use the brokerage "
+            "session"
+        ]
