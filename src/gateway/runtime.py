@@ -24,7 +24,7 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import cast
 
@@ -32,6 +32,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 
 from gateway.asgi import ASGIApp
+from gateway.config.exposure import exposure_problem
 from gateway.config.load import LoadedConfig, load_config
 from gateway.config.model import Config, Credentials, ServerConfig
 from gateway.config.pacing import pacing_settings
@@ -333,10 +334,21 @@ async def reload_config_file(gateway: Gateway, path: str) -> ReloadPlan | None:
     """Re-read ``path`` (with the environment's ``GATEWAY__*`` overrides) and apply it live (SIGHUP).
 
     A config that does not load is rejected with one error line naming every problem; the running config stays in
-    force. Returns the plan applied, or ``None`` when rejected.
+    force. So is one that would leave the gateway on a network address without API keys: the listen address needs
+    a restart, so the check runs against the address in force, not only the file's. Returns the plan applied, or
+    ``None`` when rejected.
     """
     try:
         loaded = await trio.to_thread.run_sync(load_config, path)
+        server = plan_reload(gateway.config, loaded.config).config.server
+        exposure = exposure_problem(server, has_api_keys=bool(loaded.api_keys.reveal()), source=path)
+        if exposure is not None and exposure.severity == "error":
+            message = (
+                f"the gateway listens on {server.host!r} until it restarts, and this config has no API key for it; "
+                "keep the keys until it has restarted on a loopback host, or set "
+                "server.allow_network_without_api_keys = true"
+            )
+            raise ConfigError([replace(exposure, message=message)])
     except ConfigError as exc:
         errors = [str(p) for p in exc.problems if p.severity == "error"]
         log.error("config reload rejected, the running config stays in force: %s", "; ".join(errors))
@@ -348,6 +360,8 @@ async def reload_config_file(gateway: Gateway, path: str) -> ReloadPlan | None:
         "changed " + ", ".join(plan.applied) if plan.applied else "nothing changed",
         "; NOT applied until restart: " + ", ".join(plan.restart_needed) if plan.restart_needed else "",
     )
+    if exposure is not None:  # the opt-in: said on every start and every reload
+        log.warning("%s", exposure)
     return plan
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import signal
 import tomllib
@@ -11,10 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import tomli_w
 import trio
 import trio_websocket
 
+from gateway.runtime import reload_config_file
+from gateway.simulator import SimulatorCredentials
+from gateway.testing import open_test_gateway
 from tests.processes import gateway_process, wait_healthy
 from tests.twclient import open_websocket
 
@@ -119,3 +125,44 @@ async def _reload_scenario(pid: int, port: int, toml_path: Path, log_path: Path)
     assert log.count("config reload rejected") == 2
     assert "Traceback" not in log
     os.kill(pid, 0)  # still alive (raises if not)
+
+
+async def _release_fifo_after(fifo: Path, seconds: float) -> None:
+    """Open ``fifo`` for writing after ``seconds``, so a reader blocked opening it goes on (and the test fails on
+    its clock instead of hanging: a worker thread cannot be cancelled)."""
+    await trio.sleep(seconds)
+    with contextlib.suppress(OSError):  # ENXIO: nobody is blocked reading it
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+async def test_hostile_reload_is_rejected_in_one_line_and_the_running_config_stays(
+    tmp_path: Path, ibkr_sim_credentials: SimulatorCredentials, caplog: pytest.LogCaptureFixture
+) -> None:
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    deep = tmp_path / "deep.toml"
+    deep.write_text("a = " + "{a = " * 50_000 + "1" + "}" * 50_000)
+    big = tmp_path / "big.toml"
+    big.write_text('[simulator]\nenabled = true\n[[routes]]\npath = "/v1/api/ws"\n' + "#\n" * (1 << 20))
+    cases = (
+        (fifo, "config file is not a regular file (it is a named pipe)"),
+        (deep, "nests arrays or tables too deeply"),
+        (big, "config file is larger than the 1 MiB limit"),
+    )
+    caplog.set_level(logging.INFO, logger="gateway")
+    async with open_test_gateway(credentials=ibkr_sim_credentials) as gw:
+        running, settings = gw.gateway.config, gw.gateway.dispatcher.settings
+        for path, reason in cases:
+            caplog.clear()
+            started = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_release_fifo_after, fifo, 5)
+                assert await reload_config_file(gw.gateway, str(path)) is None
+                nursery.cancel_scope.cancel()
+            assert trio.current_time() - started < 5, f"{path.name}: the reload blocked"
+            (line,) = [r.getMessage() for r in caplog.records if "config reload" in r.getMessage()]
+            assert line.startswith(f"config reload rejected, the running config stays in force: {path}: {reason}")
+            assert "\n" not in line
+        assert gw.gateway.config is running and gw.gateway.dispatcher.settings is settings
+        async with gw.client() as http:
+            assert (await http.get("/health")).status_code == 200

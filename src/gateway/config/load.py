@@ -4,6 +4,11 @@ This is the shell around :mod:`gateway.config.parse`: it does the file I/O, then
 material (the access-token secret must decrypt with the encryption key). Contract: :func:`load_config` returns a
 :class:`LoadedConfig` or raises :class:`~gateway.errors.ConfigError` listing every problem, each naming the file,
 the key and, where it can be found, the line. No message contains secret material.
+
+Every file it reads — the config, the PEM key files, ``server.api_keys_file`` — must be a regular file of at most
+1 MiB; a FIFO, device, socket or directory is refused without being read (and without blocking), and no read
+goes past the limit. Hostile TOML (deep nesting, huge keys) is refused by :mod:`gateway.config.document`.
+A listen address beyond loopback with no API key is an error unless opted in (:mod:`gateway.config.exposure`).
 """
 
 from __future__ import annotations
@@ -11,13 +16,14 @@ from __future__ import annotations
 import os
 import re
 import stat
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
+from gateway.config.document import TomlRefused, parse_toml
+from gateway.config.exposure import exposure_problem, host_source
 from gateway.config.model import Config, Credentials
 from gateway.config.parse import parse_config
 from gateway.config.schema import api_key
@@ -26,8 +32,6 @@ from gateway.oauth.dh import DHParams, parse_dh_params_pem
 from gateway.oauth.keys import decrypt_access_token_secret, load_rsa_private_key
 from gateway.oauth.signer import OAuthIdentity
 from gateway.redact import Secret
-
-_MAX_KEY_FILE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,22 +45,16 @@ class LoadedConfig:
     """Every client API key (``server.api_keys`` plus the lines of ``server.api_keys_file``); empty = no auth."""
 
 
-_LINE_POSITION = re.compile(r"at line (\d+)")
+_Where = tuple[str, int | None, str]
+"""``(section, route index or None, key)``; ``key`` is ``""`` for a section's header line."""
+
+_ASSIGNMENT = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*=")
 
 
-def _toml_error(path: str, exc: tomllib.TOMLDecodeError) -> ConfigProblem:
-    message = str(exc)
-    match = _LINE_POSITION.search(message)
-    line = int(match.group(1)) if match else None
-    return ConfigProblem(path, "", f"is not valid TOML: {message}", line=line)
-
-
-def _locate(text: str, dotted: str) -> int | None:
-    """Best-effort line number of ``section.key`` (or ``routes[i].key``) in ``text``, for messages."""
-    head, _, key = dotted.partition(".")
-    route_index: int | None = None
-    if head.startswith("routes[") and head.endswith("]"):
-        route_index, head = int(head[7:-1]), "routes"
+def _line_index(text: str) -> dict[_Where, int]:
+    """The first line of every header and bare ``key =`` in ``text``, in one pass (so locating every problem of a
+    file with many is linear, not quadratic)."""
+    index: dict[_Where, int] = {}
     section: str | None = None
     routes_seen = -1
     for number, line in enumerate(text.splitlines(), start=1):
@@ -65,61 +63,134 @@ def _locate(text: str, dotted: str) -> int | None:
             section = stripped[2:-2].strip()
             if section == "routes":
                 routes_seen += 1
-                if route_index == routes_seen and not key:
-                    return number
+                index.setdefault(("routes", routes_seen, ""), number)
             continue
         if stripped.startswith("["):
             section = stripped[1:].split("]", 1)[0].strip()
-            if section == head and not key:
-                return number
+            index.setdefault((section, None, ""), number)
             continue
-        if section != head or (route_index is not None and route_index != routes_seen):
-            continue
-        if key and re.match(rf"^\s*{re.escape(key)}\s*=", line):
-            return number
-    return None
+        match = _ASSIGNMENT.match(line)
+        if section is not None and match is not None:
+            index.setdefault((section, routes_seen if section == "routes" else None, match.group(1)), number)
+    return index
+
+
+def _where(dotted: str) -> _Where:
+    """``section.key`` or ``routes[i].key`` (or a bare section / ``routes[i]``) as an index key."""
+    head, _, key = dotted.partition(".")
+    if head.startswith("routes[") and head.endswith("]") and head[7:-1].isdigit():
+        return "routes", int(head[7:-1]), key
+    return head, None, key
 
 
 def _with_lines(problems: tuple[ConfigProblem, ...], path: str, text: str) -> list[ConfigProblem]:
-    """Add line numbers to the problems found in ``path`` and order them as they appear in the file."""
+    """Add line numbers (best effort) to the problems found in ``path`` and order them as they appear in the file."""
+    index: dict[_Where, int] | None = None
     located = []
     for problem in problems:
         if problem.source == path and problem.line is None and problem.key:
-            problem = replace(problem, line=_locate(text, problem.key))
+            index = _line_index(text) if index is None else index
+            problem = replace(problem, line=index.get(_where(problem.key)))
         located.append(problem)
     return sorted(located, key=lambda p: (p.source != path, p.line is None, p.line or 0))
 
 
-def _read_key_file(path: Path, key: str, source: str, problems: list[ConfigProblem]) -> bytes | None:
-    """Read one key file, recording a problem if it is missing/unreadable and a warning if it is too open."""
+MAX_CONFIG_FILE_BYTES = 1 << 20
+"""The largest config file read (1 MiB; a complete config is a few KiB)."""
+MAX_KEY_FILE_BYTES = 1 << 20
+"""The largest key file read: PEM files and ``server.api_keys_file`` (1 MiB)."""
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_READ_CHUNK = 64 * 1024
+
+
+class _Refused(Exception):
+    """A file was not read. ``reason`` completes a sentence about the file: ``does not exist``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _limit_text(limit: int) -> str:
+    return f"{limit >> 20} MiB" if limit % (1 << 20) == 0 else f"{limit} bytes"
+
+
+def _check_regular(info: os.stat_result, limit: int) -> None:
+    """Raise :class:`_Refused` unless ``info`` is a regular file of at most ``limit`` bytes."""
+    mode = info.st_mode
+    if not stat.S_ISREG(mode):
+        kinds = (
+            (stat.S_ISDIR, "a directory"),
+            (stat.S_ISFIFO, "a named pipe"),
+            (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"),
+            (stat.S_ISSOCK, "a socket"),
+        )
+        kind = next((name for test, name in kinds if test(mode)), "a special file")
+        raise _Refused(f"is not a regular file (it is {kind})")
+    if info.st_size > limit:
+        raise _Refused(f"is larger than the {_limit_text(limit)} limit ({info.st_size} bytes)")
+
+
+def _read_regular_file(path: Path, limit: int) -> tuple[bytes, int]:
+    """Read ``path`` if it is a regular file of at most ``limit`` bytes; return its bytes and its mode.
+
+    Contract: never blocks and never reads more than ``limit + 1`` bytes. A FIFO, device, socket or directory is
+    refused from ``stat`` before it is opened (opening some devices has effects); the open is non-blocking and
+    the opened file is checked again with ``fstat``, so a file swapped in between is refused too. Raises
+    :class:`_Refused` with a one-line reason that holds no file content.
+    """
     try:
-        info = path.stat()
+        _check_regular(path.stat(), limit)
     except FileNotFoundError:
-        problems.append(ConfigProblem(source, key, f"file {path} does not exist"))
-        return None
+        raise _Refused("does not exist") from None
     except OSError as exc:
-        problems.append(ConfigProblem(source, key, f"file {path} cannot be examined: {exc.strerror}"))
+        raise _Refused(f"cannot be examined: {exc.strerror}") from None
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise _Refused("does not exist") from None
+    except OSError as exc:
+        raise _Refused(f"cannot be read: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        _check_regular(info, limit)
+        chunks: list[bytes] = []
+        left = limit + 1  # one byte more than allowed tells a file that grew since fstat
+        while left > 0:
+            chunk = os.read(fd, min(left, _READ_CHUNK))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as exc:
+        raise _Refused(f"cannot be read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if left <= 0:
+        raise _Refused(f"is larger than the {_limit_text(limit)} limit")
+    return b"".join(chunks), info.st_mode
+
+
+def _read_key_file(path: Path, key: str, source: str, problems: list[ConfigProblem]) -> bytes | None:
+    """Read one key file (see :func:`_read_regular_file`), recording a problem if it cannot be used and a warning
+    if it is readable by group or others."""
+    try:
+        data, mode = _read_regular_file(path, MAX_KEY_FILE_BYTES)
+    except _Refused as refused:
+        problems.append(ConfigProblem(source, key, f"file {path} {refused.reason}"))
         return None
-    if not stat.S_ISREG(info.st_mode):
-        problems.append(ConfigProblem(source, key, f"{path} is not a regular file"))
-        return None
-    if info.st_size > _MAX_KEY_FILE_BYTES:
-        problems.append(ConfigProblem(source, key, f"{path} is too large to be a PEM key file"))
-        return None
-    if info.st_mode & 0o077:
+    if mode & 0o077:
         problems.append(
             ConfigProblem(
                 source,
                 key,
-                f"{path} is readable by group or others (mode {stat.S_IMODE(info.st_mode):04o}); run: chmod 600 {path}",
+                f"{path} is readable by group or others (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}",
                 severity="warning",
             )
         )
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        problems.append(ConfigProblem(source, key, f"file {path} cannot be read: {exc.strerror}"))
-        return None
+    return data
 
 
 def load_credentials(config: Config, problems: list[ConfigProblem]) -> Credentials | None:
@@ -207,20 +278,18 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
     name = str(path)
     env = os.environ if env is None else env
     try:
-        raw = file.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError([ConfigProblem(name, "", "config file does not exist")]) from None
-    except IsADirectoryError:
-        raise ConfigError([ConfigProblem(name, "", "is a directory, not a config file")]) from None
-    except OSError as exc:
-        raise ConfigError([ConfigProblem(name, "", f"cannot be read: {exc.strerror}")]) from None
+        raw, _ = _read_regular_file(file, MAX_CONFIG_FILE_BYTES)
+    except _Refused as refused:
+        raise ConfigError([ConfigProblem(name, "", f"config file {refused.reason}")]) from None
     try:
         text = raw.decode("utf-8")
-        data = tomllib.loads(text)
-    except UnicodeDecodeError:
-        raise ConfigError([ConfigProblem(name, "", "is not UTF-8 text")]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([_toml_error(name, exc)]) from None
+    except UnicodeDecodeError as exc:
+        problem = ConfigProblem(name, "", f"is not UTF-8 text (invalid byte at offset {exc.start})")
+        raise ConfigError([problem]) from None
+    try:
+        data = parse_toml(text)
+    except TomlRefused as refused:
+        raise ConfigError([ConfigProblem(name, "", refused.reason, line=refused.line)]) from None
     try:
         config, warnings = parse_config(data, source=name, base_dir=file.resolve().parent, env=env)
     except ConfigError as exc:
@@ -232,6 +301,10 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
         problems.append(
             ConfigProblem(name, "server.metrics", 'is "api_key" but no API key is configured (server.api_keys_file)')
         )
+    if not any(p.key == "server.api_keys_file" and p.severity == "error" for p in problems):  # keys were meant
+        exposure = exposure_problem(config.server, has_api_keys=bool(api_keys), source=host_source(env, name))
+        if exposure is not None:
+            problems.append(exposure)
     problems = _with_lines(tuple(problems), name, text)
     if any(p.severity == "error" for p in problems):
         raise ConfigError(problems)

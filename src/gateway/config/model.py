@@ -32,6 +32,7 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     api_keys_file: Path | None = None
     api_keys: Secret[tuple[str, ...]] = field(default_factory=lambda: Secret(()))
+    allow_network_without_api_keys: bool = False
     max_body_bytes: int = 65536
     max_header_bytes: int = 16384
     max_header_count: int = 100

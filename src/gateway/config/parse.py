@@ -9,13 +9,13 @@ values never appear in a message. No file is read here: key paths are only resol
 from __future__ import annotations
 
 import difflib
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gateway.config import schema
+from gateway.config.document import TomlRefused, parse_toml
 from gateway.config.model import (
     Config,
     IbkrConfig,
@@ -73,11 +73,11 @@ def _env_overrides(env: Mapping[str, str], problems: list[ConfigProblem]) -> dic
             out[section, key] = _Raw(raw_text, name)
             continue
         try:
-            value = tomllib.loads(f"v = {raw_text}")["v"]
-        except tomllib.TOMLDecodeError:
-            problems.append(
-                ConfigProblem(name, f"{section}.{key}", 'is not a TOML value (e.g. 5000, true, ["a", "b"])')
-            )
+            value = parse_toml(f"v = {raw_text}")["v"]
+        except TomlRefused as refused:
+            syntax = refused.reason.startswith("is not valid TOML")
+            reason = 'is not a TOML value (e.g. 5000, true, ["a", "b"])' if syntax else refused.reason
+            problems.append(ConfigProblem(name, f"{section}.{key}", reason))
             continue
         out[section, key] = _Raw(value, name)
     return out

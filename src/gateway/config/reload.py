@@ -1,10 +1,11 @@
 """What a config reload (SIGHUP) may change in a running gateway, and the config in force after it (pure).
 
 Applied live: ``[[routes]]``, all of ``[pacing]``, ``logging.level``, and the ``[server]`` request checks
-(:data:`LIVE_SERVER_KEYS`: trusted proxies, allowed origins, API keys, size limits, ``/metrics`` access). Everything
-else — credentials and the rest of ``[ibkr]``, the listen address and socket timeouts, ``[upstream]``, ``[session]``,
-``[simulator]``, ``logging.format`` — is bound into objects built at start (the session, the upstream client, the
-listening socket) and needs a restart; a reload that changes it says so and keeps the running value.
+(:data:`LIVE_SERVER_KEYS`: trusted proxies, allowed origins, API keys and the opt-in to go without them, size
+limits, ``/metrics`` access). Everything else — credentials and the rest of ``[ibkr]``, the listen address and
+socket timeouts, ``[upstream]``, ``[session]``, ``[simulator]``, ``logging.format`` — is bound into objects built
+at start (the session, the upstream client, the listening socket) and needs a restart; a reload that changes it
+says so and keeps the running value.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ LIVE_SERVER_KEYS = (
     "allowed_origins",
     "api_keys_file",
     "api_keys",
+    "allow_network_without_api_keys",
     "max_body_bytes",
     "max_header_bytes",
     "max_header_count",

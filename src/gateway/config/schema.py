@@ -261,7 +261,9 @@ _PRINTABLE_NO_QUOTE = re.compile(r"^[\x21\x23-\x2b\x2d-\x7e]+$")
 
 SECTIONS: Mapping[str, Mapping[str, Key]] = {
     "server": {
-        "host": Key(string(), "127.0.0.1", "listen address; keep it on loopback and put nginx in front"),
+        "host": Key(
+            string(), "127.0.0.1", "listen address; keep it on loopback and put nginx in front (others need API keys)"
+        ),
         "port": Key(integer(0, 65535), 5000, "listen port (0 = any free port)"),
         "trusted_proxies": Key(
             array(ip_network, what="IP addresses or CIDR networks"),
@@ -278,6 +280,11 @@ SECTIONS: Mapping[str, Mapping[str, Key]] = {
         ),
         "api_keys": Key(
             api_key_list, None, "API keys separated by commas (prefer GATEWAY__SERVER__API_KEYS)", secret=True
+        ),
+        "allow_network_without_api_keys": Key(
+            boolean,
+            False,
+            "true: start on a non-loopback host with no API key (anyone who can reach the port trades; see README)",
         ),
         "max_body_bytes": Key(integer(0, 1 << 40), 65536, "largest request body forwarded (413 above); per route too"),
         "max_header_bytes": Key(integer(1024, 1 << 20), 16384, "largest request header block (431 above)"),
