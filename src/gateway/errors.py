@@ -72,6 +72,10 @@ class LiveSessionTokenError(OAuthError):
 Severity = Literal["error", "warning"]
 
 
+MAX_PROBLEM_PART = 200
+MAX_PROBLEM_MESSAGE = 500
+
+
 @dataclass(frozen=True, slots=True)
 class ConfigProblem:
     """One problem found in a configuration: where it is and what is wrong.
@@ -85,6 +89,14 @@ class ConfigProblem:
     message: str
     severity: Severity = "error"
     line: int | None = None
+
+    def __post_init__(self) -> None:
+        # A hostile file can hold a megabyte-long value or key name, and messages quote what they reject: each part
+        # of the one line a problem prints is cut to a readable length.
+        for name, limit in (("source", MAX_PROBLEM_PART), ("key", MAX_PROBLEM_PART), ("message", MAX_PROBLEM_MESSAGE)):
+            text = getattr(self, name)
+            if len(text) > limit:
+                object.__setattr__(self, name, f"{text[:limit]}… ({len(text) - limit} more characters)")
 
     def __str__(self) -> str:
         where = self.source

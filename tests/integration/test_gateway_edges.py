@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio_websocket
 
+from gateway.errors import UpstreamConnectError
 from gateway.logs import configure_logging
 from gateway.session import calls
 from gateway.simulator import SimulatorCredentials
@@ -228,3 +229,26 @@ def _prepend(creds: SimulatorCredentials) -> str:
 
     key = load_rsa_private_key(creds.encryption_key_pem, what="test")
     return decrypt_access_token_secret(key, creds.access_token_secret)
+
+
+async def test_a_handshake_failure_landing_as_the_gateway_stops_does_not_end_it_with_an_error(
+    ibkr_sim_credentials: SimulatorCredentials, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown during a handshake whose LST call fails in the same step (before the cancellation lands): the failure
+    is recorded and the gateway keeps stopping (it used to raise IllegalTransition out of the supervisor)."""
+    handle: list[TestGateway] = []
+    started = trio.Event()
+
+    async def fails_as_shutdown_begins(*args: object, **kwargs: object) -> calls.LiveSessionToken:
+        await started.wait()
+        await handle[0].manager.stop()  # no checkpoint inside: the failure below is seen before the cancellation
+        raise UpstreamConnectError("POST /v1/api/oauth/live_session_token: upstream connection failed (test)")
+
+    monkeypatch.setattr(calls, "request_live_session_token", fails_as_shutdown_begins)
+    async with open_test_gateway(credentials=ibkr_sim_credentials, wait_ready=False) as gw:
+        handle.append(gw)
+        started.set()
+        with trio.fail_after(5):
+            await gw.manager.wait_stopped()
+        assert gw.manager.state.value == "stopped"
+        assert "upstream connection failed (test)" in gw.manager.stats.last_error

@@ -288,3 +288,15 @@ def test_many_problems_are_located_in_linear_time(tmp_path: Path) -> None:
     assert lines[0] == f"error: {path}:4: server.k0: unknown key"
     assert lines[-1] == f"error: {path}:{keys + 3}: server.k{keys - 1}: unknown key"
     assert elapsed < 10
+
+
+def test_a_huge_bad_value_or_key_prints_a_short_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "huge.toml"
+    config.write_text(
+        f'[simulator]\nenabled = true\n[logging]\nlevel = "{"x" * 300_000}"\n[server]\n{"k" * 300_000} = 1\n'
+    )
+    assert main(["check", "--config", str(config)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2
+    assert all(len(line) < 2000 for line in lines), [len(line) for line in lines]
+    assert any("logging.level" in line and "more characters" in line for line in lines)

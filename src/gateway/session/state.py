@@ -52,6 +52,8 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.READY, Event.SHUTDOWN): State.STOPPING,
     (State.BACKOFF, Event.SHUTDOWN): State.STOPPING,
     (State.STOPPING, Event.SHUTDOWN): State.STOPPING,
+    # A handshake or session failure that lands after stop() but before its cancellation: the gateway keeps stopping.
+    (State.STOPPING, Event.FAIL): State.STOPPING,
     (State.STOPPING, Event.STOPPED): State.STOPPED,
 }
 
