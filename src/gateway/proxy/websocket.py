@@ -9,6 +9,9 @@ Contract:
 - Either side closing closes the other with the same code where that code may be sent (1005/1006/1015 and
   reserved codes become 1011 toward the client, 1000 toward IBKR).
 - A relay never raises into the session nursery, and every close is shielded and bounded.
+- ``max_relays`` (``server.max_websockets``) caps relays opening or open: the slot is taken before the relay waits
+  for a session or connects upstream, so at no instant do more relays hold or open an upstream socket; one more
+  upgrade is accepted and closed with 1013 (try again later). See :class:`RelayCounters`.
 """
 
 from __future__ import annotations
@@ -69,9 +72,17 @@ class RelaySettings:
 
 @dataclass
 class RelayCounters:
-    """Live numbers for the status page (no secrets)."""
+    """Live numbers for the status page (no secrets).
+
+    ``slots`` is what ``server.max_websockets`` caps: relays *opening* (waiting for a ready session or for IBKR's
+    handshake answer) plus relays *open*. A slot is taken before anything else happens to an upgrade and given back
+    once, when the relay's upstream socket is closed (or was never opened). ``open`` counts only relays whose
+    upstream WebSocket is connected, so ``/session`` and ``/metrics`` keep meaning "open relays"; ``slots - open``
+    (``opening`` in ``/session``) are the ones still opening, or closing their upstream socket.
+    """
 
     open: int = 0
+    slots: int = 0
     opened_total: int = 0
     messages_up: int = 0
     messages_down: int = 0
@@ -89,6 +100,8 @@ class _Relay:
     done: trio.Event = field(default_factory=trio.Event)
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     client_closed: bool = False
+    started: bool = False  # the relay task runs (it then gives the slot back)
+    holds_slot: bool = True  # a max_websockets slot is taken for this relay until its upstream socket is closed
 
 
 class WebSocketRelay:
@@ -112,11 +125,14 @@ class WebSocketRelay:
         if message["type"] != "websocket.connect":
             return
         path = (scope.get("raw_path") or scope["path"].encode()).decode("ascii")
-        if self.counters.open >= self._settings.max_relays:
-            log.warning("%s: refused, %d relays already open (server.max_websockets)", path, self.counters.open)
+        counters = self.counters
+        if counters.slots >= self._settings.max_relays:
+            log.warning("%s: refused, %d relays already open or opening (server.max_websockets)", path, counters.slots)
             await send({"type": "websocket.accept"})
             await send({"type": "websocket.close", "code": 1013})  # try again later
             return
+        # The slot is taken here, with no checkpoint since the check: concurrent upgrades cannot all pass it.
+        counters.slots += 1
         relay = _Relay(scope=scope, receive=receive, send=send, path=path)
         try:
             while True:
@@ -134,6 +150,14 @@ class WebSocketRelay:
             await relay.done.wait()
         finally:
             relay.cancel_scope.cancel()
+            if not relay.started:  # no session, or cancelled before the relay task ran: nothing else gives it back
+                self._release_slot(relay)
+
+    def _release_slot(self, relay: _Relay) -> None:
+        """Give the relay's ``max_websockets`` slot back (once, whoever calls first)."""
+        if relay.holds_slot:
+            relay.holds_slot = False
+            self.counters.slots -= 1
 
     def _upstream_url(self, path: str, query: bytes) -> str:
         token = "oauth_token=" + quote(self._settings.access_token, safe="")
@@ -142,6 +166,7 @@ class WebSocketRelay:
 
     async def _run(self, relay: _Relay, session: LiveSession, *, task_status: trio.TaskStatus[None]) -> None:
         """The relay task (in the session nursery): never raises; always closes both legs."""
+        relay.started = True
         task_status.started()
         settings = self._settings
         try:
@@ -202,6 +227,7 @@ class WebSocketRelay:
             if not relay.client_closed and session.ended.is_set():
                 with trio.CancelScope(shield=True):
                     await self._close_client(relay, session.close_code)
+            self._release_slot(relay)  # the upstream socket is closed (or was never opened) by now
             relay.done.set()
 
     async def _pump(self, relay: _Relay, upstream: UpstreamWebSocket) -> None:
