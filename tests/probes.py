@@ -62,3 +62,24 @@ def rss_kib() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+TCP_ESTABLISHED = "01"
+TCP_CLOSE_WAIT = "08"
+
+
+def tcp_sockets(*, local_port: int | None = None, remote_port: int | None = None) -> dict[tuple[int, int], str]:
+    """The TCP sockets of this network namespace (IPv4 and IPv6) with that local and/or remote port, as
+    ``(local port, remote port) → state`` (the hex code of ``/proc/net/tcp``: ``"01"`` established, ``"08"``
+    close-wait, ...). A socket that was reset is no longer listed, even while its file descriptor is open."""
+    found: dict[tuple[int, int], str] = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                local = int(fields[1].rsplit(":", 1)[1], 16)
+                remote = int(fields[2].rsplit(":", 1)[1], 16)
+                if (local_port is None or local == local_port) and (remote_port is None or remote == remote_port):
+                    found[(local, remote)] = fields[3]
+    return found

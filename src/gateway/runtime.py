@@ -4,8 +4,9 @@
 
     serve_gateway ── root nursery ── simulator (only when [simulator] enabled)
                                   ├── systemd watchdog + status line (only under systemd, see gateway.notify)
+                                  ├── WebSocketRelay.run                   client writers of relays, write deadlines
                                   ├── web.server.serve(Dispatcher)         listening socket: survives session restarts
-                                  └── SessionManager.run ── per-session nursery (tickle, refresh, relays)
+                                  └── SessionManager.run ── per-session nursery (tickle, refresh, relay tasks)
 
 Contract: :func:`serve_gateway` reports a :class:`Gateway` handle through ``task_status`` once the socket is
 bound and the session loop runs (not necessarily ready). :meth:`Gateway.request_shutdown` drains: the session
@@ -222,8 +223,13 @@ async def serve_gateway(
                     max_message_bytes=MAX_WS_MESSAGE_BYTES,
                     max_relays=config.server.max_websockets,
                     tls=tls,
+                    # A client that takes none of our bytes for a whole ping interval has not taken the ping
+                    # either: it is as dead as the ping would find it. Toward IBKR, the upstream write timeout.
+                    client_write_timeout_s=config.server.websocket_ping_interval_s,
+                    upstream_write_timeout_s=up.write_timeout_s,
                 ),
             )
+            await root.start(relay.run)  # client writers and write deadlines: beside the server, not inside it
             pacer = Pacer(pacing_settings(config.pacing))
             upstream = Http1Pool(base_url, timeouts, tls=tls, max_connections=UPSTREAM_MAX_CONNECTIONS)
             root.start_soon(upstream.keep_tidy)  # idle connections IBKR closed do not linger in CLOSE-WAIT

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -165,6 +166,34 @@ async def test_websocket_burst_from_the_client_reaches_upstream_whole_and_in_ord
     assert [m.text for m in got] == sent
     assert [m.binary for m in got] == [index % 7 == 0 for index in range(len(sent))]
     assert gw.gateway.relays.messages_up >= len(sent)
+
+
+@pytest.mark.parametrize("client_sending", [False, True])
+async def test_ibkr_close_code_and_reason_reach_the_client(gw: TestGateway, client_sending: bool) -> None:
+    """IBKR closes the WebSocket with its own code: the client gets that code (also while it is writing, when the
+    relay's write toward IBKR is what finds the leg closed), and the relay ends."""
+    async with trio.open_nursery() as nursery, open_websocket(gw.ws_url + "/v1/api/ws") as ws:
+        await _subscribe(ws)
+        if client_sending:
+
+            async def keep_sending() -> None:
+                with contextlib.suppress(trio_websocket.ConnectionClosed):
+                    while True:
+                        await ws.send_message("ech+hb")
+                        await trio.lowlevel.checkpoint()
+
+            nursery.start_soon(keep_sending)
+            await trio.sleep(0.1)
+        nursery.start_soon(gw.simulator.faults.close_websockets, 4001, "bye")
+        with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            while True:
+                await ws.get_message()
+    assert closed.value.reason is not None
+    assert closed.value.reason.code == 4001
+    with trio.fail_after(5):
+        while gw.gateway.relays.slots:  # noqa: ASYNC110 - polls a counter owned by the gateway
+            await trio.sleep(0.01)
+    assert gw.gateway.relays.open == 0
 
 
 async def test_session_failure_closes_relays_1012_and_new_relays_work(gw: TestGateway) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import struct
@@ -20,8 +21,10 @@ import httpx
 import pytest
 import trio
 
+from gateway.proxy.http import HttpProxy
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TEST_ROUTES, TestGateway, open_test_gateway
+from tests.twclient import open_websocket
 
 KEY = "k3y-for-hostile-tests-0123456789"
 
@@ -348,6 +351,23 @@ async def test_a_client_tickle_is_answered_by_the_gateway_with_an_opaque_session
     assert third.json()["session"] != first.json()["session"]
 
 
+async def test_the_session_value_a_client_sends_on_its_websocket_reaches_ibkr_as_the_real_one(
+    wide: TestGateway,
+) -> None:
+    """ibind authenticates a socket with ``{"session": <value from /tickle>}``; the gateway's tickle hands out an
+    opaque value, and the relay sends IBKR the session's real one in its place."""
+    async with wide.client() as http:
+        opaque = (await http.post("/v1/api/tickle")).json()["session"]
+    real = wide.manager.active.cookie.reveal() if wide.manager.active else ""
+    async with open_websocket(wide.ws_url + "/v1/api/ws") as ws:
+        await ws.get_message()
+        await ws.send_message(json.dumps({"session": opaque}))
+        await ws.send_message('{"session": 5}')  # not a session value: passed on as sent
+        await _until(lambda: len([m for m in wide.simulator.ws_messages if "session" in m.text]) >= 2)
+    sent = [json.loads(m.text) for m in wide.simulator.ws_messages if "session" in m.text]
+    assert sent == [{"session": real}, {"session": 5}]
+
+
 async def test_a_client_tickle_without_a_session_gets_503(ibkr_sim_credentials: SimulatorCredentials) -> None:
     async with open_test_gateway(
         {"session": {"ready_timeout_s": 0.2}}, routes=WIDE_ROUTES, credentials=ibkr_sim_credentials
@@ -439,6 +459,31 @@ async def test_a_small_chunked_body_goes_upstream_with_a_content_length(gw: Test
     assert record.header("content-length") == "8"
     assert record.header("transfer-encoding") is None
     assert r.json()["body_length"] == 8
+
+
+async def test_a_client_that_stops_reading_a_download_is_let_go_after_read_timeout(
+    ibkr_sim_credentials: SimulatorCredentials, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server wrote to clients with no deadline: a client that asked for a large answer and read nothing held
+    its connection and the proxied exchange (an upstream connection) for as long as it kept the socket open."""
+    overrides = {"server": {"read_timeout_s": 2, "websocket_ping_interval_s": 0.5}}
+    caplog.set_level(logging.INFO, logger="gateway.server")
+    async with open_test_gateway(overrides, credentials=ibkr_sim_credentials) as gw:
+        sock = trio.socket.socket()
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        await sock.connect(_address(gw))
+        stream = trio.SocketStream(sock)
+        async with stream:
+            await stream.send_all(b"GET /v1/api/sim/stream?bytes=200000000 HTTP/1.1\r\nHost: x\r\n\r\n")
+            proxy = gw.gateway.dispatcher._http
+            assert isinstance(proxy, HttpProxy)
+            await _until(lambda: proxy.in_flight == 1)
+            started = trio.current_time()
+            await _until(lambda: proxy.in_flight == 0, limit_s=10, step_s=0.1)  # reads nothing meanwhile
+            took = trio.current_time() - started
+        assert took < 2 + 3, took
+        assert "closed: the client took none of our bytes for 2 s" in caplog.text
+        await _still_serving(gw)
 
 
 async def test_http10_with_transfer_encoding_is_refused(gw: TestGateway) -> None:

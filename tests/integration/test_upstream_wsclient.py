@@ -1315,6 +1315,76 @@ async def test_exit_is_bounded_when_the_server_stops_reading() -> None:
     assert elapsed < _CLOSE_TIMEOUT_S + 1.0
 
 
+async def test_after_a_cut_write_nothing_more_is_written_and_the_exit_does_not_wait() -> None:
+    """A write cancelled half-way (the relay's write deadline) may end the byte stream mid-frame: no Close frame
+    may follow it, sends fail with 1006, and leaving the block closes the socket at once."""
+    stall_s = 3.0
+
+    async def script(peer: WsPeer) -> None:
+        await peer.accept()
+        await trio.sleep(stall_s)  # reads nothing meanwhile
+        await peer.drain_raw()
+
+    async with open_ws_server(script) as server:
+        with trio.fail_after(CEILING + stall_s):
+            async with connect(server) as upstream:
+                with trio.move_on_after(0.5) as cut:
+                    while True:
+                        await upstream.send_many([b"x" * 65536])
+                assert cut.cancelled_caught
+                assert upstream.write_failed
+                with pytest.raises(WebSocketClosed) as closed:
+                    await upstream.send_many(["after"])
+                assert closed.value.code == 1006
+                await upstream.start_close(1000)  # nothing to write it after
+                assert not upstream.close_sent
+                started = trio.current_time()
+            elapsed = trio.current_time() - started
+            await wait_eof(server.peer)
+    assert elapsed < 0.5
+
+
+async def test_abort_gives_up_on_the_close_handshake() -> None:
+    """For a caller that cannot wait (another task may still be receiving): no Close frame, no wait, the socket is
+    closed on exit."""
+
+    async def script(peer: WsPeer) -> None:
+        await peer.accept()
+        await peer.drain()
+
+    async with open_ws_server(script) as server:
+        with trio.fail_after(CEILING):
+            async with connect(server) as upstream:
+                upstream.abort()
+                await upstream.wait_closed()  # returns at once: no Close of ours went out
+                with pytest.raises(WebSocketClosed):
+                    await upstream.send_many(["after"])
+                started = trio.current_time()
+            elapsed = trio.current_time() - started
+            await wait_eof(server.peer)
+    assert elapsed < 0.5
+    assert server.peer.closes == []
+
+
+async def test_wait_closed_reads_until_the_answer_to_our_close() -> None:
+    async def script(peer: WsPeer) -> None:
+        await peer.accept()
+        await peer.send(TextMessage(data="late"))
+        await answer_close(peer)
+
+    async with open_ws_server(script) as server:
+        with trio.fail_after(CEILING):
+            async with connect(server) as upstream:
+                await upstream.wait_closed()  # no Close of ours yet: returns at once
+                assert upstream.closed is None
+                await upstream.start_close(4000)
+                await upstream.wait_closed()  # drops "late", returns on the answer
+                assert upstream.closed is not None
+                assert upstream.closed.code == 4000
+            await wait_eof(server.peer)
+    assert server.peer.closes == [(4000, "")]
+
+
 # --- TLS -------------------------------------------------------------------------------------------------------
 
 

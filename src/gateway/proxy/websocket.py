@@ -1,19 +1,37 @@
-"""One WebSocket relay between a client and IBKR's ``/v1/api/ws``, owned by the session's nursery.
+"""One WebSocket relay between a client and IBKR's ``/v1/api/ws``: a task per direction, and the handler.
 
 Contract:
-- The handler (hypercorn's task) waits for a ready session and starts the relay *in that session's nursery*, then
-  waits for it; if the client leaves, the handler cancels the relay. If the session ends, the session nursery
-  cancels the relay, which closes the client with the session's close code (1012 restart, 1001 shutdown).
+- The *handler* (the server's task for the client connection, :meth:`WebSocketRelay.__call__`) takes a
+  ``max_websockets`` slot, waits for a ready session and starts the *relay task* in that session's nursery. The
+  relay task connects upstream, relays client→IBKR and closes IBKR's leg. Once IBKR has accepted, the handler
+  accepts the client and starts the *client writer* in the relay's own nursery (:meth:`WebSocketRelay.run`): it
+  relays IBKR→client and is the only task that writes to the client after the accept.
+- Why three places: the server may hold a write to a client that does not read for as long as that connection stays
+  open (hypercorn writes under a shield, with no deadline). Such a write must hold neither the session nursery (a
+  session restart, the shutdown drain) nor the server's own task group for the connection (the server closes the
+  socket, which is what ends the write, only once that group has ended — at shutdown, by cancelling the handler).
 - Upstream is opened with ``?oauth_token=<access token>``, ``Cookie: api=<session from tickle>`` and the
   configured User-Agent; no Authorization header. Text and binary frames pass both ways unchanged.
 - Either side closing closes the other with the same code where that code may be sent (1005/1006/1015 and
-  reserved codes become 1011 toward the client, 1000 toward IBKR).
-- A relay never raises into the session nursery, and every close is shielded and bounded.
+  reserved codes become 1011 toward the client, 1000 toward IBKR). If the session ends, the session nursery
+  cancels the relay task, and the client is told first (1012 restart, 1001 shutdown), then IBKR.
+- Write deadlines: a write to the client still pending after ``client_write_timeout_s``, or one to IBKR after
+  ``upstream_write_timeout_s``, means that peer has stopped taking our bytes: the relay ends with a warning, the
+  client is closed with 1008 (it did not read) or 1011 (IBKR did not), IBKR's socket is closed. A watchdog task
+  checks every relay's pending writes about once a second (two integer updates per write, no timer per message),
+  so a stalled relay ends within its deadline + 1 s + ``_CLOSE_TIMEOUT_S``.
+- The relay task never raises into the session nursery, and every close is shielded and bounded, so it ends within
+  ``_CLOSE_TIMEOUT_S`` of being cancelled whatever either peer does; the slot is given back when it ends. A client
+  writer stuck in a write to a client that does not read stays until the server closes that connection; by then it
+  holds no slot and no upstream socket.
+- ``max_relays`` (``server.max_websockets``) caps relays opening or open: the slot is taken before the relay waits
+  for a session or connects upstream, so at no instant do more relays hold or open an upstream socket; one more
+  upgrade is accepted and closed with 1013 (try again later). See :class:`RelayCounters`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import ssl
 from collections.abc import Callable
@@ -32,6 +50,11 @@ log = logging.getLogger("gateway.websocket")
 _CLOSE_TIMEOUT_S = 2.0
 _MAX_BATCH = 64  # messages sent upstream in one write at most
 _UNSENDABLE = frozenset({1004, 1005, 1006, 1015})
+_CLIENT_TOO_SLOW = 1008  # policy violation: the client stopped reading what it asked for
+_UPSTREAM_FAILURE = 1011
+# The watchdog looks at most this far apart (and at least four times per deadline), so a stalled write is found
+# between its deadline and one period later.
+_MAX_WATCH_PERIOD_S = 1.0
 
 
 def _ready_messages(receive: Receive) -> Callable[[], Message] | None:
@@ -43,6 +66,19 @@ def _ready_messages(receive: Receive) -> Callable[[], Message] | None:
     """
     take = getattr(getattr(receive, "__self__", None), "receive_nowait", None)
     return take if callable(take) else None
+
+
+def _with_real_session(text: str, session: LiveSession) -> str:
+    """``text`` with the session's real cookie value when it is exactly ``{"session": <string>}``."""
+    if len(text) > 1024:  # IBKR's session values are 32 hex digits: this is something else
+        return text
+    try:
+        parsed = json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+    if isinstance(parsed, dict) and list(parsed) == ["session"] and isinstance(parsed["session"], str):
+        return json.dumps({"session": session.cookie.reveal()})
+    return text
 
 
 def relay_close_code(code: int | None, *, default: int = 1011) -> int:
@@ -65,30 +101,57 @@ class RelaySettings:
     max_message_bytes: int = 1 << 20
     max_relays: int = 1000
     tls: ssl.SSLContext | None = None
+    client_write_timeout_s: float = 5.0  # server.websocket_ping_interval_s: the client is gone after this
+    upstream_write_timeout_s: float = 15.0  # upstream.write_timeout_s: IBKR is gone after this
 
 
 @dataclass
 class RelayCounters:
-    """Live numbers for the status page (no secrets)."""
+    """Live numbers for the status page (no secrets).
+
+    ``slots`` is what ``server.max_websockets`` caps: relays *opening* (waiting for a ready session or for IBKR's
+    handshake answer) plus relays *open*. A slot is taken before anything else happens to an upgrade and given back
+    once, when the relay's upstream socket is closed (or was never opened). ``open`` counts only relays whose
+    upstream WebSocket is connected (until its socket is closed), so ``/session`` and ``/metrics`` keep meaning
+    "open relays"; ``slots - open`` (``opening`` in ``/session``) are the ones still opening.
+    """
 
     open: int = 0
+    slots: int = 0
     opened_total: int = 0
     messages_up: int = 0
     messages_down: int = 0
     clients: dict[int, object] = field(default_factory=dict)  # open relay → its client label (see status.py)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Relay:
-    """State of one relay, shared between the handler and the task in the session nursery."""
+    """State of one relay, shared by the handler, the relay task and the client writer."""
 
     scope: Scope
     receive: Receive
     send: Send
     path: str
-    done: trio.Event = field(default_factory=trio.Event)
-    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    client_closed: bool = False
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # the relay task's: cancel to end it
+    down_scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # the client writer's IBKR→client loop
+    connected: trio.Event = field(default_factory=trio.Event)  # ``upstream`` is open, or the relay task ended
+    down_done: trio.Event = field(default_factory=trio.Event)  # IBKR→client has stopped and the client was told
+    done: trio.Event = field(default_factory=trio.Event)  # the relay task ended: upstream closed, slot given back
+    upstream: UpstreamWebSocket | None = None
+    close_code: int | None = None  # what the client is told when the gateway ends the relay
+    client_closed: bool = False  # nothing more goes to the client (a Close went out, or it disconnected)
+    client_stuck: bool = False  # a write to the client has been pending past the deadline
+    upstream_closing: bool = False  # a write to IBKR found its leg closed or broken: the client writer reads why
+    started: bool = False  # the relay task runs (it then gives the slot back)
+    holds_slot: bool = True  # a max_websockets slot is taken for this relay until its upstream socket is closed
+    counted_open: bool = False
+    # Write progress for the watchdog: each counter is odd while a write is pending.
+    down_writes: int = 0
+    up_writes: int = 0
+    down_seen: int = 0
+    down_since: float = 0.0
+    up_seen: int = 0
+    up_since: float = 0.0
 
 
 class WebSocketRelay:
@@ -100,11 +163,30 @@ class WebSocketRelay:
         self.counters = RelayCounters()
         self._none_open = trio.Event()
         self._none_open.set()
+        self._watched: set[_Relay] = set()  # open relays whose writes the watchdog checks
+        self._writers: trio.Nursery | None = None  # set while :meth:`run` runs
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the client writers and the write-deadline watchdog; relays are served only while this runs.
+
+        Run it beside the server (not inside it, nor in a session): cancelling it at shutdown is bounded once the
+        server has closed its connections, which ends any write still pending to a client.
+        """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watchdog)
+            self._writers = nursery
+            try:
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._writers = None
 
     async def wait_all_closed(self) -> None:
         """Return once no relay is open (used by the graceful drain)."""
         while self.counters.open:
             await self._none_open.wait()
+
+    # --- the handler: the server's task for the client connection ----------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handle one ASGI ``websocket`` connection whose path, route and origin were already checked."""
@@ -112,28 +194,146 @@ class WebSocketRelay:
         if message["type"] != "websocket.connect":
             return
         path = (scope.get("raw_path") or scope["path"].encode()).decode("ascii")
-        if self.counters.open >= self._settings.max_relays:
-            log.warning("%s: refused, %d relays already open (server.max_websockets)", path, self.counters.open)
+        writers = self._writers
+        if writers is None:
+            raise RuntimeError("WebSocketRelay.run() is not running")
+        counters = self.counters
+        if counters.slots >= self._settings.max_relays:
+            log.warning("%s: refused, %d relays already open or opening (server.max_websockets)", path, counters.slots)
             await send({"type": "websocket.accept"})
             await send({"type": "websocket.close", "code": 1013})  # try again later
             return
+        # The slot is taken here, with no checkpoint since the check: concurrent upgrades cannot all pass it.
+        counters.slots += 1
         relay = _Relay(scope=scope, receive=receive, send=send, path=path)
+        writer_started = False
         try:
-            while True:
-                try:
-                    session = await self._manager.wait_ready(self._settings.ready_timeout_s)
-                except SessionNotReady:
-                    await send({"type": "websocket.close", "code": 1013})  # try again later; before accept → 403
-                    return
-                try:
-                    await session.nursery.start(self._run, relay, session)
-                except RuntimeError:  # the session nursery is closing: wait for the next session
-                    await trio.lowlevel.checkpoint()
-                    continue
-                break
-            await relay.done.wait()
+            session = await self._start(relay)
+            if session is None:
+                return
+            await relay.connected.wait()
+            upstream = relay.upstream
+            if upstream is None:  # refused, unreachable, or the session ended meanwhile
+                await self._close_client(relay, self._client_close_code(relay, session, None))  # → HTTP 403
+                return
+            await send(self._accept_message(relay))
+            writers.start_soon(self._client_writer, relay, upstream, session)
+            writer_started = True
+            await relay.down_done.wait()
+            await relay.done.wait()  # bounded: the relay task's close is
+            await self._drain_client(relay)
         finally:
             relay.cancel_scope.cancel()
+            if not writer_started:
+                relay.down_done.set()  # nobody reads IBKR on this side: the relay task may
+            else:
+                relay.down_scope.cancel()  # the writer ends once its pending write (if any) does
+            if not relay.started:  # no session, or cancelled before the relay task ran: nothing else gives it back
+                self._release_slot(relay)
+
+    async def _start(self, relay: _Relay) -> LiveSession | None:
+        """Start the relay task in the ready session's nursery; ``None`` (client closed 1013) without a session."""
+        while True:
+            try:
+                session = await self._manager.wait_ready(self._settings.ready_timeout_s)
+            except SessionNotReady:
+                await self._close_client(relay, 1013)  # try again later; before accept → 403
+                return None
+            try:
+                await session.nursery.start(self._run, relay, session)
+            except RuntimeError:  # the session nursery is closing: wait for the next session
+                await trio.lowlevel.checkpoint()
+                continue
+            return session
+
+    @staticmethod
+    def _accept_message(relay: _Relay) -> Message:
+        accept: dict[str, object] = {"type": "websocket.accept"}
+        if relay.scope.get("gateway.request_id"):
+            accept["headers"] = [(b"x-request-id", relay.scope["gateway.request_id"].encode("ascii"))]
+        if relay.scope.get("gateway.subprotocol"):
+            accept["subprotocol"] = relay.scope["gateway.subprotocol"]
+        return accept
+
+    @staticmethod
+    def _client_close_code(relay: _Relay, session: LiveSession, upstream: UpstreamWebSocket | None) -> int:
+        if relay.close_code is not None:  # the gateway ended the relay (deadline, session end, IBKR refused)
+            return relay.close_code
+        if session.ended.is_set():
+            return session.close_code
+        if upstream is not None and upstream.closed is not None:
+            return relay_close_code(upstream.closed.code)
+        return _UPSTREAM_FAILURE
+
+    async def _client_writer(self, relay: _Relay, upstream: UpstreamWebSocket, session: LiveSession) -> None:
+        """IBKR→client until IBKR's leg closes or the relay task ends the relay (cancelling ``down_scope``); then
+        end the relay task and tell the client how the relay ended (in the relay's nursery; never raises)."""
+        try:
+            await self._upstream_to_client(relay, upstream)
+            relay.cancel_scope.cancel()  # the relay task stops reading the client and closes IBKR's leg
+            await self._close_client(relay, self._client_close_code(relay, session, upstream))
+        except Exception:  # a relay must never take its siblings down
+            log.exception("%s: relay failed", relay.path)
+        finally:
+            relay.cancel_scope.cancel()
+            relay.down_done.set()
+
+    async def _upstream_to_client(self, relay: _Relay, upstream: UpstreamWebSocket) -> None:
+        counters = self.counters
+        send = relay.send
+        with relay.down_scope:
+            while True:
+                try:
+                    payload = await upstream.receive()
+                except WebSocketClosed:
+                    return
+                relay.down_writes += 1
+                if isinstance(payload, str):
+                    await send({"type": "websocket.send", "text": payload})
+                else:
+                    await send({"type": "websocket.send", "bytes": payload})
+                relay.down_writes += 1
+                counters.messages_down += 1
+
+    async def _close_client(self, relay: _Relay, code: int) -> None:
+        """Close the client leg once (shielded, bounded); before accept this rejects the handshake."""
+        if relay.client_closed:
+            return
+        relay.client_closed = True
+        with trio.move_on_after(_CLOSE_TIMEOUT_S) as scope:
+            scope.shield = True
+            try:
+                await relay.send({"type": "websocket.close", "code": code})
+            except Exception as exc:  # the client may already be gone; nothing left to tell it
+                log.debug("%s: client close not delivered: %s", relay.path, type(exc).__name__)
+
+    async def _drain_client(self, relay: _Relay) -> None:
+        """Take (and drop) what the client still sends, once the relay task no longer reads it, until nothing has
+        come for ``_CLOSE_TIMEOUT_S``.
+
+        The server hands the client's messages over through a small bounded queue, and its reader waits while that
+        queue is full — even after the app has returned — so it would never see the client's Close or reset again,
+        and the connection would stay for good. Messages can follow the disconnect: a reset seen by a write queues
+        the disconnect while the reader is still handing over the frames of its last read, and a flooding client
+        that went away may have left megabytes of frames in the socket's receive buffer. Hence a bound on silence
+        rather than on the whole drain; it costs the handler task only (no slot, no upstream socket).
+        """
+        receive = relay.receive
+        take = _ready_messages(receive)
+        while True:
+            with trio.move_on_after(_CLOSE_TIMEOUT_S):  # one timer per wait for the server's reader, not per message
+                try:
+                    await receive()
+                    while take is not None:
+                        take()
+                except trio.WouldBlock:
+                    pass  # all taken: wait for the reader again
+                except (trio.EndOfChannel, trio.ClosedResourceError, trio.BrokenResourceError):
+                    return  # a server that closes the queue: nothing left to drain
+                continue
+            return
+
+    # --- the relay task: in the session's nursery -------------------------------------------------------------
 
     def _upstream_url(self, path: str, query: bytes) -> str:
         token = "oauth_token=" + quote(self._settings.access_token, safe="")
@@ -141,7 +341,8 @@ class WebSocketRelay:
         return url + ("&" + query.decode("ascii") if query else "")
 
     async def _run(self, relay: _Relay, session: LiveSession, *, task_status: trio.TaskStatus[None]) -> None:
-        """The relay task (in the session nursery): never raises; always closes both legs."""
+        """The relay task (in the session nursery): never raises; always closes IBKR's leg and gives the slot back."""
+        relay.started = True
         task_status.started()
         settings = self._settings
         try:
@@ -158,119 +359,176 @@ class WebSocketRelay:
                         max_message_bytes=settings.max_message_bytes,
                         connect_timeout_s=10,
                     ) as upstream:
-                        accept: dict[str, object] = {"type": "websocket.accept"}
-                        if relay.scope.get("gateway.request_id"):
-                            accept["headers"] = [(b"x-request-id", relay.scope["gateway.request_id"].encode("ascii"))]
-                        if relay.scope.get("gateway.subprotocol"):
-                            accept["subprotocol"] = relay.scope["gateway.subprotocol"]
-                        await relay.send(accept)
-                        self.counters.open += 1
-                        self.counters.opened_total += 1
-                        if self.counters.open == 1:
-                            self._none_open = trio.Event()
-                        client = relay.scope.get("gateway.client", "-")  # real address behind trusted proxies
-                        self.counters.clients[id(relay)] = client
-                        log.info("%s: WebSocket relay open client=%s", relay.path, client)
+                        relay.upstream = upstream
+                        self._opened(relay)
+                        relay.connected.set()  # the handler accepts the client and starts the client writer
                         try:
-                            await self._pump(relay, upstream)
+                            await self._client_to_upstream(relay, upstream, session)
                         finally:
-                            if session.ended.is_set():
-                                # Tell the client first (1012 restart / 1001 shutdown), then close upstream.
-                                await self._close_client(relay, session.close_code)
-                            self.counters.open -= 1
-                            self.counters.clients.pop(id(relay), None)
-                            if not self.counters.open:
-                                self._none_open.set()
-                            log.info("%s: WebSocket relay closed client=%s", relay.path, client)
+                            await self._end_upstream(relay, upstream, session)
                 except WebSocketRejected as exc:
                     log.warning("%s: upstream WebSocket refused: HTTP %d", relay.path, exc.status)
-                    await self._close_client(relay, 1011)
+                    relay.close_code = _UPSTREAM_FAILURE
                 except OSError as exc:
                     log.warning("%s: cannot connect upstream WebSocket: %s", relay.path, exc.strerror or exc)
-                    await self._close_client(relay, 1011)
+                    relay.close_code = _UPSTREAM_FAILURE
                 except trio.BrokenResourceError:
                     log.warning("%s: upstream WebSocket connection broke during the handshake", relay.path)
-                    await self._close_client(relay, 1011)
+                    relay.close_code = _UPSTREAM_FAILURE
                 except trio.TooSlowError:
                     log.warning("%s: upstream WebSocket did not connect in time", relay.path)
-                    await self._close_client(relay, 1011)
+                    relay.close_code = _UPSTREAM_FAILURE
         except trio.Cancelled:
             raise
         except Exception:  # a relay must never take its siblings down
             log.exception("%s: relay failed", relay.path)
         finally:
-            if not relay.client_closed and session.ended.is_set():
-                with trio.CancelScope(shield=True):
-                    await self._close_client(relay, session.close_code)
+            if relay.close_code is None and session.ended.is_set():
+                relay.close_code = session.close_code
+            relay.upstream = None
+            relay.down_scope.cancel()  # the client writer stops relaying (if it still does) and tells the client
+            relay.connected.set()
+            self._closed(relay)
             relay.done.set()
 
-    async def _pump(self, relay: _Relay, upstream: UpstreamWebSocket) -> None:
-        async with trio.open_nursery() as pump:
-            pump.start_soon(self._upstream_to_client, relay, upstream, pump.cancel_scope)
-            await self._client_to_upstream(relay, upstream, pump.cancel_scope)  # this task: one task fewer per relay
+    def _opened(self, relay: _Relay) -> None:
+        counters = self.counters
+        counters.open += 1
+        counters.opened_total += 1
+        if counters.open == 1:
+            self._none_open = trio.Event()
+        client = relay.scope.get("gateway.client", "-")  # real address behind trusted proxies
+        counters.clients[id(relay)] = client
+        relay.counted_open = True
+        log.info("%s: WebSocket relay open client=%s", relay.path, client)
+        self._watched.add(relay)
 
-    async def _client_to_upstream(self, relay: _Relay, upstream: UpstreamWebSocket, done: trio.CancelScope) -> None:
+    def _closed(self, relay: _Relay) -> None:
+        """The relay task ends: IBKR's socket is closed (or was never opened)."""
+        self._watched.discard(relay)
+        if relay.counted_open:
+            relay.counted_open = False
+            counters = self.counters
+            counters.open -= 1
+            client = counters.clients.pop(id(relay), "-")
+            if not counters.open:
+                self._none_open.set()
+            log.info("%s: WebSocket relay closed client=%s", relay.path, client)
+        self._release_slot(relay)
+
+    def _release_slot(self, relay: _Relay) -> None:
+        """Give the relay's ``max_websockets`` slot back (once, whoever calls first)."""
+        if relay.holds_slot:
+            relay.holds_slot = False
+            self.counters.slots -= 1
+
+    async def _client_to_upstream(self, relay: _Relay, upstream: UpstreamWebSocket, session: LiveSession) -> None:
+        """Client→IBKR until the client disconnects (its Close is passed on) or IBKR's leg is closed or broken.
+
+        A client's ``{"session": …}`` message (IBKR's way to authenticate a socket; ibind sends it with the value it
+        read from ``/tickle``, which the gateway answers with an opaque value) goes up with the session's real value.
+        """
         counters = self.counters
         receive = relay.receive
         ready = _ready_messages(receive)
         while True:
             message = await receive()
             batch: list[str | bytes] = []
+            disconnect: Message | None = None
             while True:  # what the client sent meanwhile goes up in one write (one system call, not one each)
                 kind = message["type"]
                 if kind == "websocket.receive":
                     data = message.get("bytes")
-                    batch.append(data if data is not None else message.get("text") or "")
+                    if data is not None:
+                        batch.append(data)
+                    else:
+                        text = message.get("text") or ""
+                        batch.append(_with_real_session(text, session) if text.startswith('{"session"') else text)
                 elif kind == "websocket.disconnect":
-                    with contextlib.suppress(WebSocketClosed):
-                        if batch:
-                            await upstream.send_many(batch)
-                            counters.messages_up += len(batch)
+                    disconnect = message
                     relay.client_closed = True
-                    code = relay_close_code(message.get("code"), default=1000)
-                    with trio.move_on_after(_CLOSE_TIMEOUT_S) as scope:
-                        scope.shield = True
-                        await upstream.start_close(code)  # the peer's answer is awaited when the connection closes
-                    done.cancel()
-                    return
+                    break
                 if ready is None or len(batch) >= _MAX_BATCH:
                     break
                 try:
                     message = ready()
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
-            if not batch:
-                continue
-            try:
-                await upstream.send_many(batch)
-            except WebSocketClosed:
-                return  # the other direction sees the close and handles it
-            counters.messages_up += len(batch)
-
-    async def _upstream_to_client(self, relay: _Relay, upstream: UpstreamWebSocket, done: trio.CancelScope) -> None:
-        counters = self.counters
-        send = relay.send
-        while True:
-            try:
-                payload = await upstream.receive()
-            except WebSocketClosed as exc:
-                await self._close_client(relay, relay_close_code(exc.code))
-                done.cancel()
+            if batch:
+                relay.up_writes += 1
+                try:
+                    await upstream.send_many(batch)
+                except WebSocketClosed:
+                    relay.upstream_closing = True  # the client writer reads why IBKR's leg closed and tells the client
+                    return
+                finally:
+                    relay.up_writes += 1
+                counters.messages_up += len(batch)
+            if disconnect is not None:
+                with trio.move_on_after(_CLOSE_TIMEOUT_S) as scope:
+                    scope.shield = True
+                    await upstream.start_close(relay_close_code(disconnect.get("code"), default=1000))
                 return
-            if isinstance(payload, str):
-                await send({"type": "websocket.send", "text": payload})
-            else:
-                await send({"type": "websocket.send", "bytes": payload})
-            counters.messages_down += 1
 
-    async def _close_client(self, relay: _Relay, code: int) -> None:
-        """Close the client leg once (shielded, bounded); before accept this rejects the handshake."""
-        if relay.client_closed:
-            return
-        relay.client_closed = True
+    async def _end_upstream(self, relay: _Relay, upstream: UpstreamWebSocket, session: LiveSession) -> None:
+        """Close IBKR's leg, shielded and within ``_CLOSE_TIMEOUT_S`` in all.
+
+        When the gateway ends the relay the client writer tells the client first. The peer's Close is read here only
+        once the writer no longer reads IBKR (one reader at a time); if the handshake does not finish in time, or the
+        writer may still read, the socket is closed without waiting.
+        """
+        self._watched.discard(relay)  # ending: bounded from here on
+        if relay.close_code is None and session.ended.is_set():
+            relay.close_code = session.close_code
         with trio.move_on_after(_CLOSE_TIMEOUT_S) as scope:
             scope.shield = True
-            try:
-                await relay.send({"type": "websocket.close", "code": code})
-            except Exception as exc:  # the client may already be gone; nothing left to tell it
-                log.debug("%s: client close not delivered: %s", relay.path, type(exc).__name__)
+            if not relay.client_closed and not relay.upstream_closing:
+                relay.down_scope.cancel()  # the client writer stops relaying and tells the client why
+            if not relay.client_stuck:  # a stuck writer tells nobody anything: do not wait for it
+                await relay.down_done.wait()
+            await upstream.start_close(1000)  # no-op if a Close went out (the client's code) or a write failed
+            if relay.down_done.is_set():
+                await upstream.wait_closed()
+        if upstream.closed is None:
+            upstream.abort()
+
+    # --- the watchdog: the write deadlines ---------------------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        """Check every open relay's pending writes against the deadlines (in :meth:`run`'s nursery)."""
+        settings = self._settings
+        period = min(_MAX_WATCH_PERIOD_S, settings.client_write_timeout_s / 4, settings.upstream_write_timeout_s / 4)
+        while True:
+            await trio.sleep(period)
+            now = trio.current_time()
+            for relay in list(self._watched):
+                self._check_writes(relay, now)
+
+    def _check_writes(self, relay: _Relay, now: float) -> None:
+        settings = self._settings
+        writes = relay.down_writes
+        if writes != relay.down_seen:
+            relay.down_seen, relay.down_since = writes, now
+        elif writes & 1 and now - relay.down_since >= settings.client_write_timeout_s:
+            relay.client_stuck = True
+            self._expire(relay, _CLIENT_TOO_SLOW, "the client", settings.client_write_timeout_s)
+            return
+        writes = relay.up_writes
+        if writes != relay.up_seen:
+            relay.up_seen, relay.up_since = writes, now
+        elif writes & 1 and now - relay.up_since >= settings.upstream_write_timeout_s:
+            self._expire(relay, _UPSTREAM_FAILURE, "IBKR", settings.upstream_write_timeout_s)
+
+    def _expire(self, relay: _Relay, code: int, peer: str, deadline_s: float) -> None:
+        self._watched.discard(relay)
+        if relay.close_code is None:
+            relay.close_code = code
+        log.warning(
+            "%s: %s took none of our bytes for %g s: relay closed (%d) client=%s",
+            relay.path,
+            peer,
+            deadline_s,
+            relay.close_code,
+            relay.scope.get("gateway.client", "-"),
+        )
+        relay.cancel_scope.cancel()

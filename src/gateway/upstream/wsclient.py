@@ -16,6 +16,9 @@ Contract:
 - On exit the connection is closed: a Close frame (code 1000 unless :meth:`~UpstreamWebSocket.start_close` chose
   one) if none was sent, a wait for the peer's Close (unless the connection already failed), both bounded together
   by ``_CLOSE_TIMEOUT_S``, then the stream is closed — whoever closed first.
+- A write that did not complete (cancelled, e.g. by the relay's write deadline, or failed) may have left part of a
+  frame on the wire: nothing more is written after it (no Close frame either) and nothing is waited for on exit.
+  :meth:`~UpstreamWebSocket.abort` gives up on the closing handshake the same way, for a caller that cannot wait.
   Nothing here logs or raises the handshake headers (they carry the session cookie).
 """
 
@@ -79,18 +82,27 @@ class UpstreamWebSocket:
         self._size = 0
         self.close_sent = False
         self.closed: WebSocketClosed | None = None  # set once the peer's Close (or a break) was seen
+        self.write_failed = False  # a write did not complete: the byte stream may end mid-frame, write no more
 
     async def _write(self, data: bytes) -> None:
         async with self._send_lock:
-            await self._stream.send_all(data)
+            if self.write_failed:
+                raise trio.BrokenResourceError("an earlier write did not complete")
+            written = False
+            try:
+                await self._stream.send_all(data)
+                written = True
+            finally:
+                if not written:
+                    self.write_failed = True
 
     async def send_many(self, payloads: Sequence[str | bytes]) -> None:
         """Send ``payloads`` as text (``str``) or binary (``bytes``) messages in one write.
 
         Raises :class:`WebSocketClosed` if the connection is closing or broken.
         """
-        if self.closed is not None or self.close_sent:
-            raise WebSocketClosed(self.closed.code if self.closed else 1000)
+        if self.closed is not None or self.close_sent or self.write_failed:
+            raise WebSocketClosed(self.closed.code if self.closed else _ABNORMAL if self.write_failed else 1000)
         ws = self._ws
         try:
             data = b"".join(
@@ -102,10 +114,27 @@ class UpstreamWebSocket:
 
     async def start_close(self, code: int, reason: str = "") -> None:
         """Send our Close frame now (once); the rest of the close happens when the connection's block exits."""
-        if self.close_sent or self.closed is not None:
+        if self.close_sent or self.closed is not None or self.write_failed:
             return
         self.close_sent = True
         await self._answer(CloseConnection(code=code, reason=reason or None))
+
+    async def wait_closed(self) -> None:
+        """Read (answering pings, dropping messages) until the peer's Close or a break; at once if the peer already
+        closed or if no Close of ours went out (none sent, a failed write, :meth:`abort`). Unbounded: the caller
+        bounds it, and calls it only when no other task is receiving."""
+        while self.closed is None and self.close_sent and not self.write_failed:
+            try:
+                await self.receive()
+            except WebSocketClosed:
+                return
+
+    def abort(self) -> None:
+        """Give up on the closing handshake: nothing more is written, and leaving the ``connect_websocket`` block
+        closes the socket at once instead of waiting for the peer (for a caller that cannot wait, e.g. because
+        another task may still be receiving)."""
+        self.close_sent = True
+        self.write_failed = True
 
     async def receive(self) -> str | bytes:
         """The next whole message; see the module contract."""
@@ -137,10 +166,10 @@ class UpstreamWebSocket:
             elif isinstance(event, Ping):
                 await self._answer(event.response())
             elif isinstance(event, CloseConnection):
+                self.closed = WebSocketClosed(event.code, event.reason or "")  # known even if the answer is cancelled
                 if not self.close_sent:
                     self.close_sent = True
                     await self._answer(event.response())
-                self.closed = WebSocketClosed(event.code, event.reason or "")
                 raise self.closed
 
     async def _answer(self, event: Event) -> None:
@@ -168,11 +197,7 @@ class UpstreamWebSocket:
         peer that stops reading can block the write too. The caller closes the stream."""
         with trio.move_on_after(_CLOSE_TIMEOUT_S):
             await self.start_close(1000)
-            while self.closed is None:
-                try:
-                    await self.receive()
-                except WebSocketClosed:
-                    return
+            await self.wait_closed()
 
 
 @asynccontextmanager

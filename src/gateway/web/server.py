@@ -17,6 +17,10 @@ Why not ``hypercorn.trio.serve`` as it comes (each point was reproduced against 
   when the app's own disconnect watcher had cancelled that task meanwhile, the close was cut short by the
   cancellation and the socket stayed open until ``read_timeout`` (30 s after a ``Connection: close`` answer).
   The close is shielded and bounded here.
+- **A client that stops reading is let go.** hypercorn writes to the client shielded and with no deadline, so a
+  client that reads nothing held its connection (and whatever waited on that write) until it closed its socket.
+  Each write here has a deadline — ``websocket_ping_interval`` on a WebSocket, ``read_timeout`` otherwise — after
+  which the connection is closed; a connection closed here is not read any further.
 - **A WebSocket protocol violation is answered with a Close frame.** wsproto reports a frame it cannot accept
   (bad UTF-8, an unmasked client frame, reserved bits) as a ``CloseConnection`` event while the connection is still
   open; hypercorn then dropped TCP without the Close frame (1002/1007) that RFC 6455 §7.1.7 asks for.
@@ -32,13 +36,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 import h11
 import trio
 from hypercorn.config import Config
-from hypercorn.events import Closed, Event
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import FrameTooLargeError, WSStream
@@ -123,17 +129,23 @@ class HTTP11(H11Protocol):
 
 
 class Connection(TCPServer):
-    """One client connection: hypercorn's TCP handling with :attr:`protocol_class`, failures contained, close
-    shielded."""
+    """One client connection: hypercorn's TCP handling with :attr:`protocol_class`, failures contained, every write
+    under a deadline, close shielded and bounded."""
 
     protocol_class: type[HTTP11] = HTTP11
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reading = trio.CancelScope()
+        self._gone = False  # the peer broke the connection (a write failed)
+        self._peer: tuple[str, int] | None = None
 
     async def run(self) -> None:
         """Serve the connection until it closes; never raises (except cancellation)."""
         peer: tuple[str, int] | None = None
         try:
             sock = self.stream.socket
-            peer = parse_socket_addr(sock.family, sock.getpeername())
+            peer = self._peer = parse_socket_addr(sock.family, sock.getpeername())
             local = parse_socket_addr(sock.family, sock.getsockname())
             async with TaskGroup() as task_group:
                 self._task_group = task_group
@@ -150,7 +162,8 @@ class Connection(TCPServer):
                 )
                 await self.protocol.initiate()
                 await self.idle_task.restart(task_group, self._idle_timeout)
-                await self._read_data()
+                with self._reading:  # cancelled by _close: a closed connection is not read any further
+                    await self._read_data()
         except* OSError:
             pass  # the peer went away: nothing to report
         except* Exception as group:
@@ -159,8 +172,8 @@ class Connection(TCPServer):
             await self._close()
 
     async def _close(self) -> None:
-        """Send EOF after any write in flight, then close the socket; shielded (the caller may be a cancelled app
-        task) and bounded (a write stuck on a client that does not read is ended by the close)."""
+        """Send EOF after any write in flight, then close the socket and stop reading; shielded (the caller may be a
+        cancelled app task) and bounded (a write stuck on a client that does not read is ended by the close)."""
         with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
             scope.shield = True
             async with self.send_lock:
@@ -168,20 +181,58 @@ class Connection(TCPServer):
                     await self.stream.send_eof()
         with trio.CancelScope(shield=True):
             await self.stream.aclose()
+        # The reader may be waiting to hand a finished app a message (a full queue nobody takes from any more):
+        # it would never reach EOF, and the connection's task would outlive its socket.
+        self._reading.cancel()
 
     async def protocol_send(self, event: Event) -> None:
-        """hypercorn's, except that a close requested by the protocol is the shielded one above."""
-        if isinstance(event, Closed):
-            await self._close()
+        """hypercorn's, except that writes have a deadline and a close is the bounded one above."""
+        if isinstance(event, RawData):
+            async with self.send_lock:
+                with trio.CancelScope(shield=True):  # as hypercorn: a write is not cut by its caller's cancellation
+                    with trio.move_on_after(self._write_deadline_s()) as deadline:
+                        try:
+                            await self.stream.send_all(event.data)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            self._gone = True
+                            deadline.cancel()  # gone: closed like a missed deadline, without the warning
+            if deadline.cancelled_caught:
+                if not self._reading.cancel_called and not self._gone:
+                    log.warning(
+                        "connection from %s closed: the client took none of our bytes for %g s",
+                        _where(self._peer),
+                        self._write_deadline_s(),
+                    )
+                await self._closed_by_peer_or_deadline()
+        elif isinstance(event, Closed):
+            await self._closed_by_peer_or_deadline()
+        else:
+            await super().protocol_send(event)
+
+    def _write_deadline_s(self) -> float:
+        """How long a client may take to accept one write: a WebSocket client that took nothing for a ping
+        interval cannot have answered the ping either; an HTTP client gets ``read_timeout``, as for its silence."""
+        websocket = isinstance(getattr(self.protocol, "stream", None), WSStream)
+        limit = self.config.websocket_ping_interval if websocket else self.config.read_timeout
+        return float(limit) if limit else math.inf
+
+    async def _closed_by_peer_or_deadline(self) -> None:
+        await self._close()
+        # Tell the protocol (and through it the app); bounded, as it hands the app a message and a finished app
+        # takes none.
+        with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
+            scope.shield = True
             await self.protocol.handle(Closed())
-            return
-        await super().protocol_send(event)
+
+
+def _where(peer: tuple[str, int] | None) -> str:
+    return f"{peer[0]}:{peer[1]}" if peer else "-"
 
 
 def _log_failure(peer: tuple[str, int] | None, group: BaseExceptionGroup[Exception]) -> None:
     # One line per failure: the type and hypercorn's message (no request data: its exceptions carry stream ids and
     # states). The traceback is for developers, at debug level.
-    where = f"{peer[0]}:{peer[1]}" if peer else "-"
+    where = _where(peer)
     for exc in group.exceptions:
         log.warning(
             "connection from %s closed after an error in the HTTP server: %s: %s", where, type(exc).__name__, exc

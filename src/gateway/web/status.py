@@ -123,6 +123,7 @@ def snapshot(source: StatusSource) -> dict[str, Any]:
         "recent_errors": [{"at": _iso(e.at), "message": e.message} for e in reversed(stats.recent_errors)],
         "relays": {
             "open": source.relays.open,
+            "opening": source.relays.slots - source.relays.open,
             "opened_total": source.relays.opened_total,
             "messages_up": source.relays.messages_up,
             "messages_down": source.relays.messages_down,
