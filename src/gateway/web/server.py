@@ -38,7 +38,7 @@ from functools import partial
 import h11
 import trio
 from hypercorn.config import Config
-from hypercorn.events import Closed, Event
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import FrameTooLargeError, WSStream
@@ -170,12 +170,50 @@ class Connection(TCPServer):
             await self.stream.aclose()
 
     async def protocol_send(self, event: Event) -> None:
-        """hypercorn's, except that a close requested by the protocol is the shielded one above."""
+        """hypercorn's, except that a close requested by the protocol is the shielded one above, and protocol bytes
+        are written even when the task sending them is being cancelled (:meth:`_send_raw`)."""
         if isinstance(event, Closed):
             await self._close()
             await self.protocol.handle(Closed())
             return
+        if isinstance(event, RawData):
+            await self._send_raw(event.data)
+            return
         await super().protocol_send(event)
+
+    async def _send_raw(self, data: bytes) -> None:
+        """Write bytes the protocol has produced. h11 and wsproto count them as sent the moment they produce them,
+        so they must reach the socket even if the app task that sent them is cancelled meanwhile: hypercorn waited
+        for the send lock cancellably, and a relay cancelled while accepting lost its 101 but not the "accepted"
+        state, so its Close frame went out with no handshake answer in front of it. A cancelled sender waits for
+        the lock shielded, for at most :data:`CLOSE_TIMEOUT_S`; if a write in flight holds it longer, the bytes
+        cannot go out in order and the connection is closed instead."""
+        if not await self._take_send_lock():
+            await self._close()
+            return
+        broken = False
+        try:
+            with trio.CancelScope(shield=True):
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            broken = True
+        finally:
+            self.send_lock.release()
+        if broken:  # outside the lock: handling the close may close the connection, which takes the lock
+            await self.protocol.handle(Closed())
+
+    async def _take_send_lock(self) -> bool:
+        """Acquire the send lock: as hypercorn does, or, when the caller is cancelled, shielded and bounded."""
+        try:
+            await self.send_lock.acquire()
+        except trio.Cancelled:
+            pass  # not acquired; the cancellation is delivered again at the caller's next checkpoint
+        else:
+            return True
+        with trio.move_on_after(CLOSE_TIMEOUT_S) as waiting:
+            waiting.shield = True
+            await self.send_lock.acquire()
+        return not waiting.cancelled_caught
 
 
 def _log_failure(peer: tuple[str, int] | None, group: BaseExceptionGroup[Exception]) -> None:
