@@ -111,3 +111,37 @@ async def test_shutdown_stops_accepting_and_closes_idle_keep_alive_connections()
         await idle.aclose()
     with pytest.raises(OSError, match="connect"):
         await trio.open_tcp_stream(host, int(port))
+
+
+async def accept_while_cancelled(scope: Scope, receive: Receive, send: Send) -> None:
+    """A WebSocket app whose task is cancelled as it accepts (as a relay is when its session ends right then), and
+    which then closes the client with 1012 — shielded, as the relay does."""
+    if scope["type"] == "lifespan":
+        await app(scope, receive, send)
+        return
+    await receive()  # websocket.connect
+    with trio.CancelScope() as cancelled:
+        cancelled.cancel()
+        await send({"type": "websocket.accept"})
+    with trio.CancelScope(shield=True):
+        await send({"type": "websocket.close", "code": 1012})
+
+
+async def test_an_accept_cut_short_by_cancellation_still_answers_the_handshake_before_any_frame(
+    nursery: trio.Nursery,
+) -> None:
+    """hypercorn moves its WebSocket (and h11) state when it produces the 101, before the write; a cancelled sender
+    used to lose the 101 but not the state, so the Close frame that followed went out with no handshake answer in
+    front of it — a malformed answer on which a client waits for the 101 forever."""
+    shutdown = trio.Event()
+    urls = await nursery.start(partial(serve, accept_while_cancelled, _config(), shutdown))
+    host, port = urls[0].removeprefix("http://").rsplit(":", 1)
+    request = (
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    answer = await _get((host, int(port)), request)
+    shutdown.set()
+    head, _, frames = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 "), answer[:80]
+    assert frames[:4] == b"\x88\x02\x03\xf4"  # then a Close frame with 1012

@@ -214,3 +214,43 @@ def test_signed_requests_with_weird_input_never_500(
 @cache
 def _fuzz_client() -> Client:
     return Client(_creds(), BASE)
+
+
+async def test_a_websocket_send_refused_by_a_closing_connection_ends_the_handler_quietly() -> None:
+    """Stock hypercorn writes the EOF of a connection whose peer has closed outside its send lock, so an app send
+    racing it fails with ``BusyResourceError`` (the fault soak hit it when a ``close_websockets`` fault met the
+    gateway closing the same upstream WebSocket). The simulator must take that as the connection ending, not raise
+    it into hypercorn (an "Error in ASGI Framework" line at ERROR, with a traceback)."""
+    sim = Simulator(_creds())
+    query = b"oauth_token=" + _creds().access_token.encode()
+    scope: dict[str, Any] = {
+        "type": "websocket",
+        "path": "/v1/api/ws",
+        "raw_path": b"/v1/api/ws",
+        "query_string": query,
+        "headers": [(b"host", b"sim.test"), (b"user-agent", b"t")],
+        "client": ("127.0.0.1", 40000),
+    }
+    inbox = [{"type": "websocket.connect"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if inbox:
+            return inbox.pop(0)
+        await trio.sleep_forever()
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "websocket.close":
+            raise trio.BusyResourceError("another task is currently sending data on this SocketStream")
+        sent.append(message)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sim.app, scope, receive, send)
+        with trio.fail_after(5):
+            while sim.websocket_count == 0:  # noqa: ASYNC110 - the handler registers itself; no event to wait on
+                await trio.sleep(0.01)
+            await sim.faults.close_websockets(1011)
+            while sim.websocket_count:  # noqa: ASYNC110 - as above
+                await trio.sleep(0.01)
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send"]  # accepted, "waiting for session"

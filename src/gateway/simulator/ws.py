@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.simulator")
 
 WS_PATH = "/v1/api/ws"
+# What a send raises when hypercorn is closing the connection under it: stock hypercorn writes the EOF of a
+# connection whose peer has closed outside its send lock, so a send racing that close fails (BusyResourceError)
+# instead of being dropped as sends after a close are. The connection is over either way.
+_CONNECTION_GONE = (trio.BusyResourceError, trio.BrokenResourceError, trio.ClosedResourceError)
 MAX_WS_MESSAGES = 10_000
 MAX_FIELDS = 50
 
@@ -107,6 +111,7 @@ class _Connection:
         self.outbox_in, self.outbox_out = trio.open_memory_channel[str](256)
         self.attached = False
         self.closing = False
+        self.gone = False
         self.subscriptions: dict[int, trio.CancelScope] = {}
         self.nursery: trio.Nursery | None = None
 
@@ -127,18 +132,29 @@ class _Connection:
                     break
                 if kind == "websocket.receive":
                     await self._on_message(message)
-        if self.handle.close_code is not None:
+        if self.handle.close_code is not None and not self.gone:
             with trio.move_on_after(1.0):  # let the client answer our close frame before the socket goes
                 while (await self.receive()).get("type") != "websocket.disconnect":
                     pass
 
     # ------------------------------------------------------------------ outgoing
 
+    async def _send(self, message: dict[str, Any]) -> bool:
+        """Send one ASGI message; False, and the connection's handler ends, if the server is closing it."""
+        try:
+            await self.send(message)
+        except _CONNECTION_GONE:
+            self.gone = True
+            assert self.nursery is not None
+            self.nursery.cancel_scope.cancel()
+            return False
+        return True
+
     async def _send_text(self, text: str) -> None:
         if self.core.ws_binary:
-            await self.send({"type": "websocket.send", "bytes": text.encode("utf-8")})
+            await self._send({"type": "websocket.send", "bytes": text.encode("utf-8")})
         else:
-            await self.send({"type": "websocket.send", "text": text})
+            await self._send({"type": "websocket.send", "text": text})
 
     async def _writer(self) -> None:
         async for text in self.outbox_out:
@@ -152,7 +168,8 @@ class _Connection:
         code = self.handle.close_code or 1000
         async with self.send_lock:
             self.closing = True
-            await self.send({"type": "websocket.close", "code": code, "reason": self.handle.close_reason})
+            if not await self._send({"type": "websocket.close", "code": code, "reason": self.handle.close_reason}):
+                return
         self.core.recorder.add(
             time=self.core.now_s(),
             method="WS",

@@ -45,14 +45,16 @@ import h11
 import trio
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData
-from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.events import Response, StreamClosed
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import FrameTooLargeError, WSStream
 from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.task_group import TaskGroup
+from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
+from hypercorn.typing import AppWrapper, ASGIReceiveEvent, ASGISendEvent, ConnectionState, LifespanState
+from hypercorn.typing import Scope as HypercornScope
 from hypercorn.utils import parse_socket_addr, repr_socket_addr, wrap_app
 from wsproto.connection import ConnectionState as WebSocketState
 from wsproto.events import CloseConnection, Message, Ping
@@ -118,14 +120,87 @@ class HTTP11(H11Protocol):
             await self._send_h11_event(h11.EndOfMessage())
             await self.send(Closed())
 
+    async def stream_send(self, event: StreamEvent) -> None:
+        """hypercorn's, except that an answer started while the request body is still arriving says
+        ``Connection: close``: the connection closes after it (what is left of the body would be read as the next
+        request), and a client that managed to write its whole body must not send its next request there."""
+        if isinstance(event, Response) and event.status_code >= 200 and self._body_incoming():
+            event = Response(
+                stream_id=event.stream_id,
+                status_code=event.status_code,
+                headers=[*event.headers, (b"connection", b"close")],
+            )
+        await super().stream_send(event)
+
+    def _body_incoming(self) -> bool:
+        connection = self.connection
+        if not isinstance(connection, h11.Connection) or connection.their_state is not h11.SEND_BODY:
+            return False
+        return self._request_has_body
+
+    _request_has_body = False
+
     async def _create_stream(self, request: h11.Request) -> None:
         if self._refused:
             return
+        self._request_has_body = any(
+            (name == b"content-length" and value.strip() not in (b"", b"0")) or name == b"transfer-encoding"
+            for name, value in request.headers
+        )
         await super()._create_stream(request)
         if type(self.stream) is WSStream:
             # hypercorn builds the stream and hands it the request in one method; frames arrive only after the
             # handshake, so the subclass is in place before its _handle_events can run.
             self.stream.__class__ = _WebSocketStream
+
+
+class _TaskGroup(TaskGroup):
+    """hypercorn's, except that telling an HTTP app its stream closed never waits for room in the app's queue.
+
+    hypercorn queues what a client sends for the app (at most ``max_app_queue_size`` messages) and, when the
+    stream closes, puts ``http.disconnect`` on the same queue, waiting for room. When the app answered before
+    reading the request body (no session in time, pacing, an unreachable upstream), the queue is full of body
+    chunks it will never read, and the close is signalled from inside the app's own send of its last response
+    message: both waited for the other for ever — the exchange never ended and the connection stayed open. Here
+    the oldest unread messages make room instead: the stream is closed, so the rest of its body can no longer
+    arrive, and the app learns of the close as it would of a client that left mid-body.
+    """
+
+    async def spawn_app(
+        self,
+        app: AppWrapper,
+        config: Config,
+        scope: HypercornScope,
+        send: Callable[[ASGISendEvent | None], Awaitable[None]],
+    ) -> Callable[[ASGIReceiveEvent], Awaitable[None]]:
+        to_app, queued = trio.open_memory_channel[ASGIReceiveEvent](config.max_app_queue_size)
+        assert self._nursery is not None
+        self._nursery.start_soon(
+            _handle, app, config, scope, queued.receive, send, trio.to_thread.run_sync, trio.from_thread.run
+        )
+
+        async def put(message: ASGIReceiveEvent) -> None:
+            if message["type"] != "http.disconnect":
+                await to_app.send(message)
+                return
+            # Checkpoints as MemorySendChannel.send has them: nothing may raise once the message is queued. The close
+            # is often signalled from inside the app's own last send, and the disconnect wakes the app's watcher that
+            # cancels that very send's scope: a Cancelled here would cut hypercorn's keep-alive recycling short.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while True:
+                try:
+                    to_app.send_nowait(message)
+                except trio.WouldBlock:
+                    try:
+                        queued.receive_nowait()  # an unread request-body chunk of a stream that is closed
+                    except trio.WouldBlock:  # an unbuffered queue: nothing to drop, wait as hypercorn does
+                        await to_app.send(message)
+                        return
+                else:
+                    break
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+        return put
 
 
 class Connection(TCPServer):
@@ -147,7 +222,7 @@ class Connection(TCPServer):
             sock = self.stream.socket
             peer = self._peer = parse_socket_addr(sock.family, sock.getpeername())
             local = parse_socket_addr(sock.family, sock.getsockname())
-            async with TaskGroup() as task_group:
+            async with _TaskGroup() as task_group:
                 self._task_group = task_group
                 self.protocol = self.protocol_class(  # type: ignore[assignment]  # TCPServer declares ProtocolWrapper
                     self.app,
@@ -186,16 +261,22 @@ class Connection(TCPServer):
         self._reading.cancel()
 
     async def protocol_send(self, event: Event) -> None:
-        """hypercorn's, except that writes have a deadline and a close is the bounded one above."""
+        """hypercorn's, except that writes have a deadline and a close is the bounded one above.
+
+        h11 and wsproto count bytes as sent the moment they produce them, so those bytes must reach the socket even if
+        the task sending them is cancelled meanwhile: hypercorn waited for the send lock cancellably, and a relay
+        cancelled as it accepted lost its 101 but not the "accepted" state — its Close frame then went out with no
+        handshake answer in front of it. Here waiting for the lock (that is, for a write in flight to the same
+        client) and the write itself are shielded together, under the write deadline.
+        """
         if isinstance(event, RawData):
-            async with self.send_lock:
-                with trio.CancelScope(shield=True):  # as hypercorn: a write is not cut by its caller's cancellation
-                    with trio.move_on_after(self._write_deadline_s()) as deadline:
-                        try:
-                            await self.stream.send_all(event.data)
-                        except (trio.BrokenResourceError, trio.ClosedResourceError):
-                            self._gone = True
-                            deadline.cancel()  # gone: closed like a missed deadline, without the warning
+            with trio.CancelScope(shield=True), trio.move_on_after(self._write_deadline_s()) as deadline:
+                async with self.send_lock:
+                    try:
+                        await self.stream.send_all(event.data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        self._gone = True
+                        deadline.cancel()  # gone: closed like a missed deadline, without the warning
             if deadline.cancelled_caught:
                 if not self._reading.cancel_called and not self._gone:
                     log.warning(
