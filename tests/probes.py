@@ -83,3 +83,26 @@ def tcp_sockets(*, local_port: int | None = None, remote_port: int | None = None
                 if (local_port is None or local == local_port) and (remote_port is None or remote == remote_port):
                     found[(local, remote)] = fields[3]
     return found
+
+
+def sockets_on_port(port: int) -> int:
+    """Open socket fds of this process whose local or remote TCP port is ``port`` (both ends of a loopback
+    connection to a server in this process count, one fd each)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                local, remote = (int(fields[i].rsplit(":", 1)[1], 16) for i in (1, 2))
+                if port in (local, remote):
+                    inodes.add(fields[9])
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            count += 1
+    return count
