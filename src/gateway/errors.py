@@ -131,6 +131,11 @@ class UpstreamConnectError(UpstreamError):
     code = "upstream_connect"
 
 
+class UpstreamStale(UpstreamConnectError):
+    """A reused keep-alive connection failed before any byte of the answer: the request may be written again on a
+    new connection, if it is idempotent and its sender takes a new pacing turn (IBKR may have counted it)."""
+
+
 class UpstreamTimeout(UpstreamError):
     """The upstream did not answer (completely) within the configured deadline."""
 

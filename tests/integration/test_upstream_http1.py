@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
+from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamStale, UpstreamTimeout
 from gateway.upstream.client import Timeouts
 from gateway.upstream.http1 import MAX_HEAD_BYTES, READ_SIZE, Headers, Http1Pool, UpstreamResponse
 from tests.certs import self_signed
@@ -88,8 +88,11 @@ class TrackedPool(Http1Pool):
         where: str,
         *,
         authorize: Callable[[], bytes] | None = None,
+        resend_stale: bool = True,
     ) -> UpstreamResponse:
-        response = await super().send(method, target, headers, body, where, authorize=authorize)
+        response = await super().send(
+            method, target, headers, body, where, authorize=authorize, resend_stale=resend_stale
+        )
         self.responses.append(response)
         return response
 
@@ -749,6 +752,19 @@ async def test_reused_connection_closed_without_answer_retries_idempotent_reques
         assert len(server.connections[0].requests) == 2  # written once on the stale connection …
         assert len(server.connections[1].requests) == 1  # … and once more on a fresh one
         assert pool.idle_connections == 1
+
+
+async def test_stale_connection_left_to_the_caller_when_asked(pools: Pools) -> None:
+    """``resend_stale=False``: the pool does not write the request again itself; the caller gets UpstreamStale (and
+    may send it again after a pacing turn of its own); the slot and a fresh connection are there for that."""
+    async with open_raw_server(closes_on_second_request()) as server:
+        pool = pools(server, max_connections=1)
+        assert await get(pool) == b"c0"
+        with trio.fail_after(CEILING), pytest.raises(UpstreamStale) as caught:
+            await pool.send(b"GET", b"/again", [], None, "GET /again", resend_stale=False)
+        assert_names_where(caught.value, "GET /again")
+        assert server.accepts == 1 and len(server.requests) == 2  # written once, on the stale connection
+        assert await get(pool) == b"c1"  # the slot came back
 
 
 async def test_the_stale_connection_retry_is_signed_afresh(pools: Pools) -> None:

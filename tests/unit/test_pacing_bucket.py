@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -106,6 +108,36 @@ def test_sliding_window_refund() -> None:
     window.take(1.0)
     with pytest.raises(ValueError, match="no grant"):
         window.take(1.0)
+
+
+def test_sliding_window_open_grants_count_until_settled() -> None:
+    """A held grant counts until its answer, then one window more: a request that reached IBKR late (sent at 0,
+    counted there at 0.9) cannot share IBKR's window with the next burst."""
+    window = SlidingWindow(limit=2, window_s=1.0)
+    first, second = window.hold(0.0), window.hold(0.0)
+    assert window.in_window(50.0) == 2 and window.available_at(50.0) == math.inf  # unanswered: held for good
+    window.settle(first, 0.9)
+    assert window.available_at(1.0) == 1.9  # one window after the answer, not after the grant
+    window.settle(first, 5.0)  # settling twice: no-op
+    window.drop(second)  # never sent: its place comes back at once
+    assert window.available_at(1.0) == 1.0 and window.in_window(1.0) == 1
+    third = window.hold(1.0)
+    assert window.available_at(1.0) == 1.9
+    assert window.grant_at(0, 1.0) == 1.9 and window.grant_at(1, 1.0) == 2.0  # open ones taken as settling now
+    window.drop(third)
+    window.drop(third)
+    with pytest.raises(ValueError, match="no grant"):
+        window.hold(1.0), window.hold(1.0)
+
+
+def test_sliding_window_adopts_open_grants_as_settled_now() -> None:
+    old = SlidingWindow(limit=3, window_s=1.0)
+    old.take(0.0)
+    old.hold(0.5)
+    new = SlidingWindow(limit=3, window_s=1.0)
+    new.adopt(old, 0.8)
+    assert new.in_window(0.8) == 2 and new.available_at(1.0) == 1.0
+    assert new.in_window(1.0) == 1 and new.in_window(1.8) == 0
 
 
 def test_sliding_window_keeps_order_when_the_clock_steps_back() -> None:

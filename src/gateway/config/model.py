@@ -81,7 +81,7 @@ class PacingConfig:
     max_wait_s: float = 5.0
     breaker_cooldown_s: float = 60.0
     breaker_max_cooldown_s: float = 900.0
-    send_margin_s: float = 0.25
+    send_margin_s: float = 0.0
     limits: tuple[dict[str, object], ...] = ()
 
 

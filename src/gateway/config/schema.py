@@ -366,8 +366,8 @@ SECTIONS: Mapping[str, Mapping[str, Key]] = {
         "breaker_max_cooldown_s": Key(seconds(1.0, 86400.0), 900, "repeated 429s double the cool-down up to this"),
         "send_margin_s": Key(
             seconds(0.0, 5.0),
-            0.25,
-            "each window is held this much longer, absorbing send jitter (IBKR counts arrivals)",
+            0,
+            "extra hold after each answer before its place in the window comes back (headroom)",
         ),
         "limits": Key(
             array(pacing_limit, what="tables {path, method, requests, per_s, max_concurrent}"),

@@ -13,6 +13,7 @@ window of ``window_s`` seconds hold more than ``n``; over any interval it admits
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections import deque
 
@@ -77,6 +78,13 @@ class SlidingWindow:
     It keeps the times of the last ``limit`` grants; a grant at ``t`` is allowed when fewer than ``limit`` grants lie
     in ``(t - window_s, t]``. Times it reports are absolute (same origin as ``now``) and are exactly the instants at
     which the check flips, so a caller sleeping until them is never off by a rounding error.
+
+    A grant is either stamped at once (:meth:`take`) or *held open* (:meth:`hold`): an open grant counts in every
+    window until it is stamped with :meth:`settle` (or dropped with :meth:`drop`, never sent). The pacer holds a
+    request's grant open until IBKR's answer arrives, which is after IBKR counted the request, so however late the
+    request reached IBKR (a slow connect, a stalled writer, a busy receiver), IBKR can never count more than
+    ``limit`` in any window of ``window_s``: for the last request of any window IBKR sees, every earlier-granted one
+    in it was either still open or answered less than ``window_s`` before that grant.
     """
 
     def __init__(self, limit: int, window_s: float) -> None:
@@ -87,6 +95,8 @@ class SlidingWindow:
         self.window_s = window_s
         self._log: deque[float] = deque()
         self._latest = -math.inf
+        self._open: set[int] = set()
+        self._handles = itertools.count()
 
     def _expire(self, now: float) -> None:
         log = self._log
@@ -94,16 +104,22 @@ class SlidingWindow:
             log.popleft()
 
     def in_window(self, now: float) -> int:
-        """Grants still counted at ``now``."""
+        """Grants still counted at ``now`` (open ones included)."""
         self._expire(now)
-        return len(self._log)
+        return len(self._log) + len(self._open)
 
     def available_at(self, now: float) -> float:
-        """The earliest instant ``>= now`` at which a grant is allowed (``now`` itself when allowed now)."""
+        """The earliest instant ``>= now`` at which a grant is allowed (``now`` itself when allowed now).
+
+        ``math.inf`` when open grants alone fill the window: only a :meth:`settle` or :meth:`drop` can free a place.
+        """
         self._expire(now)
-        if len(self._log) < self.limit:
+        excess = len(self._log) + len(self._open) - self.limit
+        if excess < 0:
             return now
-        return self._log[0] + self.window_s
+        if excess >= len(self._log):
+            return math.inf
+        return self._log[excess] + self.window_s
 
     def wait_time(self, now: float) -> float:
         """``0.0`` if a grant is allowed at ``now``, else the seconds until one is; takes nothing."""
@@ -114,10 +130,31 @@ class SlidingWindow:
         """Record a grant at ``now`` and return the stamp recorded (for :meth:`refund`); raises if not allowed."""
         if self.available_at(now) > now:
             raise ValueError("no grant is available at this time")
+        return self._stamp(now)
+
+    def _stamp(self, now: float) -> float:
         stamp = max(now, self._latest)  # keep the log sorted even if a caller's clock stepped back
         self._latest = stamp
         self._log.append(stamp)
         return stamp
+
+    def hold(self, now: float) -> int:
+        """Record an open grant (see the class docstring) and return its handle; raises if not allowed at ``now``."""
+        if self.available_at(now) > now:
+            raise ValueError("no grant is available at this time")
+        handle = next(self._handles)
+        self._open.add(handle)
+        return handle
+
+    def settle(self, handle: int, now: float) -> None:
+        """Stamp the open grant ``handle`` at ``now``: from here it counts for ``window_s``. No-op if not open."""
+        if handle in self._open:
+            self._open.remove(handle)
+            self._stamp(now)
+
+    def drop(self, handle: int) -> None:
+        """Forget the open grant ``handle``, which was never sent. No-op if not open."""
+        self._open.discard(handle)
 
     def try_take(self, now: float) -> float:
         """Take a grant if allowed: ``0.0`` means taken; otherwise the seconds until one is (nothing taken)."""
@@ -126,12 +163,14 @@ class SlidingWindow:
             self.take(now)
         return wait
 
-    def adopt(self, other: SlidingWindow) -> None:
+    def adopt(self, other: SlidingWindow, now: float) -> None:
         """Take over ``other``'s recent grants (its last ``limit`` stamps), so a window replaced by a reconfiguration
-        still counts what was already sent. Grants later refunded on ``other`` stay counted here (the safe side)."""
-        stamps = list(other._log)[-self.limit :]
+        still counts what was already sent; ``other``'s open grants are counted here as stamped at ``now`` (they
+        keep settling on ``other``). Grants later refunded on ``other`` stay counted here (the safe side)."""
+        latest = max(self._latest, other._latest, now)
+        stamps = [*other._log, *(latest for _ in other._open)][-self.limit :]
         self._log = deque(stamps)
-        self._latest = max(self._latest, other._latest)
+        self._latest = latest
 
     def refund(self, stamp: float) -> None:
         """Forget a grant recorded by :meth:`take` that was never used (a no-op once it has left the window)."""
@@ -141,17 +180,18 @@ class SlidingWindow:
     def grant_at(self, k: int, now: float) -> float:
         """The earliest instant the ``k``-th next grant (``k = 0`` is the next one) could happen.
 
-        Assumes grants ``0 .. k-1`` are each taken as early as allowed, so it is a lower bound for a request with
-        ``k`` others ahead of it. Grant ``k`` must follow grant ``k - limit`` by ``window_s``: with ``f`` free places
-        now, grant ``r < limit`` is at ``now`` when ``r < f``, else when log entry ``r - f`` expires; grant
-        ``q * limit + r`` is ``q`` windows after grant ``r``.
+        Assumes grants ``0 .. k-1`` are each taken as early as allowed and open grants settle at ``now``, so it is a
+        lower bound for a request with ``k`` others ahead of it. Grant ``k`` must follow grant ``k - limit`` by
+        ``window_s``: with ``f`` free places now, grant ``r < limit`` is at ``now`` when ``r < f``, else when log
+        entry ``r - f`` expires; grant ``q * limit + r`` is ``q`` windows after grant ``r``.
         """
         if k < 0:
             raise ValueError(f"k must be >= 0, not {k!r}")
         self._expire(now)
         rounds, r = divmod(k, self.limit)
-        free = self.limit - len(self._log)
-        at = now if r < free else max(now, self._log[r - free] + self.window_s)
+        log = [*self._log, *(max(now, self._latest) for _ in self._open)]
+        free = self.limit - len(log)
+        at = now if r < free else max(now, log[r - free] + self.window_s)
         for _ in range(rounds):  # repeated addition, exactly as the grants themselves will be stamped
             at += self.window_s
         return at

@@ -19,9 +19,14 @@ Rules of the grant pass (:meth:`Scheduler.pump`):
 * A ticket whose deadline passes is rejected; a new ticket whose earliest possible start is already past its
   deadline is rejected at once. Both carry an honest Retry-After (when a request joining the queue now could go).
 
-Contract: no half-open interval of a budget's ``window_s`` ever holds more than its ``n`` grants (every global
-window of :meth:`PacingSettings.global_windows` and every rule's :meth:`Limit.window`); while the breaker is open
-nothing is granted; in half_open one probe at a time.
+* A granted ticket counts in its windows from its grant until ``window_s`` after IBKR's answer
+  (:meth:`Scheduler.on_response`), or after its end when no answer came (:meth:`Scheduler.release`). IBKR counts a
+  request somewhere between the two, so no delay on the way (a slow connect, a busy receiver) can bunch requests
+  at IBKR beyond the limit (see :class:`~gateway.pacing.bucket.SlidingWindow`).
+
+Contract: no half-open interval of a budget's ``window_s`` ever holds more than its ``n`` requests, as counted
+anywhere between their grant and their answer (every global window of :meth:`PacingSettings.global_windows` and
+every rule's :meth:`Limit.window`); while the breaker is open nothing is granted; in half_open one probe at a time.
 """
 
 from __future__ import annotations
@@ -81,12 +86,13 @@ class Ticket:
     deadline: float
     state: TicketState = TicketState.WAITING
     granted_at: float | None = None
+    settled_at: float | None = None  # IBKR's answer arrived (or the exchange ended): counted from here on
     probe: bool = False
     responded: bool = False
     reason: Reason | None = None
     retry_after_s: float = 0.0
     message: str = ""
-    _stamps: list[tuple[SlidingWindow, float]] = field(default_factory=list)
+    _holds: list[tuple[SlidingWindow, int]] = field(default_factory=list)  # open grants, until the answer
 
 
 def _available_at(windows: tuple[SlidingWindow, ...], now: float) -> float:
@@ -145,7 +151,7 @@ class Scheduler:
         old_global = max(self.global_windows, key=lambda window: window.in_window(now))
         global_windows = tuple(SlidingWindow(n, window_s + margin) for n, window_s in settings.global_windows())
         for window in global_windows:
-            window.adopt(old_global)
+            window.adopt(old_global, now)
         lanes: dict[Limit | None, Lane] = {None: self.lanes[None]}
         for limit in settings.limits:
             if limit not in lanes:
@@ -217,9 +223,9 @@ class Scheduler:
         if ticket.state is TicketState.WAITING:
             self._leave(ticket)
         elif ticket.state is TicketState.GRANTED:
-            for window, stamp in ticket._stamps:
-                window.refund(stamp)
-            ticket._stamps.clear()
+            for window, handle in ticket._holds:
+                window.drop(handle)
+            ticket._holds.clear()
             ticket.lane.in_flight -= 1
             self.granted_total -= 1
             self._drop_probe(ticket)
@@ -234,7 +240,7 @@ class Scheduler:
             return []
         ticket.lane.in_flight -= 1
         ticket.state = TicketState.RELEASED
-        ticket._stamps.clear()
+        self._settle(ticket, now)  # ended unanswered (error, timeout): it may have reached IBKR, count it from now
         self._drop_probe(ticket)  # a probe that ends unanswered lets the next probe go
         return self.pump(now)
 
@@ -246,6 +252,7 @@ class Scheduler:
         self.breaker.on_response(status, retry_after_s, now, probe=probe)
         if ticket is not None:
             ticket.responded = True
+            self._settle(ticket, now)
         if self._probe is not None and not self.breaker.probe_in_flight:
             self._probe = None
         return self.pump(now)
@@ -300,13 +307,22 @@ class Scheduler:
         lane = ticket.lane
         lane.in_flight += 1
         for window in (*lane.windows, *self.global_windows):
-            ticket._stamps.append((window, window.take(now)))
+            ticket._holds.append((window, window.hold(now)))
         if self.breaker.state is BreakerState.HALF_OPEN:
             ticket.probe = True
             self._probe = ticket
         ticket.state = TicketState.GRANTED
         ticket.granted_at = now
         self.granted_total += 1
+
+    @staticmethod
+    def _settle(ticket: Ticket, now: float) -> None:
+        """IBKR has answered ``ticket`` (or it ended): its grants count from ``now`` for one window."""
+        if ticket.settled_at is None:
+            ticket.settled_at = now
+        for window, handle in ticket._holds:
+            window.settle(handle, now)
+        ticket._holds.clear()
 
     def _leave(self, ticket: Ticket) -> None:
         del self._waiting[ticket.seq]

@@ -22,6 +22,9 @@ Contract:
 - Every upstream attempt waits for its turn under IBKR's pacing (:class:`~gateway.pacing.Pacer`) before it is signed;
   a request that cannot get a turn within ``pacing.max_wait_s``, or arrives while an IBKR 429 holds all traffic,
   gets 429 with ``Retry-After`` and never reaches IBKR. Every upstream status is reported to the pacer.
+- A reused upstream connection that fails before any byte of the answer (IBKR closed it as it was picked) costs an
+  idempotent request without a body one more attempt on a new connection, under a pacing turn of its own: IBKR
+  may have counted the first write. Anything else gets 502.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from dataclasses import dataclass
 import trio
 
 from gateway.asgi import Receive, Scope, Send, send_error
-from gateway.errors import PacingRejected, SessionNotReady, UpstreamError
+from gateway.errors import PacingRejected, SessionNotReady, UpstreamError, UpstreamStale
 from gateway.metrics import RequestMetrics
 from gateway.pacing import Pacer
 from gateway.proxy import transforms
@@ -69,6 +72,7 @@ class _Retry(enum.Enum):
     DONE = "done"
     RESIGN = "resign"  # same session, token refreshed meanwhile
     NEW_SESSION = "new_session"  # wait for the renewed session
+    RESEND = "resend"  # a stale keep-alive connection failed before any answer: once more, on a new pacing turn
 
 
 @dataclass(slots=True)
@@ -93,6 +97,7 @@ class _Exchange:
     body: AsyncGenerator[bytes] | None
     retryable: bool
     outcome: Outcome
+    resent_stale: bool = False
 
     @property
     def where(self) -> str:
@@ -320,8 +325,11 @@ class HttpProxy:
             return None
 
     async def _send_upstream(self, exchange: _Exchange, session: LiveSession) -> None:
-        """At most two attempts (the second only after a 401, see the module contract), each in a pacer slot."""
-        for attempt in (0, 1):
+        """Attempts, each in its own pacer turn: a second one only after a 401 (see the module contract), and one
+        more for an idempotent request whose reused connection failed before any answer (IBKR may have counted the
+        first, so the resend waits for a turn of its own)."""
+        attempt = 0
+        while True:
             try:
                 async with self._pacer.acquire(exchange.method, exchange.path):
                     retry = await self._attempt(exchange, session, attempt)
@@ -331,6 +339,9 @@ class HttpProxy:
                 return
             if retry is _Retry.DONE:
                 return
+            if retry is _Retry.RESEND:
+                continue
+            attempt += 1
             if retry is _Retry.NEW_SESSION:
                 renewed = await self._ready_session(exchange)
                 if renewed is None:
@@ -350,7 +361,14 @@ class HttpProxy:
                 exchange.body,
                 where,
                 authorize=lambda: signer.authorization(exchange.method, exchange.url).encode("ascii"),
+                resend_stale=False,
             )
+        except UpstreamStale as exc:
+            if exchange.retryable and not exchange.resent_stale:
+                exchange.resent_stale = True
+                return _Retry.RESEND
+            await exchange.fail(exc.status, exc.code, str(exc))
+            return _Retry.DONE
         except UpstreamError as exc:
             await exchange.fail(exc.status, exc.code, str(exc))
             return _Retry.DONE

@@ -15,7 +15,7 @@ Routes (GET unless noted)::
     POST /_sim/faults/close_websockets {"code": 1011, "reason": ""}
     POST /_sim/faults/fail_next       {"n": 1, "status": 500, "path_prefix": null, "error": null}
     POST /_sim/faults/rate_limit      {"n": 3} or {"seconds": 2.5}, optional "path_prefix"
-    POST /_sim/faults/delay           {"seconds": 0.5}
+    POST /_sim/faults/delay           {"seconds": 0.5}; with "n": 3 only the next 3 requests (delay_next)
     POST /_sim/faults/drop_mid_response {"n": 1, "after_bytes": null}
     POST /_sim/faults/down            {"seconds": 2}
     POST /_sim/faults/reset
@@ -147,7 +147,11 @@ async def _route(core: SimCore, request: RequestInfo, body: bytes) -> Any:
         seconds = _float(data, "seconds", None, 3600.0)
         if seconds is None:
             raise AdminError("seconds is required")
-        faults.set_delay(seconds)
+        n = _int(data, "n", None, 0, 1_000_000)
+        if n is None:
+            faults.set_delay(seconds)
+        else:
+            faults.delay_next(n, seconds)
     elif path == "/_sim/faults/drop_mid_response":
         n = _int(data, "n", 1, 0, 1_000_000)
         after = _int(data, "after_bytes", None, 0, 1 << 40)

@@ -438,8 +438,9 @@ class SimulatorApp:
         ):
             await self._reject(request, endpoint, send, 411, "length required")
             return
-        if core.faults.delay_s:
-            await trio.sleep(core.faults.delay_s)
+        delay = core.faults.take_delay()
+        if delay:
+            await trio.sleep(delay)
         fault = core.faults.take_request_fault(request.raw_path)
         if fault is not None:
             await self._reject(request, endpoint, send, fault.status, fault.reason, fault.headers)

@@ -63,6 +63,7 @@ class Faults:
         self._rate_until: float | None = None
         self._rate_prefix: str | None = None
         self._delay_s = 0.0
+        self._delay_next: list[float] = []
         self._drops: list[int | None] = []
         self.tickle_unauthenticated = False
         self.tickle_competing = False
@@ -120,6 +121,13 @@ class Faults:
             raise ValueError("delay must be a finite number >= 0")
         self._delay_s = float(seconds)
 
+    def delay_next(self, n: int, seconds: float) -> None:
+        """Hold the next ``n`` IBKR-route requests ``seconds`` before IBKR handles (and records) them: a slow way
+        to IBKR (a congested link, a busy edge), as opposed to :meth:`set_delay`'s slow IBKR for every request."""
+        if n < 0 or seconds < 0 or not math.isfinite(seconds):
+            raise ValueError("delay_next needs n >= 0 and a finite number of seconds >= 0")
+        self._delay_next.extend([float(seconds)] * n)
+
     def drop_mid_response(self, n: int = 1, after_bytes: int | None = None) -> None:
         """For the next ``n`` responses of ``/v1/api/sim/stream``: send headers and ``after_bytes`` of the body
         (default: half), then close the connection."""
@@ -148,6 +156,7 @@ class Faults:
         self._fail_rules.clear()
         self._rate_n, self._rate_until, self._rate_prefix = 0, None, None
         self._delay_s = 0.0
+        self._delay_next.clear()
         self._drops.clear()
         self.set_tickle_unauthenticated(False)
 
@@ -162,6 +171,12 @@ class Faults:
     def delay_s(self) -> float:
         """Seconds to delay each response."""
         return self._delay_s
+
+    def take_delay(self) -> float:
+        """Seconds to hold the request now arriving: :meth:`set_delay`'s, or a pending :meth:`delay_next` (consumed)
+        if longer."""
+        extra = self._delay_next.pop(0) if self._delay_next else 0.0
+        return max(self._delay_s, extra)
 
     def take_request_fault(self, path: str) -> FaultResponse | None:
         """Consume and return the failure for a request to ``path``, if any (fail_next first, then 429)."""
@@ -197,6 +212,7 @@ class Faults:
         return {
             "down": self._down,
             "delay_s": self._delay_s,
+            "delay_next": len(self._delay_next),
             "fail_next": [
                 {"remaining": r.remaining, "status": r.status, "path_prefix": r.path_prefix, "error": r.error}
                 for r in self._fail_rules

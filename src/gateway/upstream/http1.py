@@ -21,7 +21,9 @@ Contract:
   went away, the body is too large) propagate unchanged.
 - A reused idle connection may have been closed by the server a moment before it was picked: if it fails before any
   response byte arrived and the request is an idempotent one without a body (GET, HEAD, OPTIONS), the request is
-  written once more on a new connection; anything else gets the error (it may have reached the server).
+  written once more on a new connection (or, with ``resend_stale=False``, :class:`~gateway.errors.UpstreamStale`
+  tells the caller it may send it again, e.g. after a new pacing turn); anything else gets the error (it may have
+  reached the server).
 - Idle connections are kept newest-first (the warm one is reused), at most ``max_idle``, and closed after
   ``idle_expiry_s``; one readability check per reuse (a readable idle socket has been closed by the server).
   :meth:`Http1Pool.keep_tidy` (a task of the gateway's root nursery) does the same check every second, so a
@@ -37,7 +39,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
+from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamStale, UpstreamTimeout
 from gateway.upstream.client import Timeouts
 from gateway.upstream.wire import ChunkedDecoder, Head, WireError, parse_head
 
@@ -318,6 +320,7 @@ class Http1Pool:
         where: str,
         *,
         authorize: Callable[[], bytes] | None = None,
+        resend_stale: bool = True,
     ) -> UpstreamResponse:
         """Send ``method target`` with ``headers`` (lower-case names, no ``Host``) and ``body``; the response head.
 
@@ -325,6 +328,7 @@ class Http1Pool:
         is sent chunked. ``where`` (``"GET /path"``) names the exchange in error messages. ``authorize`` gives the
         ``Authorization`` value, called for each write of the request: the stale-connection retry is signed afresh
         (a new OAuth nonce), so a request the server did see before closing is never replayed byte for byte.
+        With ``resend_stale`` false that retry is the caller's: it gets :class:`~gateway.errors.UpstreamStale`.
         """
         try:
             self._slots.acquire_nowait()  # the usual case: no deadline scope and no trip through the scheduler
@@ -345,10 +349,12 @@ class Http1Pool:
             if connection is not None and body is None and method in _REPLAYABLE:
                 try:
                     return await self._exchange(connection, method, head(), None, length, where)
-                except UpstreamConnectError:
+                except UpstreamConnectError as exc:
                     if connection.answered:
                         raise
                     # A stale keep-alive connection: the server closed it as we picked it; one fresh try.
+                    if not resend_stale:
+                        raise UpstreamStale(str(exc)) from None
             elif connection is not None:
                 return await self._exchange(connection, method, head(), body, length, where)
             connection = await self._connect(where)
