@@ -7,9 +7,10 @@ Contract:
   408 and its connection closed). Bodies up to :data:`BUFFER_BODY_BYTES` — sized or chunked, all of IBKR's JSON
   bodies — are read whole before the request waits for a session or a pacing turn, so a slow client never holds
   an upstream connection or IBKR's pacing, and a body over the route's limit (413) never reaches IBKR; a chunked
-  one goes up with ``Content-Length``. Larger bodies (routes that allow them) stream up with backpressure; one cut
-  by the deadline or the limit aborts its upstream exchange, so IBKR never sees a complete request. Response bytes
-  are passed raw, so ``Content-Encoding`` and ``Content-Length`` stay consistent.
+  one goes up with ``Content-Length``, and a POST, PUT or PATCH without a body with ``Content-Length: 0``.
+  Larger bodies (routes that allow them) stream up with backpressure; one cut by the deadline or the limit aborts
+  its upstream exchange, so IBKR never sees a complete request. Response bytes are passed raw, so
+  ``Content-Encoding`` and ``Content-Length`` stay consistent.
 - No ready session within ``ready_timeout_s`` → 503 JSON with ``Retry-After``. Upstream connect failure → 502,
   timeout → 504, each with a JSON body saying what failed.
 - IBKR 401 → the session is renewed, unless the request merely raced an LST refresh (it was signed with the token
@@ -50,6 +51,8 @@ from gateway.upstream.http1 import Http1Pool, UpstreamResponse
 log = logging.getLogger("gateway.proxy")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+"""Methods whose requests always say how long their body is upstream (``Content-Length: 0`` when there is none)."""
 BUFFER_BODY_BYTES = 64 * 1024
 """A sized request body up to this is read whole before anything goes upstream (IBKR's bodies are small JSON)."""
 
@@ -262,6 +265,8 @@ class HttpProxy:
         has_body = chunked or (length is not None and length.strip() not in (b"", b"0"))
         if length is not None and not chunked:
             headers.append((b"content-length", length.strip()))
+        elif not chunked and method in BODY_METHODS:
+            headers.append((b"content-length", b"0"))  # IBKR's edge answers 411 to a POST without a length
         path = raw_path.decode("ascii")
         exchange = _Exchange(
             send=send,
