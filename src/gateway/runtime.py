@@ -202,7 +202,9 @@ async def serve_gateway(
         up = config.upstream
         timeouts = Timeouts(up.connect_timeout_s, up.read_timeout_s, up.write_timeout_s, up.pool_timeout_s)
         async with build_client(timeouts, tls=tls) as client:
+            pacer = Pacer(pacing_settings(config.pacing))
             manager = SessionManager(
+                pacer=pacer,
                 client=client,
                 credentials=credentials,
                 settings=SessionSettings(
@@ -230,7 +232,6 @@ async def serve_gateway(
                 ),
             )
             await root.start(relay.run)  # client writers and write deadlines: beside the server, not inside it
-            pacer = Pacer(pacing_settings(config.pacing))
             upstream = Http1Pool(base_url, timeouts, tls=tls, max_connections=UPSTREAM_MAX_CONNECTIONS)
             root.start_soon(upstream.keep_tidy)  # idle connections IBKR closed do not linger in CLOSE-WAIT
             metrics = RequestMetrics()

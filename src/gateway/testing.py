@@ -86,13 +86,14 @@ class TestGateway:
         await self.manager.wait_ready(timeout_s)
 
     async def wait_new_session(self, after_generation: int, timeout_s: float = 10.0) -> int:
-        """Wait for a ready session newer than ``after_generation``; returns its generation."""
+        """Wait for a ready session newer than ``after_generation`` (a new handshake or a re-opened brokerage
+        session); returns its generation."""
         with trio.fail_after(timeout_s):
             while True:
                 session = await self.manager.wait_ready(timeout_s)
                 if session.generation > after_generation:
                     return session.generation
-                await session.ended.wait()
+                await self.manager.wait_changed()
 
 
 def make_test_config(

@@ -143,13 +143,12 @@ async def test_f4_tickle_failure_closes_relays_1012_and_recovers(gw: TestGateway
     generation = (await gw.manager.wait_ready(5)).generation
     async with open_websocket(gw.ws_url + "/v1/api/ws") as ws:
         await ws.get_message()
-        gw.simulator.faults.set_tickle_unauthenticated(True)
+        gw.simulator.faults.fail_next(1, 500, path_prefix="/v1/api/tickle")  # the LST's state is unknown: restart
         failed_at = trio.current_time()
         with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as closed:
             while True:
                 await ws.get_message()
         closed_after = trio.current_time() - failed_at
-    gw.simulator.faults.set_tickle_unauthenticated(False)
     assert closed.value.reason is not None
     assert closed.value.reason.code == 1012
     await gw.wait_new_session(generation)
@@ -364,7 +363,8 @@ async def _drain_scenario(proc: subprocess.Popen[str], port: int, figure: Figure
 async def test_f4_flapping_session_backs_off_instead_of_hammering(
     ibkr_sim_credentials: SimulatorCredentials, figure: Figure
 ) -> None:
-    """A session that dies right after each handshake (e.g. a competing login) does not reset the back-off."""
+    """A session that dies right after each handshake (an upstream that flaps) is retried at once twice, then backs
+    off: three or more sessions ended within five minutes add a back-off step each."""
     async with open_test_gateway(
         {"session": {"reconnect_delay_s": 0.2, "reconnect_max_delay_s": 5}}, credentials=ibkr_sim_credentials
     ) as gw:
@@ -375,6 +375,6 @@ async def test_f4_flapping_session_backs_off_instead_of_hammering(
                 gw.manager.report_unauthorized(session, "test: flapping upstream")
                 await session.ended.wait()
         handshakes = gw.manager.stats.handshakes - before
-    # Back-off 0.2, 0.4, 0.8, 1.6 s (× jitter 0.5–1): at most 6 handshakes in 4 s; a reset loop would do ~25.
+    # Delays 0.2, 0.2, 0.4, 0.8, 1.6, 3.2 s (× jitter 0.5–1): at most 6 handshakes in 4 s; a reset loop would do ~25.
     figure("f4_handshakes_in_4s_of_flapping", handshakes, "count", "<=6", handshakes <= 6)
     assert 2 <= handshakes <= 6

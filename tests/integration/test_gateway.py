@@ -17,6 +17,7 @@ import trio_websocket
 
 from gateway.config import load_config
 from gateway.runtime import Gateway, serve_gateway
+from gateway.session.state import State
 from gateway.simulator import Record, Simulator, SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
 from tests.twclient import open_websocket
@@ -200,13 +201,12 @@ async def test_session_failure_closes_relays_1012_and_new_relays_work(gw: TestGa
     generation = (await gw.manager.wait_ready(5)).generation
     async with open_websocket(gw.ws_url + "/v1/api/ws") as ws:
         await _subscribe(ws)
-        gw.simulator.faults.set_tickle_unauthenticated(True)
+        gw.simulator.faults.fail_next(1, 500, path_prefix="/v1/api/tickle")  # a failed tickle: the LST is unknown
         with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as closed:
             while True:
                 await ws.get_message()
         assert closed.value.reason is not None
         assert closed.value.reason.code == 1012
-    gw.simulator.faults.set_tickle_unauthenticated(False)
     assert await gw.wait_new_session(generation) > generation
     async with open_websocket(gw.ws_url + "/v1/api/ws") as ws:
         await _subscribe(ws)
@@ -343,3 +343,35 @@ async def test_real_credential_path_against_an_external_simulator(
     assert status["simulator"] is False
     assert status["mode"] == "IBKR"
     assert any(r.path == "/v1/api/logout" and r.accepted for r in simulator.records)
+
+
+async def test_an_unauthenticated_brokerage_session_is_reopened_and_relays_stay(gw: TestGateway) -> None:
+    """``authenticated:false`` costs an ``ssodh/init`` under the same LST, not a new handshake: read-only meanwhile
+    (routes outside /iserver work, /iserver waits), the relay stays open, and the re-opened session is a new
+    generation whose warm-up read the accounts again."""
+    session = await gw.manager.wait_ready(5)
+    handshakes, generation = gw.manager.stats.handshakes, session.generation
+    async with open_websocket(gw.ws_url + "/v1/api/ws") as ws, gw.client() as http:
+        await _subscribe(ws)
+        mark = len(gw.simulator.records)
+        gw.simulator.faults.set_tickle_unauthenticated(True)
+        with trio.fail_after(5):
+            while gw.manager.state is not State.READ_ONLY:  # noqa: ASYNC110 - gateway-owned state
+                await trio.sleep(0.01)
+        health = await http.get("/health")
+        assert (health.status_code, health.json()["status"]) == (503, "read-only")
+        assert (await http.get("/session")).json()["read_only"] is True
+        assert (await http.get("/v1/api/portfolio/accounts")).status_code == 200  # the LST alone will do
+        gw.simulator.faults.set_tickle_unauthenticated(False)
+        assert await gw.wait_new_session(generation) == generation + 1
+        assert gw.manager.live is session  # the same LST session
+        assert gw.manager.stats.handshakes == handshakes
+        assert (await http.get("/v1/api/iserver/accounts")).headers["x-gateway-session"] == str(generation + 1)
+        await ws.send_message("tic")  # the relay is still there
+        with trio.fail_after(5):
+            await ws.get_message()
+    paths = [r.path for r in gw.simulator.records[mark:]]
+    assert "/v1/api/oauth/live_session_token" not in paths
+    assert "/v1/api/iserver/auth/ssodh/init" in paths
+    reopened = paths.index("/v1/api/iserver/auth/ssodh/init")
+    assert "/v1/api/iserver/accounts" in paths[reopened:]

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
+from gateway.session.state import State
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
 
@@ -51,3 +52,190 @@ async def test_a_bodiless_get_gets_no_content_length(gw: TestGateway) -> None:
     answer = await _raw(gw, b"GET /v1/api/sim/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
     assert [h for h in _echoed_headers(answer) if h[0] == "content-length"] == []
+
+
+# --- warm-up: IBKR's per-session duties before any client request --------------------------------------------------
+
+ISERVER_ACCOUNTS = "/v1/api/iserver/accounts"
+PORTFOLIO_ACCOUNTS = "/v1/api/portfolio/accounts"
+LST = "/v1/api/oauth/live_session_token"
+
+
+def _session_paths(gw: TestGateway, since: int = 0) -> list[str]:
+    """The accepted requests IBKR saw from ``since`` on, as paths (the session's own and the clients')."""
+    return [r.path for r in gw.simulator.records[since:] if r.accepted and r.method != "WS"]
+
+
+async def test_every_session_reads_the_accounts_before_it_opens(gw: TestGateway) -> None:
+    """Warm-up at start and after every re-handshake: /iserver/accounts and /portfolio/accounts are read under the
+    new token before the session is ready, so no client request can come first; the answers carry the session's
+    generation, which changes with it."""
+    paths = _session_paths(gw)
+    assert paths[paths.index(LST) :][-2:] == [ISERVER_ACCOUNTS, PORTFOLIO_ACCOUNTS]  # last, before ready
+    async with gw.client() as http:
+        session = (await http.get("/session")).json()
+        assert session["accounts"] == {"iserver": ["DU1234567"], "selected": "DU1234567", "portfolio": ["DU1234567"]}
+        first = await http.get("/v1/api/iserver/accounts")
+        assert first.headers["x-gateway-session"] == str(session["generation"])
+        mark = len(gw.simulator.records)
+        gw.simulator.faults.expire_lst()  # IBKR drops the token: the next request's 401 starts a new session
+        again = await http.get("/v1/api/sim/echo")
+        assert again.status_code == 200
+        assert int(again.headers["x-gateway-session"]) == session["generation"] + 1
+        assert (await http.get("/session")).json()["generation"] == session["generation"] + 1
+    paths = _session_paths(gw, mark)
+    renewed = paths.index(LST)
+    assert paths[renewed:].index(ISERVER_ACCOUNTS) < paths[renewed:].index("/v1/api/sim/echo")
+    assert paths[renewed:].index(PORTFOLIO_ACCOUNTS) < paths[renewed:].index("/v1/api/sim/echo")
+
+
+async def test_a_failed_accounts_read_fails_the_handshake(gw: TestGateway) -> None:
+    """Without /iserver/accounts the brokerage session is not usable for snapshots and orders: the handshake is
+    retried rather than the session opened half-ready."""
+    failures = gw.gateway.manager.stats.failures["handshake"]
+    gw.simulator.faults.fail_next(1, 500, path_prefix=ISERVER_ACCOUNTS, error="accounts unavailable")
+    gw.simulator.faults.expire_lst()
+    async with gw.client() as http:
+        assert (await http.get("/v1/api/sim/echo")).status_code == 200  # after the retried handshake
+        errors = [e["message"] for e in (await http.get("/session")).json()["recent_errors"]]
+    assert gw.gateway.manager.stats.failures["handshake"] == failures + 1
+    assert any("GET /v1/api/iserver/accounts: IBKR answered 500: accounts unavailable" in e for e in errors), errors
+
+
+async def test_a_failed_portfolio_accounts_read_is_noted_and_the_session_opens(gw: TestGateway) -> None:
+    failures = gw.gateway.manager.stats.failures["handshake"]
+    gw.simulator.faults.fail_next(1, 503, path_prefix=PORTFOLIO_ACCOUNTS)
+    gw.simulator.faults.expire_lst()
+    async with gw.client() as http:
+        assert (await http.get("/v1/api/sim/echo")).status_code == 200
+        session = (await http.get("/session")).json()
+    assert gw.gateway.manager.stats.failures["handshake"] == failures
+    assert session["accounts"]["portfolio"] == []
+    assert any("/portfolio calls may fail" in e["message"] for e in session["recent_errors"])
+
+
+# --- recovery in proportion: a 401 is confirmed before anything is renewed ------------------------------------------
+
+TICKLE = "/v1/api/tickle"
+
+
+async def test_one_401_on_a_data_call_is_confirmed_and_the_session_stays(gw: TestGateway) -> None:
+    """IBKR refuses one request; a tickle under the same token says the token works: no new handshake, the GET is
+    signed afresh and sent once more, a POST gets IBKR's own 401."""
+    session = await gw.manager.wait_ready(5)
+    handshakes = gw.manager.stats.handshakes
+    async with gw.client() as http:
+        gw.simulator.faults.fail_next(1, 401, path_prefix="/v1/api/sim/echo", error="not authorized")
+        mark = len(gw.simulator.records)
+        got = await http.get("/v1/api/sim/echo")
+        assert got.status_code == 200
+        assert [r.path for r in gw.simulator.records[mark:]] == ["/v1/api/sim/echo", TICKLE, "/v1/api/sim/echo"]
+        gw.simulator.faults.fail_next(1, 401, path_prefix="/v1/api/sim/echo", error="not authorized")
+        await trio.sleep(1.1)  # past the reuse of the last verdict: this refusal is confirmed afresh
+        mark = len(gw.simulator.records)
+        posted = await http.post("/v1/api/sim/echo", json={"x": 1})
+        assert (posted.status_code, posted.json()["error"]) == (401, "not authorized")  # IBKR's answer, as it is
+        assert [r.path for r in gw.simulator.records[mark:]] == ["/v1/api/sim/echo", TICKLE]
+    assert gw.manager.stats.handshakes == handshakes
+    assert gw.manager.live is session and session.usable
+
+
+async def test_many_401s_at_once_cost_one_confirmation(gw: TestGateway) -> None:
+    handshakes = gw.manager.stats.handshakes
+    gw.simulator.faults.fail_next(20, 401, path_prefix="/v1/api/sim/echo")
+    mark = len(gw.simulator.records)
+    statuses: list[int] = []
+    async with gw.client() as http:
+
+        async def one() -> None:
+            statuses.append((await http.get("/v1/api/sim/echo")).status_code)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(one)
+    tickles = [r for r in gw.simulator.records[mark:] if r.path == TICKLE]
+    assert statuses == [200] * 20
+    assert len(tickles) == 1  # one tickle a second at most (IBKR's limit), shared by every waiting request
+    assert gw.manager.stats.handshakes == handshakes
+
+
+async def test_a_dead_token_is_confirmed_and_renewed(gw: TestGateway) -> None:
+    session = await gw.manager.wait_ready(5)
+    handshakes = gw.manager.stats.handshakes
+    gw.simulator.faults.expire_lst()
+    async with gw.client() as http:
+        got = await http.get("/v1/api/sim/echo")
+    assert got.status_code == 200
+    assert int(got.headers["x-gateway-session"]) > session.generation
+    assert gw.manager.stats.handshakes == handshakes + 1
+    assert not session.usable and session.end_kind == "tickle_401"
+
+
+# --- read-only session, a handshake that cannot open the brokerage session, IBKR's 429 on a tickle -----------------
+
+
+@pytest.fixture
+async def quick(ibkr_sim_credentials: SimulatorCredentials) -> AsyncIterator[TestGateway]:
+    """Tickles every second, clients wait at most 1 s for a session, pacing on with a 2 s breaker."""
+    async with open_test_gateway(
+        {
+            "session": {"tickle_interval_s": 1, "ready_timeout_s": 1},
+            "pacing": {"enabled": True, "global_requests_per_s": 50, "global_burst": 50, "breaker_cooldown_s": 2},
+        },
+        credentials=ibkr_sim_credentials,
+    ) as gateway:
+        yield gateway
+
+
+async def test_read_only_iserver_requests_wait_then_get_503_with_the_reason(quick: TestGateway) -> None:
+    quick.simulator.faults.set_tickle_unauthenticated(True)
+    with trio.fail_after(5):
+        while quick.manager.state is not State.READ_ONLY:  # noqa: ASYNC110 - gateway-owned state
+            await trio.sleep(0.01)
+    async with quick.client() as http:
+        started = trio.current_time()
+        refused = await http.get("/v1/api/iserver/accounts")
+        waited = trio.current_time() - started
+        served = await http.get("/v1/api/sim/echo")  # outside /iserver: the LST alone will do
+    assert refused.status_code == 503 and 0.9 <= waited <= 3
+    body = refused.json()
+    assert body["code"] == "session_not_ready"
+    assert "brokerage session (/iserver) is down" in body["error"]
+    assert "read-only" in body["error"]
+    assert served.status_code == 200
+    quick.simulator.faults.set_tickle_unauthenticated(False)
+
+
+async def test_a_handshake_whose_brokerage_session_will_not_open_opens_read_only(quick: TestGateway) -> None:
+    """A valid LST but ``ssodh/init`` refused (here 500; e.g. another login holds it with ``compete = false``):
+    the session opens read-only and keeps trying ``ssodh/init`` under the same LST until IBKR opens it."""
+    generation = (await quick.manager.wait_ready(5)).generation
+    handshakes = quick.manager.stats.handshakes
+    quick.simulator.faults.fail_next(2, 500, path_prefix="/v1/api/iserver/auth/ssodh/init", error="busy")
+    quick.simulator.faults.expire_lst()
+    async with quick.client() as http:
+        assert (await http.get("/v1/api/sim/echo")).status_code == 200  # new LST; read-only is enough
+        assert quick.manager.state is State.READ_ONLY
+        assert quick.manager.stats.handshakes == handshakes + 1
+        assert await quick.wait_new_session(generation + 1) >= generation + 2  # re-opened under the same LST
+        assert quick.manager.stats.handshakes == handshakes + 1
+        assert (await http.get("/v1/api/iserver/accounts")).status_code == 200
+
+
+async def test_a_429_on_a_tickle_opens_the_breaker_and_the_session_stays(quick: TestGateway) -> None:
+    session = await quick.manager.wait_ready(5)
+    handshakes = quick.manager.stats.handshakes
+    quick.simulator.faults.rate_limit(n=1, path_prefix=TICKLE)
+    with trio.fail_after(5):
+        while quick.gateway.pacer.upstream_429_total == 0:  # noqa: ASYNC110 - gateway-owned counter
+            await trio.sleep(0.05)
+    hold = quick.gateway.pacer.hold_s()
+    assert hold > 1  # IBKR's pacing: the breaker holds everything, tickles too
+    async with quick.client() as http:
+        started = trio.current_time()
+        held = await http.get("/v1/api/sim/echo")  # queued until the cool-down ends, then it is the probe
+        waited = trio.current_time() - started
+    assert held.status_code == 200 and waited >= hold - 0.2
+    await trio.sleep(1.5)  # a tickle or two more
+    assert session.usable and quick.manager.active is session
+    assert quick.manager.stats.handshakes == handshakes

@@ -9,7 +9,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.session.state import TRANSITIONS, Backoff, Event, IllegalTransition, State, next_state
+from gateway.session.state import (
+    RECOVERY,
+    TRANSITIONS,
+    Backoff,
+    Event,
+    IllegalTransition,
+    Remedy,
+    RestartPolicy,
+    State,
+    Trouble,
+    next_state,
+    session_call_trouble,
+)
 
 fast = settings(max_examples=30, deadline=None)
 
@@ -29,6 +41,12 @@ EXPECTED: dict[tuple[State, Event], State] = {
     (S.STOPPING, E.SHUTDOWN): S.STOPPING,
     (S.STOPPING, E.FAIL): S.STOPPING,
     (S.STOPPING, E.STOPPED): S.STOPPED,
+    # read-only: the LST works, the brokerage session does not (yet, or no more)
+    (S.HANDSHAKING, E.READ_ONLY): S.READ_ONLY,
+    (S.READY, E.LOST): S.READ_ONLY,
+    (S.READ_ONLY, E.REOPENED): S.READY,
+    (S.READ_ONLY, E.FAIL): S.BACKOFF,
+    (S.READ_ONLY, E.SHUTDOWN): S.STOPPING,
 }
 
 
@@ -119,7 +137,9 @@ def test_shutdown_is_possible_until_stopped(state: State) -> None:
 
 
 def test_enums_are_their_wire_strings() -> None:
-    assert [s.value for s in State] == ["starting", "handshaking", "ready", "backoff", "stopping", "stopped"]
+    assert [s.value for s in State] == [
+        "starting", "handshaking", "ready", "read_only", "backoff", "stopping", "stopped"
+    ]  # fmt: skip
     assert State("ready") is S.READY
     assert f"{S.BACKOFF}" == "backoff"
     assert Event("retry") is E.RETRY
@@ -136,7 +156,7 @@ def test_property_random_walks_keep_the_invariants(events: list[Event]) -> None:
             assert (state, event) not in EXPECTED
             continue
         if after is S.READY:
-            assert state is S.HANDSHAKING  # ready only after a handshake
+            assert state in (S.HANDSHAKING, S.READ_ONLY)  # ready only after a handshake or a re-opened brokerage
         if state in (S.STOPPING, S.STOPPED):
             assert after in (S.STOPPING, S.STOPPED)  # no way back once shutting down
         state = after
@@ -214,3 +234,44 @@ def test_property_delay_never_decreases_with_attempt(base: float, cap: float, a:
 @given(_base, _cap, st.integers(min_value=0, max_value=10**30), _jitter)
 def test_property_delay_never_exceeds_cap(base: float, cap: float, attempt: int, jitter: float) -> None:
     assert Backoff(base, cap).delay(attempt, jitter) <= cap
+
+
+# --- the recovery ladder and the restart rule -----------------------------------------------------------------------
+
+
+def test_recovery_is_in_proportion_to_the_failure() -> None:
+    """Written out from the README's ladder: only a dead or unknown token costs a new handshake."""
+    assert RECOVERY == {
+        Trouble.PROXY_401: Remedy.CONFIRM,
+        Trouble.UNAUTHENTICATED: Remedy.REOPEN,
+        Trouble.COMPETING: Remedy.REOPEN,
+        Trouble.PACED: Remedy.WAIT,
+        Trouble.TICKLE_401: Remedy.RESTART,
+        Trouble.GONE: Remedy.RESTART,
+        Trouble.TICKLE_ERROR: Remedy.RESTART,
+        Trouble.LST_EXPIRED: Remedy.RESTART,
+    }
+    assert [session_call_trouble(status) for status in (401, 410, 429, 500, 0)] == [
+        Trouble.TICKLE_401, Trouble.GONE, Trouble.PACED, Trouble.TICKLE_ERROR, Trouble.TICKLE_ERROR
+    ]  # fmt: skip
+
+
+POLICY = RestartPolicy(Backoff(base_s=1.0, cap_s=300.0), flap_window_s=300.0, flap_sessions=3)
+
+
+def test_a_session_that_was_open_is_retried_at_once_unless_sessions_flap() -> None:
+    full = 0.999999  # jitter at its top: the whole step
+    assert POLICY.delay(0, 1, full) == pytest.approx(1.0)  # the first and second end in 5 min: ~1 s
+    assert POLICY.delay(0, 2, full) == pytest.approx(1.0)
+    assert POLICY.delay(0, 3, full) == pytest.approx(2.0)  # the third within the window: backing off
+    assert POLICY.delay(0, 6, full) == pytest.approx(16.0)
+    assert POLICY.delay(0, 200, full) == pytest.approx(300.0)  # capped
+
+
+def test_back_off_grows_with_consecutive_failed_handshakes() -> None:
+    full = 0.999999
+    assert [POLICY.delay(n, 0, full) for n in (1, 2, 3, 4)] == pytest.approx([1.0, 2.0, 4.0, 8.0])
+    assert POLICY.delay(3, 4, full) == pytest.approx(16.0)  # failed handshakes and flapping add up
+    assert POLICY.delay(1, 0, 0.0) == pytest.approx(0.5)  # jitter: half to whole step
+    with pytest.raises(ValueError, match="counts"):
+        POLICY.delay(-1, 0, 0.5)

@@ -79,8 +79,8 @@ class PacingConfig:
     global_requests_per_s: float = 10.0
     global_burst: int = 10
     max_wait_s: float = 5.0
-    breaker_cooldown_s: float = 60.0
-    breaker_max_cooldown_s: float = 900.0
+    breaker_cooldown_s: float = 600.0
+    breaker_max_cooldown_s: float = 3600.0
     send_margin_s: float = 0.0
     limits: tuple[dict[str, object], ...] = ()
 

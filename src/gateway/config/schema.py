@@ -362,8 +362,10 @@ SECTIONS: Mapping[str, Mapping[str, Key]] = {
         "global_requests_per_s": Key(seconds(0.01, 1000.0), 10, "global rate toward IBKR, requests per second"),
         "global_burst": Key(integer(1, 1000), 10, "most requests sent back to back"),
         "max_wait_s": Key(seconds(0.0, 60.0), 5, "how long a request may queue for its turn before a 429"),
-        "breaker_cooldown_s": Key(seconds(1.0, 3600.0), 60, "after an IBKR 429, send nothing for this long"),
-        "breaker_max_cooldown_s": Key(seconds(1.0, 86400.0), 900, "repeated 429s double the cool-down up to this"),
+        "breaker_cooldown_s": Key(
+            seconds(1.0, 3600.0), 600, "after an IBKR 429, send nothing for this long (IBKR's penalty box: 10 min)"
+        ),
+        "breaker_max_cooldown_s": Key(seconds(1.0, 86400.0), 3600, "repeated 429s double the cool-down up to this"),
         "send_margin_s": Key(
             seconds(0.0, 5.0),
             0,

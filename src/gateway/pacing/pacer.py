@@ -128,6 +128,15 @@ class Pacer:
         ticket = current[1] if current is not None and current[0] is self else None
         self._settle(self._scheduler.on_response(ticket, status, retry_after_s, trio.current_time()), None)
 
+    def hold_s(self) -> float:
+        """Seconds until IBKR's 429 breaker lets traffic go again (``0.0`` when it does now, or pacing is off). Session
+        calls outside the queue (tickles, handshakes) wait this long: one sent inside IBKR's penalty box only
+        extends it. While the half-open probe is out, the probe decides: ``0.0``."""
+        if not self.settings.enabled:
+            return 0.0
+        wait = self._scheduler.breaker.wait_time(trio.current_time())
+        return wait if math.isfinite(wait) else 0.0
+
     def snapshot(self) -> dict[str, object]:
         """JSON-able state for ``/session``: breaker (state, ``closes_in_s``, cool-down, reopens), queue, counters."""
         if not self.settings.enabled:

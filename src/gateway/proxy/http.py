@@ -11,12 +11,18 @@ Contract:
   Larger bodies (routes that allow them) stream up with backpressure; one cut by the deadline or the limit aborts
   its upstream exchange, so IBKR never sees a complete request. Response bytes are passed raw, so
   ``Content-Encoding`` and ``Content-Length`` stay consistent.
-- No ready session within ``ready_timeout_s`` → 503 JSON with ``Retry-After``. Upstream connect failure → 502,
+- No ready session within ``ready_timeout_s`` → 503 JSON with ``Retry-After``; paths outside ``/iserver/`` take a
+  read-only session (brokerage session down, LST working) as ready. Upstream connect failure → 502,
   timeout → 504, each with a JSON body saying what failed.
-- IBKR 401 → the session is renewed, unless the request merely raced an LST refresh (it was signed with the token
-  just replaced, or while a refresh was in flight: IBKR rejects the old token as soon as it issues the new one —
-  then it waits for the new token); a request without a body and an idempotent method (GET, HEAD, OPTIONS) is
-  re-signed with a fresh nonce and sent once more under the current token; anything else is never re-sent (503).
+- IBKR 401 (or 410): if the request merely raced an LST refresh (it was signed with the token just replaced, or
+  while a refresh was in flight: IBKR rejects the old token as soon as it issues the new one), it waits for the new
+  token. Otherwise the session manager confirms with a tickle under the same token
+  (:meth:`~gateway.session.supervisor.SessionManager.confirm`): only a confirmed dead token renews the session. A
+  request without a body and an idempotent method (GET, HEAD, OPTIONS) is then re-signed with a fresh nonce and
+  sent once more (under the same token if it works, under the new session's otherwise); anything else is never
+  re-sent: it gets IBKR's own answer when the token works, 503 ``session_renewing`` when it is being renewed.
+- Every answer from IBKR carries ``X-Gateway-Session: <generation>``, the session it was sent under; a new value
+  means a new brokerage session at IBKR, whose per-session state (snapshot pre-flights, subscriptions) starts over.
 - If the upstream fails after the response started, the client connection is aborted (a chunked response never
   gets its last chunk, a sized one is cut short): a truncated body never looks complete.
 - If the client disconnects, the upstream exchange is cancelled.
@@ -51,6 +57,11 @@ from gateway.upstream.http1 import Http1Pool, UpstreamResponse
 log = logging.getLogger("gateway.proxy")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+BROKERAGE_PREFIX = "/v1/api/iserver/"
+REFUSED = frozenset({401, 410})
+"""IBKR's answers that may mean the session's token is dead: confirmed before anything is renewed."""
+SESSION_HEADER = b"x-gateway-session"
+"""On every answer from IBKR: the generation of the session it was sent under (see the module contract)."""
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 """Methods whose requests always say how long their body is upstream (``Content-Length: 0`` when there is none)."""
 BUFFER_BODY_BYTES = 64 * 1024
@@ -67,6 +78,12 @@ class BodyTooLarge(Exception):
 
 class BodyTimeout(Exception):
     """The client's request body did not arrive whole within ``body_timeout_s``."""
+
+
+def _not_resent(where: str, why: str) -> tuple[int, str, str, list[tuple[bytes, bytes]]]:
+    """The 503 for a non-idempotent request IBKR refused under a token that is being replaced."""
+    message = f"{where}: {why}. This request was not re-sent because it is not idempotent; retry it."
+    return 503, "session_renewing", message, [(b"retry-after", b"1")]
 
 
 class _Retry(enum.Enum):
@@ -101,6 +118,11 @@ class _Exchange:
     retryable: bool
     outcome: Outcome
     resent_stale: bool = False
+
+    @property
+    def brokerage(self) -> bool:
+        """Whether the request needs the brokerage session (``/iserver``); others work read-only, with the LST."""
+        return self.path.startswith(BROKERAGE_PREFIX)
 
     @property
     def where(self) -> str:
@@ -323,7 +345,7 @@ class HttpProxy:
     async def _ready_session(self, exchange: _Exchange) -> LiveSession | None:
         """The ready session, or ``None`` after answering 503 with ``Retry-After``."""
         try:
-            return await self._manager.wait_ready(self._settings.ready_timeout_s)
+            return await self._manager.wait_ready(self._settings.ready_timeout_s, brokerage=exchange.brokerage)
         except SessionNotReady as exc:
             hint = str(self._manager.retry_after_s()).encode()
             await exchange.fail(503, exc.code, str(exc), [(b"retry-after", hint)])
@@ -389,39 +411,42 @@ class HttpProxy:
             self._metrics.observe_upstream(exchange.route, time.monotonic() - sent_at)
         retry_after = response.header(b"retry-after")
         self._pacer.record_response(response.status, retry_after.decode("latin-1") if retry_after else None)
-        if response.status == 401 and attempt == 0:
-            response.close()
+        if response.status in REFUSED and attempt == 0:
             # A request signed just before an LST refresh took effect is a race, not a dead session: IBKR rejects
             # the old token from the moment it issues the new one, before the new signer is in place here.
-            raced = session.signer is not signer or session.refreshing
-            if not raced:
-                self._manager.report_unauthorized(session, where)
-            if not exchange.retryable:
-                why = (
-                    "IBKR rejected the request's token while it was being refreshed (401)"
-                    if raced
-                    else "IBKR rejected the session (401); it is being renewed"
-                )
-                await exchange.fail(
-                    503,
-                    "session_renewing",
-                    f"{where}: {why}. This request was not re-sent because it is not idempotent; retry it.",
-                    [(b"retry-after", b"1")],
-                )
-                return _Retry.DONE
-            if raced and session.usable:
-                await session.wait_refresh(self._settings.ready_timeout_s)
-                return _Retry.RESIGN  # re-sign under the refreshed token, same session
-            return _Retry.NEW_SESSION
+            if session.signer is not signer or session.refreshing:
+                response.close()
+                if not exchange.retryable:
+                    await exchange.fail(*_not_resent(where, "IBKR rejected the request's token while it was being "
+                                                     f"refreshed ({response.status})"))  # fmt: skip
+                    return _Retry.DONE
+                if session.usable:
+                    await session.wait_refresh(self._settings.ready_timeout_s)
+                    return _Retry.RESIGN  # re-sign under the refreshed token, same session
+                return _Retry.NEW_SESSION
+            # One refusal is not a verdict: a tickle under the same token decides (IBKR's answer is held meanwhile).
+            if not await self._manager.confirm(session, where):
+                response.close()
+                if not exchange.retryable:
+                    await exchange.fail(*_not_resent(where, "IBKR rejected the session's token; it is being renewed"))
+                    return _Retry.DONE
+                return _Retry.NEW_SESSION
+            if exchange.retryable:
+                response.close()
+                return _Retry.RESIGN  # the token works: signed afresh and sent once more
+            # Not idempotent, and the session is fine: IBKR's own answer goes to the client as it is.
         try:
-            await self._relay_response(exchange.send, response, where, exchange.outcome)
+            await self._relay_response(exchange.send, response, where, exchange.outcome, session.generation)
         finally:
             response.close()  # a body not read to its end (client gone, upstream broke off): never reused
         return _Retry.DONE
 
-    async def _relay_response(self, send: Send, response: UpstreamResponse, where: str, outcome: Outcome) -> None:
+    async def _relay_response(
+        self, send: Send, response: UpstreamResponse, where: str, outcome: Outcome, generation: int
+    ) -> None:
         outcome.status = response.status
         headers = transforms.downstream_response_headers(response.headers)
+        headers.append((SESSION_HEADER, str(generation).encode("ascii")))
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         done = False
         while not done:

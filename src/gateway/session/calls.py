@@ -1,4 +1,4 @@
-"""The session's own upstream calls: live session token, ssodh/init, tickle and logout.
+"""The session's own upstream calls: live session token, ssodh/init, tickle, the accounts warm-up and logout.
 
 Contract: each function performs one HTTP exchange with IBKR, checks the answer, and either returns a typed
 result or raises a :class:`~gateway.errors.GatewayError` (``UpstreamError`` for transport and status problems,
@@ -22,7 +22,14 @@ from gateway.errors import OAuthError, UpstreamStatusError
 from gateway.oauth.dh import derive_live_session_token, dh_challenge, dh_shared_secret, validate_live_session_token
 from gateway.oauth.signer import lst_request_authorization
 from gateway.redact import Secret
-from gateway.session.paths import LOGOUT_PATH, LST_PATH, SSODH_INIT_PATH, TICKLE_PATH
+from gateway.session.paths import (
+    ISERVER_ACCOUNTS_PATH,
+    LOGOUT_PATH,
+    LST_PATH,
+    PORTFOLIO_ACCOUNTS_PATH,
+    SSODH_INIT_PATH,
+    TICKLE_PATH,
+)
 from gateway.upstream.client import RequestSigner, map_httpx_error
 
 
@@ -73,6 +80,16 @@ async def _call(
     client: httpx.AsyncClient, method: str, url: str, path: str, headers: dict[str, str], **kwargs: Any
 ) -> dict[str, Any]:
     """One exchange; returns the JSON object body of a 200 or raises a gateway error naming ``path``."""
+    body = await _call_json(client, method, url, path, headers, **kwargs)
+    if not isinstance(body, dict):
+        raise UpstreamStatusError(f"{method} {path}: IBKR answered 200 with JSON that is not an object")
+    return body
+
+
+async def _call_json(
+    client: httpx.AsyncClient, method: str, url: str, path: str, headers: dict[str, str], **kwargs: Any
+) -> object:
+    """One exchange; returns the JSON body of a 200 (any JSON value) or raises a gateway error naming ``path``."""
     operation = f"{method} {path}"
     try:
         response = await client.request(method, url, headers=headers, **kwargs)
@@ -84,11 +101,9 @@ async def _call(
             upstream_status=response.status_code,
         )
     try:
-        body = response.json()
+        body: object = response.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UpstreamStatusError(f"{operation}: IBKR answered 200 with a body that is not JSON") from None
-    if not isinstance(body, dict):
-        raise UpstreamStatusError(f"{operation}: IBKR answered 200 with JSON that is not an object")
     return body
 
 
@@ -180,3 +195,38 @@ async def logout(client: httpx.AsyncClient, *, base_url: str, signer: RequestSig
     """``POST /logout``: ends the brokerage session at IBKR."""
     url = base_url + LOGOUT_PATH
     await _call(client, "POST", url, LOGOUT_PATH, _signed_headers(signer, "POST", url, user_agent))
+
+
+@dataclass(frozen=True, slots=True)
+class Accounts:
+    """The accounts IBKR lists for the session (account ids are not secrets; no balances are kept)."""
+
+    iserver: tuple[str, ...]
+    selected: str
+    portfolio: tuple[str, ...] = ()
+
+
+async def iserver_accounts(
+    client: httpx.AsyncClient, *, base_url: str, signer: RequestSigner, user_agent: str
+) -> Accounts:
+    """``GET /iserver/accounts``: IBKR wants it read in every brokerage session before snapshots and orders."""
+    url = base_url + ISERVER_ACCOUNTS_PATH
+    body = await _call(client, "GET", url, ISERVER_ACCOUNTS_PATH, _signed_headers(signer, "GET", url, user_agent))
+    raw = body.get("accounts")
+    if not isinstance(raw, list) or not all(isinstance(account, str) for account in raw):
+        raise UpstreamStatusError(f"GET {ISERVER_ACCOUNTS_PATH}: answer has no list of accounts")
+    selected = body.get("selectedAccount")
+    return Accounts(iserver=tuple(raw), selected=selected if isinstance(selected, str) else "")
+
+
+async def portfolio_accounts(
+    client: httpx.AsyncClient, *, base_url: str, signer: RequestSigner, user_agent: str
+) -> tuple[str, ...]:
+    """``GET /portfolio/accounts``: IBKR wants it read before other ``/portfolio`` calls; the account ids."""
+    url = base_url + PORTFOLIO_ACCOUNTS_PATH
+    headers = _signed_headers(signer, "GET", url, user_agent)
+    body = await _call_json(client, "GET", url, PORTFOLIO_ACCOUNTS_PATH, headers)
+    if not isinstance(body, list):
+        raise UpstreamStatusError(f"GET {PORTFOLIO_ACCOUNTS_PATH}: answer is not a list of accounts")
+    ids = (entry.get("id") or entry.get("accountId") for entry in body if isinstance(entry, dict))
+    return tuple(account for account in ids if isinstance(account, str))

@@ -25,6 +25,8 @@ TICKLE_PATH = "/v1/api/tickle"
 LOGOUT_PATH = "/v1/api/logout"
 REAUTHENTICATE_PATH = "/v1/api/iserver/reauthenticate"
 WEBSOCKET_PATH = "/v1/api/ws"
+ISERVER_ACCOUNTS_PATH = "/v1/api/iserver/accounts"  # read by the warm-up of every brokerage session
+PORTFOLIO_ACCOUNTS_PATH = "/v1/api/portfolio/accounts"
 """IBKR's one WebSocket endpoint. Upgrades are relayed here only: the relay presents the session's cookie, which
 must never reach another endpoint (a wildcard route would otherwise let ``GET /v1/api/logout`` carry it)."""
 

@@ -1,21 +1,33 @@
-"""Keeps one brokerage session alive: handshake, tickle, LST refresh, back-off, and the per-session nursery.
+"""Keeps one IBKR session alive: handshake, tickle, recovery, LST refresh, back-off, and the per-session nursery.
 
-Shape (design.md §1)::
+Shape::
 
-    SessionManager.run ── loop: handshake (LST → validate → ssodh/init → tickle until authenticated)
-                                └── per-session nursery ── tickle timer
+    SessionManager.run ── loop: handshake (LST → validate → ssodh/init → tickle until authenticated → warm-up)
+                                └── per-session nursery ── keeper: tickle timer, brokerage re-open
                                                         ├── LST refresh timer
                                                         └── every WebSocket relay of this session
 
 Contract:
-- A session failure (failed tickle, ``authenticated:false``, an upstream 401 reported by the proxy, LST expiry or a
-  failed refresh) ends the session: its nursery is cancelled, so tickle, refresh and every relay stop together
-  (relays close their clients with :attr:`LiveSession.close_code`, 1012 here), then the manager backs off
-  (exponential with jitter, capped) and runs the whole handshake again.
+- Warm-up: before a session is ready (and so before any client request goes upstream under it), the manager reads
+  ``GET /iserver/accounts`` (IBKR answers snapshot and order endpoints 400 "Please query /accounts first" in a
+  brokerage session where it was not read) and ``GET /portfolio/accounts`` (read before other ``/portfolio`` calls),
+  each in a pacing turn like any request. A failed ``/iserver/accounts`` fails the handshake; a failed
+  ``/portfolio/accounts`` is logged and noted, and the session opens anyway. The result is
+  :attr:`LiveSession.accounts`. Every ready session has a new :attr:`LiveSession.generation`, which the proxy puts
+  on every answer, so a client sees when per-session state at IBKR (snapshot pre-flights, the accounts read) is gone.
+- Recovery follows the ladder of :data:`gateway.session.state.RECOVERY`. A session ends only when its LST is dead or
+  unknown (IBKR refuses it on a tickle, 410, a failed tickle, LST expiry or a failed refresh): its nursery is
+  cancelled, so tickle, refresh and every relay stop together (relays close their clients with
+  :attr:`LiveSession.close_code`, 1012 here), and the manager runs the whole handshake again after
+  :class:`~gateway.session.state.RestartPolicy`'s delay (never inside an open pacing breaker). A 401 to a client's
+  request is first confirmed (:meth:`SessionManager.confirm`, one tickle at most per second); a brokerage session
+  that IBKR reports unauthenticated or competing is re-opened with ``ssodh/init`` under the same LST while the
+  session is *read-only* (routes outside ``/iserver`` keep working, relays stay open); a 429 on a session call
+  feeds the pacing breaker and the session stays.
 - Nothing in the per-session nursery raises into it: timers and relays report failures with
   :meth:`LiveSession.end`.
-- :meth:`SessionManager.wait_ready` hands out only a session that is ready; a request never goes upstream with an
-  empty or stale token.
+- :meth:`SessionManager.wait_ready` hands out only a session that is ready (with ``brokerage=False``, read-only will
+  do); a request never goes upstream with an empty or stale token.
 - :meth:`SessionManager.stop` closes relays with 1001 and stops the loop; :meth:`SessionManager.logout` then ends
   the brokerage session upstream (bounded), once in-flight requests have drained.
 """
@@ -26,36 +38,53 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import trio
 
 from gateway.config.model import Credentials
-from gateway.errors import GatewayError, SessionNotReady, UpstreamStatusError
+from gateway.errors import GatewayError, PacingRejected, SessionNotReady, UpstreamError, UpstreamStatusError
 from gateway.logs import register_secret, scrub
+from gateway.pacing import Pacer
+from gateway.pacing.model import PacingSettings
 from gateway.redact import Secret
 from gateway.session import calls
-from gateway.session.state import Backoff, Event, State, next_state
+from gateway.session.paths import ISERVER_ACCOUNTS_PATH, PORTFOLIO_ACCOUNTS_PATH
+from gateway.session.state import (
+    RECOVERY,
+    Backoff,
+    Event,
+    Remedy,
+    RestartPolicy,
+    State,
+    Trouble,
+    next_state,
+    session_call_trouble,
+)
 from gateway.upstream.client import RequestSigner
 
 log = logging.getLogger("gateway.session")
+_T = TypeVar("_T")
 
 CLOSE_SERVICE_RESTART = 1012
 CLOSE_GOING_AWAY = 1001
 _AUTH_POLLS = 10  # tickles (1 s apart) to wait for authenticated:true after ssodh/init
 _LOGOUT_TIMEOUT_S = 3.0
-STABLE_SESSION_S = 60.0
-"""A session ready at least this long resets the reconnect back-off; a shorter one counts as a failed attempt."""
+CONFIRM_REUSE_S = 1.0
+"""A confirmation tickle's verdict is reused this long (IBKR allows one tickle per second)."""
+REOPEN_MAX_DELAY_S = 60.0
+"""While read-only, ssodh/init is retried with back-off up to this (tickles keep the session alive meanwhile)."""
 RECENT_ERRORS = 10
 """How many recent session errors the status keeps (oldest dropped first)."""
 MAX_ERROR_CHARS = 300
 """A recorded error message is cut to this many characters (the status page shows short messages)."""
 
-FAILURE_REASONS = ("handshake", "tickle_error", "unauthenticated", "competing", "upstream_401", "lst_expired", "other")
-"""The bounded set of reasons a handshake fails or a ready session ends (``SessionStats.failures`` keys)."""
+FAILURE_REASONS = ("handshake", *(trouble.value for trouble in Trouble), "other")
+"""The bounded set of reasons a handshake fails or a session ends or loses its brokerage session
+(``SessionStats.failures`` keys)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,15 +96,19 @@ class SessionSettings:
     compete: bool
     tickle_interval_s: float
     backoff: Backoff
+    ready_timeout_s: float = 10.0
+    """How long a client waits for a session: bounds a confirmation as well."""
     refresh_margin_s: float = 300.0
     """Refresh the LST this long before IBKR's expiration (capped at 10 % of the token's lifetime)."""
 
 
 @dataclass(eq=False)
 class LiveSession:
-    """One ready brokerage session. ``signer`` and ``cookie`` change in place when the LST is refreshed.
+    """One live IBKR session (one LST). ``signer`` and ``cookie`` change in place when the LST is refreshed.
 
-    ``nursery`` is the per-session nursery: WebSocket relays of this session are started in it.
+    ``nursery`` is the per-session nursery: WebSocket relays of this session are started in it. ``brokerage`` says
+    whether the brokerage session (``/iserver``) is open; without it the session is read-only. ``generation`` is new
+    with every new LST session and every re-opened brokerage session.
     """
 
     generation: int
@@ -88,6 +121,11 @@ class LiveSession:
     end_reason: str = ""
     end_kind: str = "other"
     close_code: int = CLOSE_SERVICE_RESTART
+    brokerage: bool = True
+    confirming: trio.Event | None = None  # set when the confirmation tickle in flight has its verdict
+    confirmed_at: float = -1e9  # trio time of the last verdict that the LST works
+    accounts: calls.Accounts = field(default_factory=lambda: calls.Accounts(iserver=(), selected=""))
+    _poked: trio.Event = field(default_factory=trio.Event)
     _refresh_done: trio.Event | None = None  # set while an LST refresh is in flight
 
     @property
@@ -130,10 +168,33 @@ class LiveSession:
         self.nursery.cancel_scope.cancel()
         return True
 
+    def poke(self) -> None:
+        """Wake the session's keeper from :meth:`sleep` (the brokerage session was lost)."""
+        self._poked.set()
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep ``seconds``, or until :meth:`poke`."""
+        with trio.move_on_after(seconds):
+            await self._poked.wait()
+        self._poked = trio.Event()
+
     @property
     def usable(self) -> bool:
         """True while the session has not ended."""
         return not self.ended.is_set()
+
+
+@dataclass(frozen=True, slots=True)
+class _Opened:
+    """What opening the brokerage session gave: the cookie, and either the warm-up's accounts or the trouble."""
+
+    cookie: Secret[str]
+    accounts: calls.Accounts
+    trouble: Trouble | None = None
+    reason: str = ""
+
+
+_LIVE = (State.READY, State.READ_ONLY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,8 +254,10 @@ class SessionManager:
         credentials: Credentials,
         settings: SessionSettings,
         rng: Callable[[], float] = random.random,
+        pacer: Pacer | None = None,
     ) -> None:
         self._client = client
+        self._pacer = pacer if pacer is not None else Pacer(PacingSettings(enabled=False))
         self._credentials = credentials
         self._settings = settings
         self._rng = rng
@@ -217,9 +280,15 @@ class SessionManager:
 
     @property
     def active(self) -> LiveSession | None:
-        """The ready session, or ``None``."""
+        """The ready session (brokerage session open), or ``None``."""
         session = self._active
         return session if session is not None and session.usable and self.state is State.READY else None
+
+    @property
+    def live(self) -> LiveSession | None:
+        """The session whose LST works, ready or read-only, or ``None``."""
+        session = self._active
+        return session if session is not None and session.usable and self.state in _LIVE else None
 
     def _move(self, event: Event, note: str = "") -> None:
         new = next_state(self.state, event)
@@ -239,23 +308,29 @@ class SessionManager:
         spent[self.state] += time.monotonic() - self._since_monotonic
         return spent
 
-    async def wait_ready(self, timeout_s: float) -> LiveSession:
+    async def wait_ready(self, timeout_s: float, *, brokerage: bool = True) -> LiveSession:
         """The ready session, waiting up to ``timeout_s``; raises :class:`SessionNotReady` after that.
 
+        ``brokerage=False`` takes a read-only session too (routes outside ``/iserver`` work with the LST alone).
         With a session ready it returns at once, without a checkpoint: it runs on every proxied request, and the
         proxy checkpoints right after (pacing, the upstream write).
         """
-        session = self.active
+        session = self.active if brokerage else self.live
         if session is not None:
             return session
         with trio.move_on_after(timeout_s):
             while True:
-                session = self.active
+                session = self.active if brokerage else self.live
                 if session is not None:
                     return session
                 if self.state in (State.STOPPING, State.STOPPED):
                     break
                 await self._changed.wait()
+        if self.state is State.READ_ONLY:
+            raise SessionNotReady(
+                f"the IBKR brokerage session (/iserver) is down and did not come back within {timeout_s:g} s; "
+                f"routes outside /iserver work (read-only session). Last error: {self.stats.last_error or 'none'}"
+            )
         raise SessionNotReady(f"no IBKR session became ready within {timeout_s:g} s (state: {self.state.value})")
 
     async def wait_changed(self) -> None:
@@ -263,9 +338,34 @@ class SessionManager:
         await self._changed.wait()
 
     def report_unauthorized(self, session: LiveSession, where: str) -> None:
-        """The proxy saw IBKR answer 401 under ``session``: end it (once) so a new handshake starts."""
-        if session.end(f"IBKR answered 401 to {where}", kind="upstream_401"):
+        """End ``session`` (once) because IBKR refused its LST (a confirmed 401): a new handshake starts."""
+        if session.end(f"IBKR answered 401 to {where}", kind=Trouble.PROXY_401.value):
             log.warning("session ended: IBKR answered 401 to %s", where)
+
+    async def confirm(self, session: LiveSession, where: str) -> bool:
+        """IBKR refused a client's request under ``session`` (401/410): does the LST still work? One refusal is
+        not a verdict (:data:`RECOVERY`): a tickle with the current LST decides. Concurrent callers share one
+        tickle, and a verdict that the LST works is reused for :data:`CONFIRM_REUSE_S`. Returns whether the session
+        lives on; a dead LST ends it (a new handshake starts)."""
+        while session.usable:
+            if trio.current_time() - session.confirmed_at < CONFIRM_REUSE_S:
+                return True
+            if session.confirming is not None:
+                with trio.move_on_after(self._settings.ready_timeout_s):
+                    await session.confirming.wait()
+                continue
+            session.confirming = trio.Event()
+            try:
+                trouble = await self._tickle(session)
+                if trouble is None or RECOVERY[trouble] is not Remedy.RESTART:
+                    session.confirmed_at = trio.current_time()
+                    log.info("IBKR refused %s, but the session's token still works: the session stays", where)
+                if trouble is not None:
+                    self._handle(session, trouble, f"while confirming a refusal of {where}")
+            finally:
+                done, session.confirming = session.confirming, None
+                done.set()
+        return False
 
     def retry_after_s(self) -> int:
         """A ``Retry-After`` hint in whole seconds for clients turned away while no session is ready."""
@@ -278,18 +378,26 @@ class SessionManager:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run sessions until :meth:`stop`; reports started at once (readiness is :meth:`wait_ready`)."""
         task_status.started()
-        attempt = 0
+        policy = RestartPolicy(self._settings.backoff)
+        failed_handshakes = 0
+        ended: deque[float] = deque()  # when recent sessions ended (trio time), for the flapping rule
         with trio.CancelScope() as scope:
             self._loop_scope = scope
             while not self._stopping:
                 self._move(Event.CONNECT if self.state is State.STARTING else Event.RETRY)
-                held_s = await self._one_session()
+                opened = await self._one_session()
                 if self._stopping:
                     break
-                # Only a session that lasted resets the back-off: one that dies right after the handshake (a
-                # competing login, an upstream that flaps) must not turn the loop into an LST hammer.
-                attempt = 0 if held_s >= STABLE_SESSION_S else attempt + 1
-                delay = self._settings.backoff.delay(min(attempt, 64), self._rng())
+                now = trio.current_time()
+                if opened:
+                    failed_handshakes = 0
+                    ended.append(now)
+                else:
+                    failed_handshakes += 1
+                while ended and now - ended[0] > policy.flap_window_s:
+                    ended.popleft()
+                delay = policy.delay(failed_handshakes, len(ended), self._rng())
+                delay = max(delay, self._pacer.hold_s())  # IBKR's penalty box: a handshake inside it only extends it
                 self.stats.next_attempt_at = time.time() + delay
                 log.info("next handshake in %.1f s", delay)
                 await trio.sleep(delay)
@@ -302,40 +410,45 @@ class SessionManager:
         self._move(Event.STOPPED)
         self._stopped.set()
 
-    async def _one_session(self) -> float:
-        """Handshake and hold one session; returns how long it was ready, in seconds (0 if it never was)."""
+    async def _one_session(self) -> bool:
+        """Handshake and hold one session until it ends; returns whether it opened (ready or read-only)."""
         try:
             lst = await self._handshake_token()
             signer = RequestSigner(self._credentials.identity, lst.token)
-            cookie = await self._establish(signer)
+            opened = await self._open_brokerage(signer)
         except GatewayError as exc:
             self._handshake_failed(str(exc))
-            return 0.0
+            return False
         except Exception as exc:  # an upstream answer nobody foresaw must not take the gateway down
             log.exception("unexpected error during the handshake")
             self._handshake_failed(f"unexpected error during the handshake: {type(exc).__name__}")
-            return 0.0
+            return False
         self._generation += 1
         async with trio.open_nursery() as nursery:
             session = LiveSession(
                 generation=self._generation,
                 signer=signer,
-                cookie=cookie,
+                cookie=opened.cookie,
                 lst_expires_at_ms=lst.expires_at_ms,
                 nursery=nursery,
+                accounts=opened.accounts,
+                brokerage=opened.trouble is None,
             )
             self._active = session
-            self._move(Event.READY, f"generation {session.generation}")
-            nursery.start_soon(self._tickle_loop, session)
+            if opened.trouble is None:
+                self._move(Event.READY, f"generation {session.generation}")
+            else:
+                self._record_failure(opened.reason, opened.trouble.value)
+                self._move(Event.READ_ONLY, f"generation {session.generation}, {opened.reason}")
+            nursery.start_soon(self._keep, session)
             nursery.start_soon(self._refresh_loop, session)
-            ready_at = time.time()
             await session.ended.wait()
         self._active = None
         if not self._stopping:
             self.stats.sessions_ended += 1
             self._record_failure(session.end_reason, session.end_kind)
             self._move(Event.FAIL, session.end_reason)
-        return time.time() - ready_at
+        return True
 
     def _handshake_failed(self, reason: str) -> None:
         self._record_failure(reason, "handshake")
@@ -359,30 +472,91 @@ class SessionManager:
         register_secret(lst.token.reveal(), slot="live_session_token")
         return lst
 
-    async def _establish(self, signer: RequestSigner) -> Secret[str]:
-        """ssodh/init, then tickle (1 s apart, bounded) until IBKR says authenticated; returns the cookie."""
+    async def _open_brokerage(self, signer: RequestSigner) -> _Opened:
+        """ssodh/init, then tickle (1 s apart, bounded) until IBKR says authenticated, then the warm-up.
+
+        Raises :class:`GatewayError` when the LST itself is in doubt (IBKR refused it, 410, no answer). A brokerage
+        session that will not open (init refused, still unauthenticated or competing) is not an LST problem: the
+        result then names the trouble, and the session opens read-only.
+        """
         settings = self._settings
-        await calls.ssodh_init(
-            self._client,
-            base_url=settings.base_url,
-            signer=signer,
-            user_agent=settings.user_agent,
-            compete=settings.compete,
-        )
-        for poll in range(_AUTH_POLLS):
+        try:
+            await self._paced_call(
+                calls.ssodh_init(
+                    self._client,
+                    base_url=settings.base_url,
+                    signer=signer,
+                    user_agent=settings.user_agent,
+                    compete=settings.compete,
+                )
+            )
+        except UpstreamStatusError as exc:
+            if exc.upstream_status in (0, 401, 410):
+                raise
+            init_failed: UpstreamStatusError | None = exc  # e.g. another login holds it and compete = false
+        else:
+            init_failed = None
+        cookie: Secret[str] | None = None
+        trouble, reason = Trouble.UNAUTHENTICATED, "IBKR did not open the brokerage session"
+        for poll in range(1 if init_failed is not None else _AUTH_POLLS):
             if poll:
                 await trio.sleep(1.0)
-            result = await calls.tickle(
-                self._client, base_url=settings.base_url, signer=signer, user_agent=settings.user_agent
+            result = await self._paced_call(
+                calls.tickle(self._client, base_url=settings.base_url, signer=signer, user_agent=settings.user_agent)
             )
             self._note_tickle(result)
+            cookie = result.session
             if result.status.competing:
-                raise UpstreamStatusError("another session of this IBKR user is competing for the brokerage session")
-            if result.status.authenticated:
-                return result.session
-        raise UpstreamStatusError(
-            f"IBKR did not report the brokerage session authenticated after {_AUTH_POLLS} tickles"
-        )
+                trouble, reason = Trouble.COMPETING, "another login of this IBKR user holds the brokerage session"
+                break
+            if result.status.authenticated and init_failed is None:
+                return _Opened(cookie, await self._warm_up(signer))
+            else:
+                trouble, reason = Trouble.UNAUTHENTICATED, "IBKR reports the brokerage session not authenticated"
+        assert cookie is not None
+        if init_failed is not None:
+            reason = f"brokerage session not opened: {init_failed}"
+        return _Opened(cookie, calls.Accounts(iserver=(), selected=""), trouble, reason)
+
+    async def _paced_call(self, call: Awaitable[_T]) -> _T:
+        """A session call outside the request pacer's queue (tickles, init): IBKR's 429 still opens the breaker."""
+        try:
+            return await call
+        except UpstreamStatusError as exc:
+            if exc.upstream_status == 429:
+                self._pacer.record_response(429, None)
+            raise
+
+    async def _warm_up(self, signer: RequestSigner) -> calls.Accounts:
+        """IBKR's per-session duties before any client request (module contract): the accounts reads."""
+        settings = self._settings
+        base_url, user_agent = settings.base_url, settings.user_agent
+        async with self._pacer.acquire("GET", ISERVER_ACCOUNTS_PATH):
+            accounts = await self._reported(
+                calls.iserver_accounts(self._client, base_url=base_url, signer=signer, user_agent=user_agent)
+            )
+        try:
+            async with self._pacer.acquire("GET", PORTFOLIO_ACCOUNTS_PATH):
+                portfolio = await self._reported(
+                    calls.portfolio_accounts(self._client, base_url=base_url, signer=signer, user_agent=user_agent)
+                )
+        except (PacingRejected, UpstreamError) as exc:
+            message = f"warm-up: {exc}; /portfolio calls may fail until a client reads /portfolio/accounts"
+            log.warning("%s", message)
+            self.stats.note_error(message, time.time())
+            return accounts
+        return calls.Accounts(iserver=accounts.iserver, selected=accounts.selected, portfolio=portfolio)
+
+    async def _reported(self, call: Awaitable[_T]) -> _T:
+        """Await a paced session call and tell the pacer IBKR's status (a 429 opens its breaker)."""
+        try:
+            result = await call
+        except UpstreamStatusError as exc:
+            if exc.upstream_status:
+                self._pacer.record_response(exc.upstream_status, None)
+            raise
+        self._pacer.record_response(200, None)
+        return result
 
     def _note_tickle(self, result: calls.TickleResult) -> None:
         register_secret(result.session.reveal(), slot="session_cookie")
@@ -391,29 +565,91 @@ class SessionManager:
         self.stats.authenticated = result.status.authenticated
         self.stats.competing = result.status.competing
 
-    async def _tickle_loop(self, session: LiveSession) -> None:
+    async def _tickle(self, session: LiveSession) -> Trouble | None:
+        """One tickle under ``session``'s current LST; what it says is wrong, or ``None`` when all is well."""
         settings = self._settings
-        while True:
-            await trio.sleep(settings.tickle_interval_s)
-            try:
-                result = await calls.tickle(
+        try:
+            result = await self._paced_call(
+                calls.tickle(
                     self._client, base_url=settings.base_url, signer=session.signer, user_agent=settings.user_agent
                 )
-            except GatewayError as exc:
-                session.end(f"tickle failed: {exc}", kind="tickle_error")
-                return
-            except Exception as exc:  # never raise into the session nursery
-                log.exception("unexpected error in tickle")
-                session.end(f"tickle failed: unexpected {type(exc).__name__}", kind="tickle_error")
-                return
-            self._note_tickle(result)
-            session.cookie = result.session
-            if result.status.competing:
-                session.end("tickle: another session is competing for the brokerage session", kind="competing")
-                return
-            if not result.status.authenticated:
-                session.end("tickle: IBKR says the brokerage session is not authenticated", kind="unauthenticated")
-                return
+            )
+        except UpstreamStatusError as exc:
+            self.stats.note_error(f"tickle failed: {exc}", time.time())
+            return session_call_trouble(exc.upstream_status)
+        except GatewayError as exc:
+            self.stats.note_error(f"tickle failed: {exc}", time.time())
+            return Trouble.TICKLE_ERROR
+        except Exception as exc:  # never raise into the session nursery
+            log.exception("unexpected error in tickle")
+            self.stats.note_error(f"tickle failed: unexpected {type(exc).__name__}", time.time())
+            return Trouble.TICKLE_ERROR
+        self._note_tickle(result)
+        session.cookie = result.session
+        if result.status.competing:
+            return Trouble.COMPETING
+        if not result.status.authenticated:
+            return Trouble.UNAUTHENTICATED
+        return None
+
+    def _handle(self, session: LiveSession, trouble: Trouble, context: str) -> None:
+        """Apply the ladder's remedy for ``trouble`` that is not a confirmation (that is the caller's)."""
+        remedy = RECOVERY[trouble]
+        if remedy is Remedy.RESTART:
+            session.end(f"{trouble.value} {context}: {self.stats.last_error}", kind=trouble.value)
+        elif remedy is Remedy.REOPEN and session.brokerage:
+            session.brokerage = False
+            what = "competing login" if trouble is Trouble.COMPETING else "brokerage session not authenticated"
+            self._record_failure(f"{what} ({context}); re-opening it, read-only meanwhile", trouble.value)
+            self._move(Event.LOST, what)
+            session.poke()  # the keeper re-opens it now, not at its next tickle
+        elif remedy is Remedy.WAIT:
+            log.warning("IBKR paced a session call (%s); the session stays, traffic waits for the breaker", context)
+
+    async def _keep(self, session: LiveSession) -> None:
+        """The session's keeper: a tickle every ``tickle_interval_s`` (later while IBKR's pacing breaker is open),
+        the ladder's remedy for what it says, and while read-only, ``ssodh/init`` again with back-off."""
+        settings = self._settings
+        reopen_failures = 0
+        while True:
+            if session.brokerage:
+                await session.sleep(max(settings.tickle_interval_s, self._pacer.hold_s()))
+                if not session.brokerage:
+                    continue  # lost meanwhile (a confirmation saw it)
+                trouble = await self._tickle(session)
+                if trouble is not None:
+                    self._handle(session, trouble, "on the periodic tickle")
+                continue
+            if await self._reopen(session):
+                reopen_failures = 0
+                continue
+            reopen_failures += 1
+            delay = min(REOPEN_MAX_DELAY_S, settings.tickle_interval_s, 2.0 ** min(reopen_failures, 16) / 2)
+            await trio.sleep(max(delay, self._pacer.hold_s()))
+            trouble = await self._tickle(session)  # keeps the read-only session alive, and watches the LST
+            if trouble is not None and RECOVERY[trouble] is Remedy.RESTART:
+                self._handle(session, trouble, "while read-only")
+
+    async def _reopen(self, session: LiveSession) -> bool:
+        """One attempt to re-open the brokerage session under the current LST; on success the warm-up runs, the
+        generation moves on and the session is ready again. A dead LST ends the session (returns False)."""
+        try:
+            opened = await self._open_brokerage(session.signer)
+        except GatewayError as exc:
+            self.stats.note_error(f"re-opening the brokerage session: {exc}", time.time())
+            status = exc.upstream_status if isinstance(exc, UpstreamStatusError) else 0
+            self._handle(session, session_call_trouble(status), "re-opening the brokerage session")
+            return False
+        session.cookie = opened.cookie
+        if opened.trouble is not None:
+            self.stats.note_error(f"brokerage session still down: {opened.reason}", time.time())
+            return False
+        self._generation += 1
+        session.generation = self._generation
+        session.accounts = opened.accounts
+        session.brokerage = True
+        self._move(Event.REOPENED, f"brokerage session re-opened, generation {session.generation}")
+        return True
 
     async def _refresh_loop(self, session: LiveSession) -> None:
         """Replace the LST before IBKR's expiration without ending the session."""

@@ -131,9 +131,7 @@ def build_pages_app(source: StatusSource) -> QuartTrio:
     async def health() -> Response:
         status = snapshot(source)
         ok = healthy(source)
-        return _json(
-            {"status": "ok" if ok else "unavailable", "state": status["state"], "simulator": status["simulator"]},
-            200 if ok else 503,
-        )
+        word = "ok" if ok else "read-only" if status["read_only"] else "unavailable"
+        return _json({"status": word, "state": status["state"], "simulator": status["simulator"]}, 200 if ok else 503)
 
     return app

@@ -12,6 +12,7 @@ import trio
 
 from gateway.pacing import Pacer
 from gateway.proxy.websocket import RelayCounters
+from gateway.session.calls import Accounts
 from gateway.session.state import State
 from gateway.session.supervisor import SessionManager
 
@@ -71,6 +72,15 @@ def _pacing_summary(pacing: dict[str, Any]) -> str:
 MAX_LISTED_CLIENTS = 50
 
 
+def _accounts(accounts: Accounts) -> dict[str, object]:
+    """The warm-up's account lists (ids only; they are not secrets, and every IBKR answer names them too)."""
+    return {
+        "iserver": list(accounts.iserver),
+        "selected": accounts.selected or None,
+        "portfolio": list(accounts.portfolio),
+    }
+
+
 def _relay_clients(labels: Iterable[object]) -> list[dict[str, str]]:
     """Who holds the open relays: address and scheme as the client saw them (behind nginx: ``X-Forwarded-For`` /
     ``X-Forwarded-Proto`` from a trusted proxy), at most :data:`MAX_LISTED_CLIENTS`."""
@@ -97,18 +107,20 @@ def snapshot(source: StatusSource) -> dict[str, Any]:
     manager = source.manager
     stats = manager.stats
     pacing = source.pacer.snapshot()
-    session = manager.active
+    session = manager.live  # ready or read-only: the LST works
     lst_expiry = session.lst_expires_at_ms / 1000 if session is not None else None
     return {
         "now": _iso_ms(now),
         "state": manager.state.value,
-        "ready": manager.state is State.READY and session is not None,
+        "ready": manager.active is not None,
+        "read_only": manager.state is State.READ_ONLY and session is not None,
         "healthy": healthy(source),
         "since": _iso(manager.since),
         "upstream": source.upstream,
         "simulator": source.simulator,
         "mode": "simulator (not IBKR)" if source.simulator else "IBKR",
         "generation": session.generation if session is not None else None,
+        "accounts": _accounts(session.accounts) if session is not None else None,
         "authenticated": stats.authenticated,
         "competing": stats.competing,
         "last_tickle": _iso(stats.last_tickle_at),

@@ -38,7 +38,7 @@ class LocalTickle:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answer one tickle (any method the route allows; a body, if any, is ignored)."""
         try:
-            session = await self._manager.wait_ready(self._ready_timeout_s)
+            session = await self._manager.wait_ready(self._ready_timeout_s, brokerage=False)
         except SessionNotReady as exc:
             hint = str(self._manager.retry_after_s()).encode()
             await send_error(send, exc.status, exc.code, str(exc), headers=[(b"retry-after", hint)])
