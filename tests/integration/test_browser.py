@@ -69,23 +69,32 @@ async def test_status_page_shows_a_failing_session_live_and_recovers(
             # The countdown moves on its own between polls: the tickle time changes, its "ago" keeps counting.
             await page.wait_for(f"{js_text('td[data-key=last_tickle]')} !== {json.dumps(tickle_before)}")
 
+            # IBKR drops the brokerage session (its nightly reset): read-only while the gateway re-opens it.
             gw.simulator.faults.set_tickle_unauthenticated(True)
             failed_at = trio.current_time()
-            await page.wait_for(f"{js_text('#health')}.startsWith('Not ready')", timeout_s=10)
+            await page.wait_for(f"{js_text('#health')}.startsWith('Read-only')", timeout_s=10)
             shown_after = trio.current_time() - failed_at
             error = await page.wait_for(
                 f"{js_text('#errors li')}.includes('not authenticated') && {js_text('#errors')}"
             )
             assert re.search(r"\d\d:\d\d:\d\d UTC", error), error
+            assert await page.evaluate(js_text("td[data-key=state]")) == "read_only"
+            gw.simulator.faults.set_tickle_unauthenticated(False)
+            await page.wait_for(f"{js_text('#health')}.startsWith('Healthy')", timeout_s=20)
+
+            # A failed tickle: the session ends and a new handshake follows.
+            gw.simulator.faults.fail_next(1000, 500, path_prefix="/v1/api/tickle", error="tickle unavailable")
+            await page.wait_for(f"{js_text('#health')}.startsWith('Not ready')", timeout_s=10)
+            await page.wait_for(f"{js_text('#errors li')}.includes('tickle unavailable')")
             assert await page.evaluate(js_text("td[data-key=state]")) in ("backoff", "handshaking")
             await page.screenshot(OUTPUT / "status-failing-desktop.png", full_page=True)
 
-            gw.simulator.faults.set_tickle_unauthenticated(False)
+            gw.simulator.faults.reset()
             await page.wait_for(f"{js_text('#health')}.startsWith('Healthy')", timeout_s=20)
             assert await page.evaluate(js_text("td[data-key=state]")) == "ready"
             assert int(await page.evaluate(js_text("td[data-key=handshakes]"))) >= 2
             assert int(await page.evaluate(js_text("td[data-key=sessions_ended]"))) >= 1
-            assert "not authenticated" in await page.evaluate(js_text("#errors"))  # the error stays listed
+            assert "not authenticated" in await page.evaluate(js_text("#errors"))  # the errors stay listed
             assert await page.evaluate("window.notReloaded === true")
 
             html = await page.evaluate("document.documentElement.outerHTML")
@@ -173,7 +182,7 @@ async def test_dashboard_streams_live_prices_with_an_api_key_and_reconnects(
             desktop = await page.screenshot(OUTPUT / "dashboard-desktop.png")
 
             generation = (await gw.manager.wait_ready(5)).generation
-            gw.simulator.faults.set_tickle_unauthenticated(True, clear_on_init=True)  # IBKR drops the session once
+            gw.simulator.faults.fail_next(1, 500, path_prefix="/v1/api/tickle")  # a failed tickle: a new session
             restarted_at = trio.current_time()
             await page.wait_for(f"{js_text('#connection')}.includes('restarted its IBKR session')", timeout_s=10)
             await gw.wait_new_session(generation)

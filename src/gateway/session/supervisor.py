@@ -635,6 +635,9 @@ class SessionManager:
         generation moves on and the session is ready again. A dead LST ends the session (returns False)."""
         try:
             opened = await self._open_brokerage(session.signer)
+        except PacingRejected as exc:  # the warm-up could not get a pacing turn: not the token's fault
+            self.stats.note_error(f"re-opening the brokerage session: {exc}", time.time())
+            return False
         except GatewayError as exc:
             self.stats.note_error(f"re-opening the brokerage session: {exc}", time.time())
             status = exc.upstream_status if isinstance(exc, UpstreamStatusError) else 0
