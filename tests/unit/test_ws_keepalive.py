@@ -1,14 +1,18 @@
-"""The relay keep-alive's pure parts: which frames are IBKR's answer to ``tic``, and the config key's bounds."""
+"""The relay keep-alive's parts that need no sockets: which frames are IBKR's answer to ``tic``, the config key's
+bounds, and the write deadline on a keep-alive (a tiny write cannot be made to stall over loopback)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 
+from gateway.asgi import Message
 from gateway.config.parse import parse_config
 from gateway.errors import ConfigError
-from gateway.proxy.websocket import is_tic_reply
+from gateway.proxy.websocket import RelaySettings, WebSocketRelay, _Relay, is_tic_reply
+from gateway.session.supervisor import SessionManager
 
 TIC_ANSWER = '{"topic":"tic","alive":true,"id":"0123456789abcdef0123456789abcdef","lastAccessed":1712596911593}'
 
@@ -55,3 +59,26 @@ def test_keepalive_default_and_bounds() -> None:
     for bad in (0.5, 60, "45", True):
         with pytest.raises(ConfigError, match="upstream_keepalive_s"):
             parse_keepalive(bad)
+
+
+async def _no_receive() -> Message:
+    raise AssertionError("not called")
+
+
+async def _no_send(message: Message) -> None:
+    raise AssertionError("not called")
+
+
+async def test_a_stalled_keepalive_write_ends_the_relay_like_a_stalled_client_write() -> None:
+    """A keep-alive write pending for ``upstream_write_timeout_s`` ends the relay with 1011 at the watchdog's next
+    look; one pending for less does not."""
+    settings = RelaySettings(
+        ws_base_url="ws://127.0.0.1:9", access_token="t", user_agent="u", ready_timeout_s=1, upstream_write_timeout_s=2
+    )
+    relays = WebSocketRelay(manager=cast(SessionManager, None), settings=settings)
+    relay = _Relay(scope={}, receive=_no_receive, send=_no_send, path="/v1/api/ws")
+    relay.keepalive_since = 10.0
+    relays._check_writes(relay, now=11.9)
+    assert relay.close_code is None and not relay.cancel_scope.cancel_called
+    relays._check_writes(relay, now=12.0)
+    assert relay.close_code == 1011 and relay.cancel_scope.cancel_called
