@@ -229,6 +229,7 @@ async def serve_gateway(
                     # either: it is as dead as the ping would find it. Toward IBKR, the upstream write timeout.
                     client_write_timeout_s=config.server.websocket_ping_interval_s,
                     upstream_write_timeout_s=up.write_timeout_s,
+                    upstream_keepalive_s=config.websocket.upstream_keepalive_s,
                 ),
             )
             await root.start(relay.run)  # client writers and write deadlines: beside the server, not inside it

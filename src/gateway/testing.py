@@ -130,7 +130,8 @@ async def open_test_gateway(
     """Run a simulator and a gateway for the body of the ``async with``; see the module contract.
 
     ``credentials`` lets a suite reuse one set of throwaway keys (RSA generation costs ~0.3 s);
-    ``simulator_options`` go to :class:`~gateway.simulator.Simulator` (e.g. ``lst_ttl_s``, ``tick_interval_s``).
+    ``simulator_options`` go to :class:`~gateway.simulator.Simulator` (e.g. ``lst_ttl_s``, ``tick_interval_s``;
+    ``ws_idle_close_s`` shortens, or with ``None`` switches off, the simulator's close of silent WebSockets).
     """
     loaded = make_test_config(overrides, routes=routes)
     simulator = Simulator(

@@ -11,6 +11,7 @@ from gateway.config.model import (
     SessionConfig,
     SimulatorConfig,
     UpstreamConfig,
+    WebSocketConfig,
 )
 from gateway.config.parse import parse_config
 
@@ -25,6 +26,7 @@ __all__ = [
     "SessionConfig",
     "SimulatorConfig",
     "UpstreamConfig",
+    "WebSocketConfig",
     "load_config",
     "load_credentials",
     "parse_config",

@@ -96,6 +96,13 @@ class SessionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSocketConfig:
+    """``[websocket]``: what each relay does on IBKR's side of the socket."""
+
+    upstream_keepalive_s: float = 45.0
+
+
+@dataclass(frozen=True, slots=True)
 class SimulatorConfig:
     """``[simulator]``: run the built-in IBKR simulator on loopback instead of talking to IBKR."""
 
@@ -139,6 +146,7 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     pacing: PacingConfig = field(default_factory=PacingConfig)
     session: SessionConfig = field(default_factory=SessionConfig)
+    websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     simulator: SimulatorConfig = field(default_factory=SimulatorConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     routes: tuple[RouteConfig, ...] = ()

@@ -26,6 +26,7 @@ from gateway.config.model import (
     SessionConfig,
     SimulatorConfig,
     UpstreamConfig,
+    WebSocketConfig,
 )
 from gateway.config.pacing import pacing_problems
 from gateway.errors import ConfigError, ConfigProblem
@@ -269,6 +270,7 @@ def parse_config(
         upstream=UpstreamConfig(**values["upstream"]),
         pacing=PacingConfig(**values["pacing"]),
         session=SessionConfig(**session),
+        websocket=WebSocketConfig(**values["websocket"]),
         simulator=SimulatorConfig(**values["simulator"]),
         logging=LoggingConfig(**values["logging"]),
         routes=routes,

@@ -3,9 +3,9 @@
 Applied live: ``[[routes]]``, all of ``[pacing]``, ``logging.level``, and the ``[server]`` request checks
 (:data:`LIVE_SERVER_KEYS`: trusted proxies, allowed origins, API keys and the opt-in to go without them, size
 limits, ``/metrics`` access). Everything else — credentials and the rest of ``[ibkr]``, the listen address and
-socket timeouts, ``[upstream]``, ``[session]``, ``[simulator]``, ``logging.format`` — is bound into objects built
-at start (the session, the upstream client, the listening socket) and needs a restart; a reload that changes it
-says so and keeps the running value.
+socket timeouts, ``[upstream]``, ``[session]``, ``[websocket]``, ``[simulator]``, ``logging.format`` — is bound
+into objects built at start (the session, the upstream client, the listening socket) and needs a restart; a reload
+that changes it says so and keeps the running value.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ LIVE_SERVER_KEYS = (
     "max_header_count",
     "metrics",
 )
-SECTIONS = ("server", "ibkr", "upstream", "pacing", "session", "simulator", "logging")
+SECTIONS = ("server", "ibkr", "upstream", "pacing", "session", "websocket", "simulator", "logging")
 
 
 def _live(section: str, key: str) -> bool:

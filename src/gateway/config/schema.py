@@ -383,6 +383,14 @@ SECTIONS: Mapping[str, Mapping[str, Key]] = {
         "reconnect_max_delay_s": Key(seconds(0.01, 86400.0), 300, "back-off cap"),
         "ready_timeout_s": Key(seconds(0.0, 600.0), 10, "how long a request waits for a ready session before 503"),
     },
+    "websocket": {
+        "upstream_keepalive_s": Key(
+            seconds(1.0, 59.0),
+            45,
+            "each relay sends IBKR a tic after its handshake and whenever nothing went up this long (IBKR closes a "
+            "socket silent for a minute)",
+        ),
+    },
     "simulator": {
         "enabled": Key(boolean, False, "true: run against the built-in IBKR simulator on loopback, not IBKR"),
         "port": Key(integer(0, 65535), 0, "simulator's loopback port (0 = any free port)"),

@@ -15,6 +15,14 @@ Contract:
 - Either side closing closes the other with the same code where that code may be sent (1005/1006/1015 and
   reserved codes become 1011 toward the client, 1000 toward IBKR). If the session ends, the session nursery
   cancels the relay task, and the client is told first (1012 restart, 1001 shutdown), then IBKR.
+- Keep-alive (IBKR closes a socket on which its client sent nothing for about a minute, and the seed's client sends
+  ``tic`` right after the handshake because IBKR closes sockets silent just after it): the relay task writes ``tic``
+  to IBKR right after the handshake, before anything the client sends, and again whenever nothing (the client's
+  messages or a keep-alive) has gone up for ``upstream_keepalive_s``. Exactly one ``{"topic":"tic",…}`` answer per
+  such keep-alive is dropped on its way to the client (it did not ask); an answer that has not come within
+  ``upstream_keepalive_s`` is no longer waited for, so a client's own ``tic`` still gets its answer if IBKR stays
+  silent. The keep-alive task lives in the relay task's own nursery and ends with it; its write has the same
+  deadline as the client's writes to IBKR.
 - Write deadlines: a write to the client still pending after ``client_write_timeout_s``, or one to IBKR after
   ``upstream_write_timeout_s``, means that peer has stopped taking our bytes: the relay ends with a warning, the
   client is closed with 1008 (it did not read) or 1011 (IBKR did not), IBKR's socket is closed. A watchdog task
@@ -55,6 +63,8 @@ _UPSTREAM_FAILURE = 1011
 # The watchdog looks at most this far apart (and at least four times per deadline), so a stalled write is found
 # between its deadline and one period later.
 _MAX_WATCH_PERIOD_S = 1.0
+_KEEPALIVE: tuple[str] = ("tic",)  # IBKR's session ping; its answer is {"topic":"tic",...} (protocol.md §7)
+_MAX_TIC_REPLY_CHARS = 1024  # IBKR's answer is about 100 characters: anything longer is something else
 
 
 def _ready_messages(receive: Receive) -> Callable[[], Message] | None:
@@ -81,6 +91,19 @@ def _with_real_session(text: str, session: LiveSession) -> str:
     return text
 
 
+def is_tic_reply(payload: str | bytes) -> bool:
+    """True when ``payload`` (a text or binary frame) is IBKR's answer to ``tic``: a JSON object whose topic is tic."""
+    if len(payload) > _MAX_TIC_REPLY_CHARS:
+        return False
+    if ('"tic"' not in payload) if isinstance(payload, str) else (b'"tic"' not in payload):
+        return False  # cheap test first: a tic answer names its topic
+    try:
+        parsed = json.loads(payload)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return False
+    return isinstance(parsed, dict) and parsed.get("topic") == "tic"
+
+
 def relay_close_code(code: int | None, *, default: int = 1011) -> int:
     """A close code that may be sent on the other leg: valid codes pass, the rest become ``default``."""
     if code is None or code in _UNSENDABLE:
@@ -103,6 +126,7 @@ class RelaySettings:
     tls: ssl.SSLContext | None = None
     client_write_timeout_s: float = 5.0  # server.websocket_ping_interval_s: the client is gone after this
     upstream_write_timeout_s: float = 15.0  # upstream.write_timeout_s: IBKR is gone after this
+    upstream_keepalive_s: float = 45.0  # websocket.upstream_keepalive_s: a tic goes up after this much silence
 
 
 @dataclass
@@ -152,6 +176,22 @@ class _Relay:
     down_since: float = 0.0
     up_seen: int = 0
     up_since: float = 0.0
+    # Keep-alive: when something last went up (trio time), when the pending keep-alive write started (None: none
+    # pending; the watchdog checks it like ``up_writes``), and until when each keep-alive's answer is dropped.
+    up_last: float = 0.0
+    keepalive_since: float | None = None
+    keepalive_replies: list[float] = field(default_factory=list)
+
+
+def _take_keepalive_reply(relay: _Relay) -> bool:
+    """Count one tic answer against the relay's own keep-alives: ``True`` (drop it) when one still waits for its
+    answer, ``False`` (the client's own ``tic`` was answered) otherwise."""
+    replies = relay.keepalive_replies
+    now = trio.current_time()
+    while replies:
+        if replies.pop(0) > now:
+            return True
+    return False
 
 
 class WebSocketRelay:
@@ -287,6 +327,8 @@ class WebSocketRelay:
                     payload = await upstream.receive()
                 except WebSocketClosed:
                     return
+                if relay.keepalive_replies and is_tic_reply(payload) and _take_keepalive_reply(relay):
+                    continue  # the answer to the relay's own keep-alive: the client did not ask for it
                 relay.down_writes += 1
                 if isinstance(payload, str):
                     await send({"type": "websocket.send", "text": payload})
@@ -363,7 +405,7 @@ class WebSocketRelay:
                         self._opened(relay)
                         relay.connected.set()  # the handler accepts the client and starts the client writer
                         try:
-                            await self._client_to_upstream(relay, upstream, session)
+                            await self._relay_up(relay, upstream, session)
                         finally:
                             await self._end_upstream(relay, upstream, session)
                 except WebSocketRejected as exc:
@@ -422,6 +464,56 @@ class WebSocketRelay:
             relay.holds_slot = False
             self.counters.slots -= 1
 
+    async def _relay_up(self, relay: _Relay, upstream: UpstreamWebSocket, session: LiveSession) -> None:
+        """Client→IBKR with the keep-alive beside it, in the relay task's own nursery.
+
+        The first keep-alive is written before the client's first message goes up. Whichever side ends (the client
+        disconnected, or a write found IBKR's leg closed or broken) ends the other, so the keep-alive task never
+        outlives the relay; a cancelled relay task cancels both.
+        """
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._keep_alive, relay, upstream, nursery.cancel_scope)
+            await self._client_to_upstream(relay, upstream, session)
+            nursery.cancel_scope.cancel()
+
+    async def _keep_alive(
+        self,
+        relay: _Relay,
+        upstream: UpstreamWebSocket,
+        relay_up: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        """Send a keep-alive now (started once it is written) and whenever nothing has gone up for
+        ``upstream_keepalive_s``; once IBKR's leg is closed or broken, cancel ``relay_up`` (client→IBKR too)."""
+        interval = self._settings.upstream_keepalive_s
+        alive = await self._send_keepalive(relay, upstream)
+        task_status.started()
+        while alive:
+            await trio.sleep_until(relay.up_last + interval)
+            if trio.current_time() - relay.up_last >= interval:  # else the client sent something meanwhile
+                alive = await self._send_keepalive(relay, upstream)
+        relay_up.cancel()
+
+    async def _send_keepalive(self, relay: _Relay, upstream: UpstreamWebSocket) -> bool:
+        """Write one ``tic`` to IBKR and expect its answer; ``False`` (and ``upstream_closing`` set, so the client
+        writer tells the client why) when IBKR's leg is closed or broken."""
+        now = trio.current_time()
+        relay.up_last = now
+        replies = relay.keepalive_replies
+        replies[:] = [until for until in replies if until > now]  # answers that never came will not come now
+        # Expected before the write: on loopback the answer may be read before this task runs again.
+        replies.append(now + self._settings.upstream_keepalive_s)
+        relay.keepalive_since = now
+        try:
+            await upstream.send_many(_KEEPALIVE)
+        except WebSocketClosed:
+            relay.upstream_closing = True
+            return False
+        finally:
+            relay.keepalive_since = None
+        return True
+
     async def _client_to_upstream(self, relay: _Relay, upstream: UpstreamWebSocket, session: LiveSession) -> None:
         """Client→IBKR until the client disconnects (its Close is passed on) or IBKR's leg is closed or broken.
 
@@ -455,6 +547,7 @@ class WebSocketRelay:
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
             if batch:
+                relay.up_last = trio.current_time()  # the keep-alive waits for this much silence again
                 relay.up_writes += 1
                 try:
                     await upstream.send_many(batch)
@@ -517,6 +610,10 @@ class WebSocketRelay:
         if writes != relay.up_seen:
             relay.up_seen, relay.up_since = writes, now
         elif writes & 1 and now - relay.up_since >= settings.upstream_write_timeout_s:
+            self._expire(relay, _UPSTREAM_FAILURE, "IBKR", settings.upstream_write_timeout_s)
+            return
+        since = relay.keepalive_since  # a keep-alive write has its own mark: it may wait behind a client write
+        if since is not None and now - since >= settings.upstream_write_timeout_s:
             self._expire(relay, _UPSTREAM_FAILURE, "IBKR", settings.upstream_write_timeout_s)
 
     def _expire(self, relay: _Relay, code: int, peer: str, deadline_s: float) -> None:

@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heartbeat-s", type=_positive, default=10.0, help="WebSocket heartbeat interval")
     parser.add_argument("--tick-interval-s", type=_positive, default=1.0, help="market-data tick interval")
     parser.add_argument("--subscription-ttl-s", type=_positive, default=900.0, help="market-data subscription TTL")
+    parser.add_argument(
+        "--ws-idle-close-s",
+        type=float,
+        default=60.0,
+        help="close a WebSocket whose client sent nothing this long, as IBKR does (0 = never)",
+    )
     parser.add_argument("--ws-binary", action="store_true", help="send WebSocket JSON in binary frames")
     parser.add_argument("--seed", type=int, help="seed for the market-data random walk")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
@@ -116,6 +122,7 @@ async def _run(args: argparse.Namespace) -> None:
         subscription_ttl_s=args.subscription_ttl_s,
         seed=args.seed,
         ws_binary=args.ws_binary,
+        ws_idle_close_s=args.ws_idle_close_s if args.ws_idle_close_s > 0 else None,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals, nursery.cancel_scope)

@@ -28,12 +28,15 @@ class SimConfig:
     subscription_ttl_s: float = 900.0
     timestamp_window_s: float = 300.0
     max_json_body: int = 64 * 1024
+    ws_idle_close_s: float | None = 60.0  # None: never close a silent WebSocket
 
     def __post_init__(self) -> None:
         for name in ("lst_ttl_s", "heartbeat_s", "tick_interval_s", "subscription_ttl_s", "timestamp_window_s"):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.ws_idle_close_s is not None and not self.ws_idle_close_s > 0:
+            raise ValueError("ws_idle_close_s must be > 0 (or None to switch the idle close off)")
 
     @property
     def query_rules(self) -> tuple[QueryRule, ...]:

@@ -53,6 +53,7 @@ class Simulator:
         timestamp_window_s: float = 300,
         seed: int | None = None,
         ws_binary: bool = False,
+        ws_idle_close_s: float | None = 60.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._creds = creds
@@ -63,6 +64,7 @@ class Simulator:
             tick_interval_s=tick_interval_s,
             subscription_ttl_s=subscription_ttl_s,
             timestamp_window_s=timestamp_window_s,
+            ws_idle_close_s=ws_idle_close_s,
         )
         self.faults = Faults(self)
         self._core = SimCore(
