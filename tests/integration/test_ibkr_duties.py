@@ -239,3 +239,20 @@ async def test_a_429_on_a_tickle_opens_the_breaker_and_the_session_stays(quick: 
     await trio.sleep(1.5)  # a tickle or two more
     assert session.usable and quick.manager.active is session
     assert quick.manager.stats.handshakes == handshakes
+
+
+async def test_a_401_whose_confirmation_finds_the_brokerage_session_down_waits_for_it(gw: TestGateway) -> None:
+    """The confirming tickle says the token works but the brokerage session is gone: it is re-opened under the same
+    LST, and the /iserver GET is sent once more only then, under the new generation."""
+    generation = (await gw.manager.wait_ready(5)).generation
+    handshakes = gw.manager.stats.handshakes
+    gw.simulator.faults.fail_next(1, 401, path_prefix="/v1/api/iserver/accounts")
+    gw.simulator.faults.set_tickle_unauthenticated(True, clear_on_init=True)
+    mark = len(gw.simulator.records)
+    async with gw.client() as http:
+        got = await http.get("/v1/api/iserver/accounts")
+    assert got.status_code == 200
+    assert got.headers["x-gateway-session"] == str(generation + 1)
+    assert gw.manager.stats.handshakes == handshakes
+    paths = [r.path for r in gw.simulator.records[mark:]]
+    assert paths.index("/v1/api/iserver/auth/ssodh/init") < len(paths) - 1 - paths[::-1].index(ISERVER_ACCOUNTS)

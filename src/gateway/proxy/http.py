@@ -369,7 +369,8 @@ class HttpProxy:
             if retry is _Retry.RESEND:
                 continue
             attempt += 1
-            if retry is _Retry.NEW_SESSION:
+            # A new session, or the brokerage session was found down meanwhile (an /iserver request waits for it).
+            if retry is _Retry.NEW_SESSION or (exchange.brokerage and not session.brokerage):
                 renewed = await self._ready_session(exchange)
                 if renewed is None:
                     return
