@@ -256,3 +256,25 @@ async def test_a_401_whose_confirmation_finds_the_brokerage_session_down_waits_f
     assert gw.manager.stats.handshakes == handshakes
     paths = [r.path for r in gw.simulator.records[mark:]]
     assert paths.index("/v1/api/iserver/auth/ssodh/init") < len(paths) - 1 - paths[::-1].index(ISERVER_ACCOUNTS)
+
+
+async def test_410_on_a_tickle_renews_the_session(quick: TestGateway) -> None:
+    """IBKR's 410 Gone on a session call: the token is no longer good here; a new LST and handshake."""
+    session = await quick.manager.wait_ready(5)
+    handshakes = quick.manager.stats.handshakes
+    quick.simulator.faults.fail_next(1, 410, path_prefix=TICKLE, error="gone")
+    assert await quick.wait_new_session(session.generation) > session.generation
+    assert not session.usable and session.end_kind == "gone"
+    assert quick.manager.stats.handshakes == handshakes + 1
+
+
+async def test_410_on_a_client_request_is_confirmed_and_passed_on_when_the_token_works(gw: TestGateway) -> None:
+    session = await gw.manager.wait_ready(5)
+    handshakes = gw.manager.stats.handshakes
+    gw.simulator.faults.fail_next(1, 410, path_prefix="/v1/api/sim/echo", error="gone")
+    mark = len(gw.simulator.records)
+    async with gw.client() as http:
+        posted = await http.post("/v1/api/sim/echo", json={})
+    assert (posted.status_code, posted.json()["error"]) == (410, "gone")
+    assert [r.path for r in gw.simulator.records[mark:]] == ["/v1/api/sim/echo", TICKLE]
+    assert gw.manager.stats.handshakes == handshakes and session.usable
