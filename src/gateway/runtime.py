@@ -185,7 +185,7 @@ async def serve_gateway(
             root.start_soon(_watchdog, notifier, notifier.watchdog_s)
         if config.simulator.enabled:
             if simulator is None:
-                simulator = Simulator(generate_credentials(), lenient=config.simulator.lenient)
+                simulator = Simulator(generate_credentials(), **config.simulator.simulator_options())
             base_url = await root.start(simulator.serve, "127.0.0.1", config.simulator.port)
             credentials = simulator_credentials(simulator.credentials)
             _register_secrets(credentials, simulator.credentials.access_token_secret)

@@ -130,15 +130,13 @@ async def open_test_gateway(
     """Run a simulator and a gateway for the body of the ``async with``; see the module contract.
 
     ``credentials`` lets a suite reuse one set of throwaway keys (RSA generation costs ~0.3 s);
-    ``simulator_options`` go to :class:`~gateway.simulator.Simulator` (e.g. ``lst_ttl_s``, ``tick_interval_s``;
-    ``ws_idle_close_s`` shortens, or with ``None`` switches off, the simulator's close of silent WebSockets).
+    ``simulator_options`` go to :class:`~gateway.simulator.Simulator` (e.g. ``lst_ttl_s``, ``tick_interval_s``,
+    ``accounts_first``; ``ws_idle_close_s`` shortens, or with ``None`` switches off, the simulator's close of silent
+    WebSockets) and win over the ``[simulator]`` section of ``overrides``.
     """
     loaded = make_test_config(overrides, routes=routes)
-    simulator = Simulator(
-        credentials or generate_credentials(),
-        lenient=loaded.config.simulator.lenient,
-        **dict(simulator_options or {}),
-    )
+    options: dict[str, Any] = {**loaded.config.simulator.simulator_options(), **(simulator_options or {})}
+    simulator = Simulator(credentials or generate_credentials(), **options)
     async with trio.open_nursery() as nursery:
         with trio.fail_after(start_timeout_s):
             gateway: Gateway = await nursery.start(

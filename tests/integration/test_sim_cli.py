@@ -30,6 +30,17 @@ def _cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "gateway.simulator", *args]
 
 
+async def _listening_url(process: trio.Process) -> str:
+    """The URL the CLI prints once it listens (read from its stdout)."""
+    assert process.stdout is not None
+    buffer = b""
+    while b"listening on" not in buffer:
+        chunk = await process.stdout.receive_some(4096)
+        assert chunk, "simulator exited before listening"
+        buffer += chunk
+    return buffer.decode().split("listening on ", 1)[1].split()[0]
+
+
 async def test_cli_writes_credentials_serves_and_stops_on_sigint(tmp_path: Path) -> None:
     target = tmp_path / "creds"
     process = await trio.lowlevel.open_process(
@@ -41,12 +52,7 @@ async def test_cli_writes_credentials_serves_and_stops_on_sigint(tmp_path: Path)
     assert process.stderr is not None
     try:
         with trio.fail_after(20):
-            buffer = b""
-            while b"listening on" not in buffer:
-                chunk = await process.stdout.receive_some(4096)
-                assert chunk, "simulator exited before listening"
-                buffer += chunk
-            url = buffer.decode().split("listening on ", 1)[1].split()[0]
+            url = await _listening_url(process)
 
             for name in ("private_signature.pem", "private_encryption.pem", "dhparam.pem", "gateway.toml"):
                 assert stat.S_IMODE((target / name).stat().st_mode) == 0o600, name
@@ -86,6 +92,26 @@ async def test_cli_writes_credentials_serves_and_stops_on_sigint(tmp_path: Path)
         await process.stderr.aclose()
 
 
+async def test_cli_ibkr_rule_switches_reach_the_simulator() -> None:
+    rules = ("--accounts-first", "--snapshot-preflight", "--pacing", "--penalty-box-s", "0.5")
+    process = await trio.lowlevel.open_process(
+        _cmd("--host", "127.0.0.1", "--port", "0", *rules), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    assert process.stdout is not None
+    try:
+        with trio.fail_after(20):
+            url = await _listening_url(process)
+            async with httpx.AsyncClient() as http:
+                state = (await http.get(f"{url}/_sim/state")).json()["rules"]
+            assert (state["accounts_first"], state["snapshot_preflight"], state["pacing"]) == (True, True, True)
+            assert state["penalty_box_s"] == 0.5
+    finally:
+        process.send_signal(signal.SIGINT)
+        with trio.move_on_after(10):
+            await process.wait()
+        await process.stdout.aclose()
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -94,6 +120,8 @@ async def test_cli_writes_credentials_serves_and_stops_on_sigint(tmp_path: Path)
         ["--lst-ttl-s", "0"],
         ["--lst-ttl-s", "nan"],
         ["--heartbeat-s", "-1"],
+        ["--penalty-box-s", "-1"],
+        ["--penalty-box-s", "inf"],
         ["--consumer-key", "lower"],
         ["--bogus"],
         ["--host", ""],

@@ -160,6 +160,12 @@ class _Hooks:
     def expire_lst(self) -> None:
         self.expired += 1
 
+    def set_other_session(self, active: bool) -> None:
+        self.events.append(f"other {active}")
+
+    def end_brokerage_session(self) -> None:
+        self.events.append("nightly")
+
     async def close_websockets(self, code: int, reason: str) -> int:
         self.events.append(f"close {code}")
         return 0
@@ -221,9 +227,12 @@ async def test_switches_reset_and_hooks() -> None:
     await faults.down()
     assert faults.is_down
     await faults.up()
-    assert hooks.events == ["close 1011", "down", "up"]
+    faults.set_other_session()
+    faults.nightly_reset()
+    assert hooks.events == ["close 1011", "down", "up", "other True", "nightly"]
     faults.fail_next(1)
     faults.reset()
+    assert hooks.events[-1] == "other False"  # reset sends the other session away
     assert faults.delay_s == 0
     assert faults.take_drop() == (False, None)
     assert faults.take_request_fault("/x") is None

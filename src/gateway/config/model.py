@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypedDict
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
@@ -95,6 +95,16 @@ class SessionConfig:
     ready_timeout_s: float = 10.0
 
 
+class SimulatorOptions(TypedDict):
+    """The :class:`~gateway.simulator.Simulator` keyword options a ``[simulator]`` section sets."""
+
+    lenient: bool
+    accounts_first: bool
+    snapshot_preflight: bool
+    pacing: bool
+    penalty_box_s: float
+
+
 @dataclass(frozen=True, slots=True)
 class WebSocketConfig:
     """``[websocket]``: what each relay does on IBKR's side of the socket."""
@@ -109,6 +119,20 @@ class SimulatorConfig:
     enabled: bool = False
     port: int = 0
     lenient: bool = False
+    accounts_first: bool = False
+    snapshot_preflight: bool = False
+    pacing: bool = False
+    penalty_box_s: float = 600.0
+
+    def simulator_options(self) -> SimulatorOptions:
+        """The :class:`~gateway.simulator.Simulator` options this section sets."""
+        return {
+            "lenient": self.lenient,
+            "accounts_first": self.accounts_first,
+            "snapshot_preflight": self.snapshot_preflight,
+            "pacing": self.pacing,
+            "penalty_box_s": self.penalty_box_s,
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ too: ``POST /_sim/faults/down`` therefore requires ``{"seconds": S}`` and comes 
 
 Routes (GET unless noted)::
 
-    /_sim/state                       settings, session, LST expiry, faults, counts, open WebSockets
+    /_sim/state                       settings, session, LST expiry, IBKR rules, faults, counts, open WebSockets
     /_sim/records?since=SEQ           redacted records with seq > SEQ
     /_sim/counts                      requests per endpoint
     POST /_sim/records/clear          forget records and counters
@@ -18,6 +18,8 @@ Routes (GET unless noted)::
     POST /_sim/faults/delay           {"seconds": 0.5}; with "n": 3 only the next 3 requests (delay_next)
     POST /_sim/faults/drop_mid_response {"n": 1, "after_bytes": null}
     POST /_sim/faults/down            {"seconds": 2}
+    POST /_sim/faults/other_session   {"active": true}: another platform holds the brokerage session
+    POST /_sim/faults/nightly_reset   the brokerage session ends now (IBKR's nightly reset)
     POST /_sim/faults/reset
 """
 
@@ -26,6 +28,8 @@ from __future__ import annotations
 import json
 import math
 from typing import TYPE_CHECKING, Any
+
+import trio
 
 from gateway.simulator import payloads
 from gateway.simulator.asgi import BodyTooLarge, ClientGone, Receive, RequestInfo, Send, read_body, send_json
@@ -80,6 +84,21 @@ def _bool(data: dict[str, Any], name: str, default: bool) -> bool:
     return value
 
 
+def _rules(core: SimCore) -> dict[str, Any]:
+    """The IBKR rules' settings and where the session stands with them."""
+    config, state, pacer = core.config, core.state, core.pacer
+    return {
+        "accounts_first": config.accounts_first,
+        "snapshot_preflight": config.snapshot_preflight,
+        "pacing": config.pacing,
+        "penalty_box_s": config.penalty_box_s,
+        "penalty_left_s": pacer.penalty_left(trio.current_time()) if pacer is not None else 0.0,
+        "accounts_read": state.accounts_read,
+        "portfolio_accounts_read": state.portfolio_accounts_read,
+        "held_elsewhere": state.held_elsewhere,
+    }
+
+
 async def _route(core: SimCore, request: RequestInfo, body: bytes) -> Any:
     path, method = request.raw_path, request.method
     faults = core.faults
@@ -104,6 +123,7 @@ async def _route(core: SimCore, request: RequestInfo, body: bytes) -> Any:
             "lst": {"issued": state.lst is not None, "expires_ms": state.lst_expires_ms, "count": state.lst_issued},
             "bridge": state.bridge,
             "session_active": state.session_id is not None,
+            "rules": _rules(core),
             "websockets": len(core.hub),
             "faults": faults.describe(),
             "counts": core.recorder.counts,
@@ -164,6 +184,10 @@ async def _route(core: SimCore, request: RequestInfo, body: bytes) -> Any:
         if core.schedule_down is None:
             raise AdminError("not serving", 409)
         core.schedule_down(seconds)
+    elif path == "/_sim/faults/other_session":
+        faults.set_other_session(_bool(data, "active", True))
+    elif path == "/_sim/faults/nightly_reset":
+        faults.nightly_reset()
     elif path == "/_sim/faults/reset":
         faults.reset()
     else:

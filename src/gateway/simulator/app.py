@@ -2,8 +2,9 @@
 WebSocket and admin traffic.
 
 Order of decisions per IBKR request: User-Agent (403, like Akamai) -> Content-Length on body methods (411) ->
-injected faults (delay, fail_next, 429) -> OAuth verification (401) -> brokerage bridge for ``/iserver`` (400
-``no bridge``) -> route (404/405) -> handler. Every verdict is recorded. Bad input of any kind ends in an
+delay faults -> pacing (429; the request counts as it arrives) -> injected faults (fail_next, 429) -> OAuth
+verification (401) -> brokerage bridge for ``/iserver`` (400 ``no bridge``) -> accounts read first (400) -> route
+(404/405) -> handler. Every verdict is recorded. Bad input of any kind ends in an
 IBKR-shaped 4xx; an internal error is a 500 with a log line, never a traceback to the client.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +36,14 @@ from gateway.simulator.asgi import (
 from gateway.simulator.auth import Authentic, authenticate
 from gateway.simulator.core import SimCore
 from gateway.simulator.dh import answer_challenge, challenge_in_range, parse_hex_int
+from gateway.simulator.faults import FaultResponse
 from gateway.simulator.market import DEFAULT_FIELDS
+from gateway.simulator.preconditions import (
+    ACCOUNTS_FIRST_ERROR,
+    PORTFOLIO_FIRST_ERROR,
+    needs_iserver_accounts,
+    needs_portfolio_accounts,
+)
 from gateway.simulator.records import redact_headers
 from gateway.simulator.verify import Rejection, parse_query
 from gateway.simulator.ws import handle_websocket
@@ -44,6 +53,9 @@ log = logging.getLogger("gateway.simulator")
 API = "/v1/api"
 LST_PATH = f"{API}/oauth/live_session_token"
 INIT_PATH = f"{API}/iserver/auth/ssodh/init"
+AUTH_STATUS_PATH = f"{API}/iserver/auth/status"
+# The /iserver endpoints that answer without a brokerage session: opening one, and asking whether there is one.
+BRIDGELESS = frozenset({INIT_PATH, AUTH_STATUS_PATH})
 ISERVER_PREFIX = f"{API}/iserver/"
 ECHO_PATH = f"{API}/sim/echo"
 STREAM_PATH = f"{API}/sim/stream"
@@ -174,12 +186,15 @@ async def _ssodh_init(ctx: Ctx) -> Reply:
         params = dict(ctx.query)
     if not _truthy(params.get("publish"), "publish", None):
         raise RequestError("publish must be true")
-    _truthy(params.get("compete"), "compete", False)
+    compete = _truthy(params.get("compete"), "compete", False)
     core = ctx.core
-    core.state.open_bridge(core.new_session_id())
+    opened = core.state.open_bridge(core.new_session_id(), compete=compete) is not None
     core.faults.on_init()
     authenticated, competing = core.tickle_status()
-    return Reply(body=payloads.auth_status(authenticated=authenticated, competing=competing))
+    # Refused because another platform holds the session: IBKR still answers 200 with a BrokerageSessionStatus,
+    # whose authenticated:false / competing:true is what tells the client it is not ready.
+    reason = "ok" if opened else "brokerage session held elsewhere (compete=false)"
+    return Reply(body=payloads.auth_status(authenticated=authenticated, competing=competing), reason=reason)
 
 
 async def _tickle(ctx: Ctx) -> Reply:
@@ -210,10 +225,12 @@ async def _logout(ctx: Ctx) -> Reply:
 
 
 async def _iserver_accounts(ctx: Ctx) -> Reply:
+    ctx.core.state.accounts_read = True
     return Reply(body=payloads.iserver_accounts(ctx.core.state.session_id))
 
 
 async def _portfolio_accounts(ctx: Ctx) -> Reply:
+    ctx.core.state.read_portfolio_accounts()
     return Reply(body=payloads.portfolio_accounts())
 
 
@@ -248,8 +265,16 @@ async def _snapshot(ctx: Ctx) -> Reply:
         raise RequestError("invalid conids")
     fields_raw = ctx.query_value("fields")
     fields = tuple(f.strip() for f in fields_raw.split(",") if f.strip()) if fields_raw else DEFAULT_FIELDS
-    now = ctx.core.now_ms()
-    return Reply(body=[ctx.core.market.snapshot(c, fields, now) for c in conids])
+    core = ctx.core
+    now = core.now_ms()
+    preflight = core.config.snapshot_preflight
+    # IBKR answers a conid's first snapshot in a brokerage session with the bare entry (it only starts the
+    # subscription then); the price fields come from the second request on.
+    return Reply(
+        body=[
+            core.market.snapshot(c, () if preflight and core.state.first_snapshot(c) else fields, now) for c in conids
+        ]
+    )
 
 
 async def _history(ctx: Ctx) -> Reply:
@@ -349,10 +374,11 @@ ROUTES: dict[str, Route] = {
     LST_PATH: Route(_m("POST"), _lst, read_body=True),
     INIT_PATH: Route(_m("POST"), _ssodh_init, read_body=True),
     f"{API}/tickle": Route(_m("GET", "POST"), _tickle, read_body=True),
-    f"{API}/iserver/auth/status": Route(_m("GET", "POST"), _auth_status, read_body=True),
+    AUTH_STATUS_PATH: Route(_m("GET", "POST"), _auth_status, read_body=True),
     f"{API}/logout": Route(_m("POST"), _logout, read_body=True),
     f"{API}/iserver/accounts": Route(_m("GET"), _iserver_accounts),
     f"{API}/portfolio/accounts": Route(_m("GET"), _portfolio_accounts),
+    f"{API}/portfolio/subaccounts": Route(_m("GET"), _portfolio_accounts),
     f"{API}/iserver/secdef/search": Route(_m("GET", "POST"), _secdef_search, read_body=True),
     f"{API}/iserver/marketdata/snapshot": Route(_m("GET"), _snapshot),
     f"{API}/iserver/marketdata/history": Route(_m("GET"), _history),
@@ -427,6 +453,29 @@ class SimulatorApp:
         log.info("rejected %s %s: %d %s", request.method, request.raw_path, status, reason)
         await send_json(send, status, payloads.error_body(reason, status), headers)
 
+    def _pace(self, request: RequestInfo) -> FaultResponse | None:
+        """The 429 pacing answers now (counting the request), or None; only IBKR's API paths are paced."""
+        pacer = self.core.pacer
+        if pacer is None or not request.raw_path.startswith(API + "/"):
+            return None
+        now = trio.current_time()
+        refused = pacer.arrive(request.method, request.raw_path.removeprefix(API), now)
+        if refused is None:
+            return None
+        retry_after = max(1, math.ceil(pacer.penalty_left(now)))
+        return FaultResponse(refused.status, refused.reason, (("Retry-After", str(retry_after)),))
+
+    def _accounts_unread(self, path: str) -> str | None:
+        """The error for a call IBKR refuses until the accounts were read (``path`` below /v1/api), or None."""
+        if not self.core.config.accounts_first:
+            return None
+        state = self.core.state
+        if needs_iserver_accounts(path) and not state.accounts_read:
+            return ACCOUNTS_FIRST_ERROR
+        if needs_portfolio_accounts(path) and not state.portfolio_accounts_read:
+            return PORTFOLIO_FIRST_ERROR
+        return None
+
     async def _ibkr(self, request: RequestInfo, receive: Receive, send: Send) -> None:
         core = self.core
         endpoint, route = match_route(request.raw_path)
@@ -441,6 +490,10 @@ class SimulatorApp:
         delay = core.faults.take_delay()
         if delay:
             await trio.sleep(delay)
+        paced = self._pace(request)
+        if paced is not None:
+            await self._reject(request, endpoint, send, paced.status, paced.reason, paced.headers)
+            return
         fault = core.faults.take_request_fault(request.raw_path)
         if fault is not None:
             await self._reject(request, endpoint, send, fault.status, fault.reason, fault.headers)
@@ -470,8 +523,12 @@ class SimulatorApp:
         if isinstance(verdict, Rejection):
             await self._reject(request, endpoint, send, verdict.status, verdict.reason)
             return
-        if request.raw_path.startswith(ISERVER_PREFIX) and request.raw_path != INIT_PATH and not core.state.bridge:
+        if request.raw_path.startswith(ISERVER_PREFIX) and request.raw_path not in BRIDGELESS and not core.state.bridge:
             await self._reject(request, endpoint, send, 400, "no bridge")
+            return
+        unread = self._accounts_unread(request.raw_path.removeprefix(API))
+        if unread is not None:
+            await self._reject(request, endpoint, send, 400, unread)
             return
         if route is None:
             await self._reject(request, endpoint, send, 404, "not found")

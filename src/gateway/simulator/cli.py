@@ -50,13 +50,27 @@ class _Parser(argparse.ArgumentParser):
         raise _Exit(status)
 
 
-def _positive(text: str) -> float:
+def _number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number: {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0: {text!r}")
     return value
 
 
@@ -96,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="close a WebSocket whose client sent nothing this long, as IBKR does (0 = never)",
     )
+    parser.add_argument(
+        "--accounts-first", action="store_true", help="refuse snapshot/order calls until /iserver/accounts was read"
+    )
+    parser.add_argument(
+        "--snapshot-preflight", action="store_true", help="answer a conid's first snapshot without price fields"
+    )
+    parser.add_argument("--pacing", action="store_true", help="enforce IBKR's request limits (429, penalty box)")
+    parser.add_argument("--penalty-box-s", type=_non_negative, default=600.0, help="penalty box after a 429")
     parser.add_argument("--ws-binary", action="store_true", help="send WebSocket JSON in binary frames")
     parser.add_argument("--seed", type=int, help="seed for the market-data random walk")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
@@ -120,6 +142,10 @@ async def _run(args: argparse.Namespace) -> None:
         heartbeat_s=args.heartbeat_s,
         tick_interval_s=args.tick_interval_s,
         subscription_ttl_s=args.subscription_ttl_s,
+        accounts_first=args.accounts_first,
+        snapshot_preflight=args.snapshot_preflight,
+        pacing=args.pacing,
+        penalty_box_s=args.penalty_box_s,
         seed=args.seed,
         ws_binary=args.ws_binary,
         ws_idle_close_s=args.ws_idle_close_s if args.ws_idle_close_s > 0 else None,

@@ -12,6 +12,7 @@ from gateway.simulator.credentials import ServerView
 from gateway.simulator.faults import Faults
 from gateway.simulator.hub import WsHub
 from gateway.simulator.market import Market
+from gateway.simulator.pacing import Pacer
 from gateway.simulator.records import Record, Recorder
 from gateway.simulator.state import NonceCache, SessionState
 from gateway.simulator.verify import LENIENT_RULES, STRICT_RULES, Expected, QueryRule
@@ -29,6 +30,10 @@ class SimConfig:
     timestamp_window_s: float = 300.0
     max_json_body: int = 64 * 1024
     ws_idle_close_s: float | None = 60.0  # None: never close a silent WebSocket
+    accounts_first: bool = False
+    snapshot_preflight: bool = False
+    pacing: bool = False
+    penalty_box_s: float = 600.0
 
     def __post_init__(self) -> None:
         for name in ("lst_ttl_s", "heartbeat_s", "tick_interval_s", "subscription_ttl_s", "timestamp_window_s"):
@@ -37,6 +42,8 @@ class SimConfig:
                 raise ValueError(f"{name} must be > 0")
         if self.ws_idle_close_s is not None and not self.ws_idle_close_s > 0:
             raise ValueError("ws_idle_close_s must be > 0 (or None to switch the idle close off)")
+        if not 0 <= self.penalty_box_s < float("inf"):
+            raise ValueError("penalty_box_s must be a finite number >= 0")
 
     @property
     def query_rules(self) -> tuple[QueryRule, ...]:
@@ -70,9 +77,11 @@ class SimCore:
     ws_messages: list[WsMessage] = field(default_factory=list)
     schedule_down: Callable[[float], None] | None = None
     nonces: NonceCache = field(init=False)
+    pacer: Pacer | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.nonces = NonceCache(keep_s=2 * self.config.timestamp_window_s)
+        self.pacer = Pacer(self.config.penalty_box_s) if self.config.pacing else None
 
     @property
     def expected(self) -> Expected:
@@ -101,6 +110,8 @@ class SimCore:
         """``(authenticated, competing)`` as tickle/auth status/sts should report it now."""
         if self.faults.tickle_unauthenticated:
             return False, self.faults.tickle_competing
+        if self.state.held_elsewhere:
+            return False, True
         return self.state.bridge, False
 
     def record(

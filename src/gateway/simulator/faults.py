@@ -22,6 +22,12 @@ class FaultHooks(Protocol):
     def expire_lst(self) -> None:
         """Make the current live session token expired now."""
 
+    def set_other_session(self, active: bool) -> None:
+        """Another platform takes (True) or leaves (False) this user's brokerage session."""
+
+    def end_brokerage_session(self) -> None:
+        """End the brokerage session now, keeping the LST and the read-only session."""
+
     async def close_websockets(self, code: int, reason: str) -> int:
         """Close every open WebSocket with ``code``; return how many were closed."""
 
@@ -75,6 +81,19 @@ class Faults:
     def expire_lst(self) -> None:
         """Expire the current LST now: following requests get 401 ``live session token expired``."""
         self._hooks.expire_lst()
+
+    def set_other_session(self, active: bool = True) -> None:
+        """Another session of the same user (TWS, mobile, Client Portal) logs in and takes the brokerage session
+        (``active=True``): ours ends at once, tickle and auth status say ``authenticated:false, competing:true``,
+        ``ssodh/init`` with ``compete=false`` is refused (200, same status) and with ``compete=true`` takes the
+        session back. ``active=False``: the other session logs out (ours stays closed until the next init)."""
+        self._hooks.set_other_session(active)
+
+    def nightly_reset(self) -> None:
+        """IBKR's nightly ``/iserver`` reset, now: the brokerage session ends (tickle and auth status say
+        ``authenticated:false``, ``/iserver`` calls get 400 ``no bridge``) while the LST stays valid and
+        non-``/iserver`` routes keep working; the next ``ssodh/init`` opens a new brokerage session."""
+        self._hooks.end_brokerage_session()
 
     def set_tickle_unauthenticated(
         self, unauthenticated: bool = True, *, competing: bool = False, clear_on_init: bool = False
@@ -152,13 +171,15 @@ class Faults:
         self._down = False
 
     def reset(self) -> None:
-        """Switch every synchronous fault off. Does not change down/up (use :meth:`up`)."""
+        """Switch every synchronous fault off (an other session leaves). Does not change down/up (use :meth:`up`)
+        nor reopen a brokerage session that a fault ended."""
         self._fail_rules.clear()
         self._rate_n, self._rate_until, self._rate_prefix = 0, None, None
         self._delay_s = 0.0
         self._delay_next.clear()
         self._drops.clear()
         self.set_tickle_unauthenticated(False)
+        self._hooks.set_other_session(False)
 
     # ------------------------------------------------------------------ consulted per request
 

@@ -37,6 +37,12 @@ def _bind(host: str, port: int) -> str:
 class Simulator:
     """An in-process IBKR Web API simulator (server side of the OAuth 1.0a variant, REST and WebSocket).
 
+    IBKR's session rules, each switchable: ``accounts_first`` (snapshot and order calls answer 400 "Please query
+    /accounts first" until ``/iserver/accounts`` was read in the brokerage session; ``/portfolio/{acct}/...``
+    likewise until ``/portfolio/accounts`` was read with the current LST), ``snapshot_preflight`` (a conid's first
+    snapshot in a brokerage session has no price fields) and ``pacing`` (IBKR's global and per-endpoint limits,
+    429 and then ``penalty_box_s`` seconds of 429 for everything).
+
     Only :class:`~gateway.simulator.credentials.ServerView` - what IBKR's server knows - reaches the protocol
     code; the client half of ``creds`` is kept solely so :meth:`write_credentials` can hand it out.
     """
@@ -51,6 +57,10 @@ class Simulator:
         subscription_ttl_s: float = 900,
         *,
         timestamp_window_s: float = 300,
+        accounts_first: bool = False,
+        snapshot_preflight: bool = False,
+        pacing: bool = False,
+        penalty_box_s: float = 600,
         seed: int | None = None,
         ws_binary: bool = False,
         ws_idle_close_s: float | None = 60.0,
@@ -65,6 +75,10 @@ class Simulator:
             subscription_ttl_s=subscription_ttl_s,
             timestamp_window_s=timestamp_window_s,
             ws_idle_close_s=ws_idle_close_s,
+            accounts_first=accounts_first,
+            snapshot_preflight=snapshot_preflight,
+            pacing=pacing,
+            penalty_box_s=penalty_box_s,
         )
         self.faults = Faults(self)
         self._core = SimCore(
@@ -255,6 +269,17 @@ class Simulator:
     def expire_lst(self) -> None:
         """FaultHooks: expire the current live session token now."""
         self._core.state.expire_lst(self._core.now_ms())
+
+    def set_other_session(self, active: bool) -> None:
+        """FaultHooks: another platform takes (or leaves) the brokerage session."""
+        if active:
+            self._core.state.take_elsewhere()
+        else:
+            self._core.state.held_elsewhere = False
+
+    def end_brokerage_session(self) -> None:
+        """FaultHooks: the brokerage session ends (nightly reset)."""
+        self._core.state.end_bridge()
 
     async def close_websockets(self, code: int, reason: str) -> int:
         """FaultHooks: close every open WebSocket with ``code``."""

@@ -6,7 +6,7 @@ Times are passed in by the caller (epoch milliseconds for IBKR-visible values, s
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.simulator.verify import Rejection
 
@@ -60,6 +60,11 @@ class SessionState:
       better rejection reason), with its expiration in epoch ms.
     * ``bridge``: True once ``ssodh/init`` opened the brokerage session; ``/iserver/*`` needs it.
     * ``session_id``: the tickle ``session`` value (32 hex), stable until logout.
+    * ``held_elsewhere``: another platform (TWS, mobile) holds this user's brokerage session; only an
+      ``ssodh/init`` with ``compete`` takes it back.
+    * ``accounts_read`` / ``snapshot_seen``: per brokerage session - whether ``/iserver/accounts`` was read and
+      which conids had their first snapshot; both are forgotten whenever the brokerage session opens or ends.
+    * ``portfolio_read_lst``: the LST number (``lst_issued``) with which ``/portfolio/accounts`` was last read.
     """
 
     lst: bytes | None = None
@@ -69,6 +74,10 @@ class SessionState:
     session_id: str | None = None
     lst_issued: int = 0
     inits: int = 0
+    held_elsewhere: bool = False
+    accounts_read: bool = False
+    snapshot_seen: set[int] = field(default_factory=set)
+    portfolio_read_lst: int | None = None
 
     def issue_lst(self, lst: bytes, expires_ms: int) -> None:
         """Install a freshly derived LST; the previous one stops being valid at once."""
@@ -96,13 +105,48 @@ class SessionState:
             self.session_id = new_id
         return self.session_id
 
-    def open_bridge(self, new_id: str) -> str:
-        """``ssodh/init``: open (or re-open) the brokerage session; returns its session id."""
+    def open_bridge(self, new_id: str, *, compete: bool = True) -> str | None:
+        """``ssodh/init``: open (or re-open) the brokerage session and return its session id; None (nothing
+        changes) when another platform holds it and ``compete`` is false."""
+        if self.held_elsewhere and not compete:
+            return None
+        self.held_elsewhere = False
+        self._forget_brokerage()
         self.bridge = True
         self.inits += 1
         return self.ensure_session(new_id)
 
+    def end_bridge(self) -> None:
+        """The brokerage session ends (nightly reset, taken elsewhere); the LST and read-only session stay."""
+        self.bridge = False
+        self._forget_brokerage()
+
+    def take_elsewhere(self) -> None:
+        """Another platform logs in as this user and takes the brokerage session."""
+        self.held_elsewhere = True
+        self.end_bridge()
+
     def logout(self) -> None:
         """``/logout``: end the brokerage session (bridge closed, session id dropped)."""
-        self.bridge = False
+        self.end_bridge()
         self.session_id = None
+
+    def read_portfolio_accounts(self) -> None:
+        """``/portfolio/accounts`` (or ``subaccounts``) was read with the current LST."""
+        self.portfolio_read_lst = self.lst_issued
+
+    @property
+    def portfolio_accounts_read(self) -> bool:
+        """True when ``/portfolio/accounts`` was read with the current LST."""
+        return self.lst is not None and self.portfolio_read_lst == self.lst_issued
+
+    def first_snapshot(self, conid: int) -> bool:
+        """True (once per brokerage session) for a conid's first snapshot, which IBKR answers without prices."""
+        if conid in self.snapshot_seen:
+            return False
+        self.snapshot_seen.add(conid)
+        return True
+
+    def _forget_brokerage(self) -> None:
+        self.accounts_read = False
+        self.snapshot_seen.clear()
