@@ -41,8 +41,16 @@ TEST_ROUTES: tuple[Mapping[str, object], ...] = (*DEFAULT_ROUTES, {"path": "/v1/
 
 _TEST_DEFAULTS: dict[str, dict[str, object]] = {
     "session": {"reconnect_delay_s": 0.05, "reconnect_max_delay_s": 1, "ready_timeout_s": 5},
-    # Off by default so tests are not slowed to IBKR's 10 requests/s; pass {"pacing": {"enabled": True}} to test it.
-    "pacing": {"enabled": False},
+    # The simulator enforces IBKR's limits (50 requests/s, per-endpoint limits, a penalty box after a 429), so the
+    # gateway paces as it would toward IBKR: 40/s leaves room for the session's own calls; a short breaker keeps a
+    # test that provokes a 429 from waiting IBKR's ten minutes.
+    "pacing": {
+        "enabled": True,
+        "global_requests_per_s": 40,
+        "global_burst": 40,
+        "breaker_cooldown_s": 2,
+        "breaker_max_cooldown_s": 8,
+    },
     "logging": {"level": "debug"},
 }
 
@@ -82,8 +90,12 @@ class TestGateway:
         return httpx.AsyncClient(base_url=self.url, **kwargs)
 
     async def wait_ready(self, timeout_s: float = 10.0) -> None:
-        """Wait until the gateway holds a ready session (raises ``SessionNotReady`` after ``timeout_s``)."""
-        await self.manager.wait_ready(timeout_s)
+        """Wait until the gateway holds a ready session and its warm-up is done, the background
+        ``/portfolio/accounts`` read included (raises ``SessionNotReady`` after ``timeout_s``), so the simulator's
+        records that follow are the test's own."""
+        session = await self.manager.wait_ready(timeout_s)
+        with trio.fail_after(timeout_s):
+            await session.portfolio_read.wait()
 
     async def wait_new_session(self, after_generation: int, timeout_s: float = 10.0) -> int:
         """Wait for a ready session newer than ``after_generation`` (a new handshake or a re-opened brokerage

@@ -230,9 +230,15 @@ class Client:
         return await http.request(method, url, headers=signed_headers, json=json, content=content)
 
 
+RULES_OFF = {"accounts_first": False, "snapshot_preflight": False, "pacing": False}
+"""IBKR's runtime rules, off: the direct protocol tests send requests back to back to probe signature checks and
+faults, which IBKR's pacing would answer 429; the rules' own tests (and every gateway test) switch them on."""
+
+
 async def start_simulator(nursery: trio.Nursery, **options: Any) -> tuple[Simulator, str]:
-    """Start a simulator on a free loopback port with test-friendly timings; returns it and its URL."""
-    settings: dict[str, Any] = {"heartbeat_s": 0.2, "tick_interval_s": 0.05, **options}
+    """Start a simulator on a free loopback port with test-friendly timings and IBKR's runtime rules off unless
+    ``options`` switch them on (see :data:`RULES_OFF`); returns it and its URL."""
+    settings: dict[str, Any] = {"heartbeat_s": 0.2, "tick_interval_s": 0.05, **RULES_OFF, **options}
     sim = Simulator(shared_credentials(), **settings)
     url = await nursery.start(sim.serve, "127.0.0.1", 0)
     return sim, url

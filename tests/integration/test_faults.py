@@ -117,7 +117,7 @@ async def test_f3_lst_expiry_under_steady_traffic(gw: TestGateway, figure: Figur
 
     async def steady(http: httpx.AsyncClient) -> None:
         nonlocal done
-        with trio.move_on_after(3):
+        with trio.move_on_after(9.5):
             while True:
                 r = await http.get("/v1/api/iserver/accounts")
                 done += 1
@@ -128,8 +128,8 @@ async def test_f3_lst_expiry_under_steady_traffic(gw: TestGateway, figure: Figur
     async with gw.client() as http, trio.open_nursery() as nursery:
         for _ in range(20):
             nursery.start_soon(steady, http)
-        for _ in range(3):
-            await trio.sleep(0.8)
+        for _ in range(3):  # 3 s apart: a handshake needs its own tickle (IBKR allows one a second), and a GET
+            await trio.sleep(3.0)  # that meets two expiries in a row may get the second 401 (two attempts at most)
             gw.simulator.faults.expire_lst()
     handshakes = gw.manager.stats.handshakes - handshakes_before
     figure("f3_failed_gets", len(failures), "count", "0", not failures)
@@ -294,6 +294,8 @@ def test_f12_sigterm_under_load_drains_then_exits_0(tmp_path: Path, figure: Figu
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY__")}
     env |= {"GATEWAY__SERVER__PORT": str(port), "GATEWAY__LOGGING__LEVEL": "warning"}
+    # All 20 slow requests in flight at once: a pacing turn comes back one window after IBKR's (slow) answer.
+    env |= {"GATEWAY__PACING__GLOBAL_REQUESTS_PER_S": "20", "GATEWAY__PACING__GLOBAL_BURST": "20"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "--config", "gateway.toml"],
         cwd=REPO,

@@ -11,12 +11,27 @@ import trio
 from gateway.session.state import State
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
+from tests.twclient import open_websocket
 
 
 @pytest.fixture
 async def gw(ibkr_sim_credentials: SimulatorCredentials) -> AsyncIterator[TestGateway]:
     async with open_test_gateway(credentials=ibkr_sim_credentials) as gateway:
+        await _portfolio_read(gateway)
         yield gateway
+
+
+async def _portfolio_read(gw: TestGateway) -> None:
+    """Wait for the session's background read of /portfolio/accounts (so it does not interleave with a test's)."""
+    session = gw.manager.live
+    assert session is not None
+    with trio.fail_after(10):
+        await session.portfolio_read.wait()
+
+
+def _paths(gw: TestGateway, since: int) -> list[str]:
+    """Paths IBKR saw from ``since`` on, without the background /portfolio/accounts reads of new sessions."""
+    return [r.path for r in gw.simulator.records[since:] if r.path != PORTFOLIO_ACCOUNTS]
 
 
 async def _raw(gw: TestGateway, request: bytes) -> bytes:
@@ -67,11 +82,11 @@ def _session_paths(gw: TestGateway, since: int = 0) -> list[str]:
 
 
 async def test_every_session_reads_the_accounts_before_it_opens(gw: TestGateway) -> None:
-    """Warm-up at start and after every re-handshake: /iserver/accounts and /portfolio/accounts are read under the
-    new token before the session is ready, so no client request can come first; the answers carry the session's
-    generation, which changes with it."""
+    """Warm-up at start and after every re-handshake: /iserver/accounts is read under the new token before the
+    session is ready, so no client request can come first, and /portfolio/accounts right after (/portfolio requests
+    wait for it); the answers carry the session's generation, which changes with it."""
     paths = _session_paths(gw)
-    assert paths[paths.index(LST) :][-2:] == [ISERVER_ACCOUNTS, PORTFOLIO_ACCOUNTS]  # last, before ready
+    assert paths[paths.index(LST) :][-2:] == [ISERVER_ACCOUNTS, PORTFOLIO_ACCOUNTS]
     async with gw.client() as http:
         session = (await http.get("/session")).json()
         assert session["accounts"] == {"iserver": ["DU1234567"], "selected": "DU1234567", "portfolio": ["DU1234567"]}
@@ -83,10 +98,11 @@ async def test_every_session_reads_the_accounts_before_it_opens(gw: TestGateway)
         assert again.status_code == 200
         assert int(again.headers["x-gateway-session"]) == session["generation"] + 1
         assert (await http.get("/session")).json()["generation"] == session["generation"] + 1
+        await _portfolio_read(gw)
     paths = _session_paths(gw, mark)
     renewed = paths.index(LST)
-    assert paths[renewed:].index(ISERVER_ACCOUNTS) < paths[renewed:].index("/v1/api/sim/echo")
-    assert paths[renewed:].index(PORTFOLIO_ACCOUNTS) < paths[renewed:].index("/v1/api/sim/echo")
+    assert paths[renewed:].index(ISERVER_ACCOUNTS) < paths[renewed:].index("/v1/api/sim/echo")  # before it opened
+    assert PORTFOLIO_ACCOUNTS in paths[renewed:]  # read again under the new LST
 
 
 async def test_a_failed_accounts_read_fails_the_handshake(gw: TestGateway) -> None:
@@ -108,6 +124,7 @@ async def test_a_failed_portfolio_accounts_read_is_noted_and_the_session_opens(g
     gw.simulator.faults.expire_lst()
     async with gw.client() as http:
         assert (await http.get("/v1/api/sim/echo")).status_code == 200
+        await _portfolio_read(gw)
         session = (await http.get("/session")).json()
     assert gw.gateway.manager.stats.failures["handshake"] == failures
     assert session["accounts"]["portfolio"] == []
@@ -129,13 +146,13 @@ async def test_one_401_on_a_data_call_is_confirmed_and_the_session_stays(gw: Tes
         mark = len(gw.simulator.records)
         got = await http.get("/v1/api/sim/echo")
         assert got.status_code == 200
-        assert [r.path for r in gw.simulator.records[mark:]] == ["/v1/api/sim/echo", TICKLE, "/v1/api/sim/echo"]
+        assert _paths(gw, mark) == ["/v1/api/sim/echo", TICKLE, "/v1/api/sim/echo"]
         gw.simulator.faults.fail_next(1, 401, path_prefix="/v1/api/sim/echo", error="not authorized")
         await trio.sleep(1.1)  # past the reuse of the last verdict: this refusal is confirmed afresh
         mark = len(gw.simulator.records)
         posted = await http.post("/v1/api/sim/echo", json={"x": 1})
         assert (posted.status_code, posted.json()["error"]) == (401, "not authorized")  # IBKR's answer, as it is
-        assert [r.path for r in gw.simulator.records[mark:]] == ["/v1/api/sim/echo", TICKLE]
+        assert _paths(gw, mark) == ["/v1/api/sim/echo", TICKLE]
     assert gw.manager.stats.handshakes == handshakes
     assert gw.manager.live is session and session.usable
 
@@ -176,10 +193,11 @@ async def test_a_dead_token_is_confirmed_and_renewed(gw: TestGateway) -> None:
 
 @pytest.fixture
 async def quick(ibkr_sim_credentials: SimulatorCredentials) -> AsyncIterator[TestGateway]:
-    """Tickles every second, clients wait at most 1 s for a session, pacing on with a 2 s breaker."""
+    """Tickles every second, clients wait at most 3 s for a session (a handshake right after a tickle waits a
+    second for its own: IBKR allows one a second), pacing on with a 2 s breaker."""
     async with open_test_gateway(
         {
-            "session": {"tickle_interval_s": 1, "ready_timeout_s": 1},
+            "session": {"tickle_interval_s": 1, "ready_timeout_s": 3},
             "pacing": {"enabled": True, "global_requests_per_s": 50, "global_burst": 50, "breaker_cooldown_s": 2},
         },
         credentials=ibkr_sim_credentials,
@@ -197,7 +215,7 @@ async def test_read_only_iserver_requests_wait_then_get_503_with_the_reason(quic
         refused = await http.get("/v1/api/iserver/accounts")
         waited = trio.current_time() - started
         served = await http.get("/v1/api/sim/echo")  # outside /iserver: the LST alone will do
-    assert refused.status_code == 503 and 0.9 <= waited <= 3
+    assert refused.status_code == 503 and 2.9 <= waited <= 5
     body = refused.json()
     assert body["code"] == "session_not_ready"
     assert "brokerage session (/iserver) is down" in body["error"]
@@ -276,5 +294,81 @@ async def test_410_on_a_client_request_is_confirmed_and_passed_on_when_the_token
     async with gw.client() as http:
         posted = await http.post("/v1/api/sim/echo", json={})
     assert (posted.status_code, posted.json()["error"]) == (410, "gone")
-    assert [r.path for r in gw.simulator.records[mark:]] == ["/v1/api/sim/echo", TICKLE]
+    assert _paths(gw, mark) == ["/v1/api/sim/echo", TICKLE]
     assert gw.manager.stats.handshakes == handshakes and session.usable
+
+
+# --- IBKR's session events, as the simulator plays them -------------------------------------------------------------
+
+
+async def _until_state(gw: TestGateway, state: State, limit_s: float = 5.0) -> None:
+    with trio.fail_after(limit_s):
+        while gw.manager.state is not state:  # noqa: ASYNC110 - gateway-owned state
+            await trio.sleep(0.01)
+
+
+async def test_the_nightly_reset_costs_a_re_init_not_a_handshake(quick: TestGateway) -> None:
+    """IBKR ends the brokerage session at night and keeps the LST: read-only until ssodh/init re-opens it; the
+    snapshot works again right after (the warm-up read the accounts in the new brokerage session)."""
+    session = await quick.manager.wait_ready(5)
+    handshakes, generation = quick.manager.stats.handshakes, session.generation
+    async with open_websocket(quick.ws_url + "/v1/api/ws") as ws, quick.client() as http:
+        await ws.get_message()
+        quick.simulator.faults.nightly_reset()
+        assert await quick.wait_new_session(generation) == generation + 1
+        snapshot = await http.get("/v1/api/iserver/marketdata/snapshot", params={"conids": "265598", "fields": "31"})
+        assert snapshot.status_code == 200, snapshot.text  # not 400 "Please query /accounts first"
+        assert snapshot.headers["x-gateway-session"] == str(generation + 1)
+        await ws.send_message("tic")  # the relay survived the reset
+        with trio.fail_after(5):
+            await ws.get_message()
+    assert quick.manager.stats.handshakes == handshakes and quick.manager.live is session
+
+
+async def test_another_login_holds_the_brokerage_session_while_compete_is_false(
+    ibkr_sim_credentials: SimulatorCredentials,
+) -> None:
+    """TWS takes the brokerage session; with ``compete = false`` the gateway does not take it back: read-only,
+    ssodh/init retried, routes outside /iserver working. When TWS logs out, the next init opens it."""
+    async with open_test_gateway(
+        {"ibkr": {"compete": False}, "session": {"tickle_interval_s": 1, "ready_timeout_s": 1}},
+        credentials=ibkr_sim_credentials,
+    ) as gw:
+        session = await gw.manager.wait_ready(5)
+        generation = session.generation
+        gw.simulator.faults.set_other_session(True)
+        await _until_state(gw, State.READ_ONLY)
+        async with gw.client() as http:
+            assert (await http.get("/v1/api/sim/echo")).status_code == 200
+            refused = await http.get("/v1/api/iserver/accounts")
+            assert refused.status_code == 503 and "read-only" in refused.json()["error"]
+            assert (await http.get("/session")).json()["competing"] is True
+            await trio.sleep(2.5)  # ssodh/init keeps being refused: still read-only, same LST
+            assert gw.manager.state is State.READ_ONLY and gw.manager.live is session
+            gw.simulator.faults.set_other_session(False)
+            assert await gw.wait_new_session(generation) > generation
+            assert (await http.get("/v1/api/iserver/accounts")).status_code == 200
+
+
+async def test_another_login_is_taken_over_when_compete_is_true(quick: TestGateway) -> None:
+    session = await quick.manager.wait_ready(5)
+    generation = session.generation
+    quick.simulator.faults.set_other_session(True)
+    assert await quick.wait_new_session(generation) == generation + 1  # ssodh/init took it back
+    assert quick.manager.live is session
+
+
+async def test_a_429_on_the_lst_request_holds_the_next_handshake_for_the_breaker(quick: TestGateway) -> None:
+    """IBKR paces the token endpoint too: the breaker opens and the next handshake waits for it (one inside IBKR's
+    penalty box would only extend it)."""
+    session = await quick.manager.wait_ready(5)
+    generation = session.generation
+    quick.simulator.faults.rate_limit(n=1, path_prefix=LST)
+    quick.simulator.faults.expire_lst()
+    with trio.fail_after(5):
+        while quick.gateway.pacer.upstream_429_total == 0:  # noqa: ASYNC110 - gateway-owned counter
+            await trio.sleep(0.01)
+    refused_at = trio.current_time()
+    assert quick.gateway.pacer.hold_s() > 1
+    assert await quick.wait_new_session(generation) > generation
+    assert trio.current_time() - refused_at >= 1.5  # the breaker's 2 s cool-down, not the 0.05 s back-off

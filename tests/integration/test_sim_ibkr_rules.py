@@ -10,7 +10,7 @@ import trio
 
 from gateway.simulator import Simulator
 from gateway.testing import open_test_gateway
-from tests.integration.sim_client import Client, ready_client, start_simulator
+from tests.integration.sim_client import Client, ready_client, shared_credentials, start_simulator
 
 ACCT = "DU1234567"
 SNAPSHOT = "/v1/api/iserver/marketdata/snapshot"
@@ -98,8 +98,11 @@ async def test_portfolio_calls_need_portfolio_accounts_with_the_current_lst(nurs
             assert _error(await client.request(http, "GET", positions)) == (404, "not found")
 
 
-async def test_rules_are_off_by_default(nursery: trio.Nursery) -> None:
-    _, url = await start_simulator(nursery)
+async def test_rules_are_on_by_default_and_can_be_switched_off(nursery: trio.Nursery) -> None:
+    on = Simulator(shared_credentials())
+    config = on.app.core.config
+    assert (config.accounts_first, config.snapshot_preflight, config.pacing) == (True, True, True)
+    _, url = await start_simulator(nursery)  # the direct protocol tests' helper switches them off
     with trio.fail_after(20):
         async with httpx.AsyncClient() as http:
             client = await ready_client(http, url)

@@ -269,3 +269,24 @@ def test_random_runs_keep_every_budget_and_leave_nothing_behind(
         scheduler.pump(now)
     assert scheduler.queued == 0
     assert all(t.state is not W for t in tickets)
+
+
+def test_a_first_ticket_goes_ahead_of_every_waiting_one() -> None:
+    """The session's warm-up: client requests queued before it wait for it anyway, so it takes the next turn."""
+    scheduler = Scheduler(PacingSettings(global_requests_per_s=1.0, global_burst=1, max_wait_s=10.0))
+    answered(scheduler, submit(scheduler, ACCOUNTS, 0.0), 0.0)
+    queued = [submit(scheduler, ACCOUNTS, 0.0) for _ in range(3)]
+    warm_up, _ = scheduler.submit("GET", ACCOUNTS, 0.5, first=True)
+    assert warm_up.state is W and scheduler.timekeeper() is warm_up
+    assert scheduler.pump(1.0) == [warm_up]
+    answered(scheduler, warm_up, 1.0)
+    assert scheduler.pump(2.0) == [queued[0]]
+
+
+def test_a_first_ticket_is_not_refused_for_the_queue_it_skips() -> None:
+    scheduler = Scheduler(PacingSettings(global_requests_per_s=1.0, global_burst=1, max_wait_s=2.0))
+    answered(scheduler, submit(scheduler, ACCOUNTS, 0.0), 0.0)
+    [submit(scheduler, ACCOUNTS, 0.0) for _ in range(2)]
+    assert submit(scheduler, ACCOUNTS, 0.0).state is R  # a third would wait 3 s: refused
+    warm_up, _ = scheduler.submit("GET", ACCOUNTS, 0.0, first=True)
+    assert warm_up.state is W

@@ -25,7 +25,9 @@ def _creds() -> SimulatorCredentials:
 
 @cache
 def _sim() -> Simulator:
-    return Simulator(_creds())
+    # The fuzz below sends thousands of requests back to back: IBKR's pacing would answer them 429 (its own test
+    # switches it on), and they probe verification, not IBKR's session rules.
+    return Simulator(_creds(), pacing=False, accounts_first=False, snapshot_preflight=False)
 
 
 async def call(

@@ -119,9 +119,9 @@ class SimulatorConfig:
     enabled: bool = False
     port: int = 0
     lenient: bool = False
-    accounts_first: bool = False
-    snapshot_preflight: bool = False
-    pacing: bool = False
+    accounts_first: bool = True
+    snapshot_preflight: bool = True
+    pacing: bool = True
     penalty_box_s: float = 600.0
 
     def simulator_options(self) -> SimulatorOptions:

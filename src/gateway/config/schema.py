@@ -396,10 +396,10 @@ SECTIONS: Mapping[str, Mapping[str, Key]] = {
         "port": Key(integer(0, 65535), 0, "simulator's loopback port (0 = any free port)"),
         "lenient": Key(boolean, False, "simulator also accepts the two other query-signing rules seen in clients"),
         "accounts_first": Key(
-            boolean, False, "simulator refuses snapshot/order calls until /iserver/accounts was read (IBKR's rule)"
+            boolean, True, "simulator refuses snapshot/order calls until /iserver/accounts was read (IBKR's rule)"
         ),
-        "snapshot_preflight": Key(boolean, False, "simulator answers a conid's first snapshot without prices"),
-        "pacing": Key(boolean, False, "simulator enforces IBKR's request limits: 429, then the penalty box"),
+        "snapshot_preflight": Key(boolean, True, "simulator answers a conid's first snapshot without prices"),
+        "pacing": Key(boolean, True, "simulator enforces IBKR's request limits: 429, then the penalty box"),
         "penalty_box_s": Key(seconds(0.0, 86400.0), 600, "how long the simulator's penalty box lasts after a 429"),
     },
     "logging": {

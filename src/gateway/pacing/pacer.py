@@ -80,7 +80,7 @@ class Pacer:
         for event in list(self._events.values()):
             event.set()
 
-    def acquire(self, method: str, path: str) -> AbstractAsyncContextManager[None]:
+    def acquire(self, method: str, path: str, *, first: bool = False) -> AbstractAsyncContextManager[None]:
         """Wait until ``method path`` may go upstream; the body of the ``async with`` is the upstream exchange.
 
         Waits (FIFO per rule; oldest first across rules for the global budget) until the breaker, the global window,
@@ -88,16 +88,17 @@ class Pacer:
         otherwise raises :class:`PacingRejected` with ``retry_after_s >= 1`` — at once when the wait is already
         known to be too long. A rejected or cancelled request takes nothing; a cancelled request that had just been
         granted gives its places back. The concurrency place is held until the block exits, however it exits.
-        With ``settings.enabled`` false this does nothing.
+        With ``settings.enabled`` false this does nothing. ``first`` queues it ahead of every waiting request (the
+        session's own warm-up, which client requests wait for anyway).
         """
-        return self._acquire(method, path)
+        return self._acquire(method, path, first)
 
     @asynccontextmanager
-    async def _acquire(self, method: str, path: str) -> AsyncIterator[None]:
+    async def _acquire(self, method: str, path: str, first: bool) -> AsyncIterator[None]:
         if not self.settings.enabled:
             yield
             return
-        ticket = self._submit(method, path)
+        ticket = self._submit(method, path, first)
         granted = False
         try:
             await self._wait_for_grant(ticket)
@@ -145,8 +146,8 @@ class Pacer:
 
     # -- waiting -----------------------------------------------------------------------------------------------------
 
-    def _submit(self, method: str, path: str) -> Ticket:
-        ticket, changed = self._scheduler.submit(method, path, trio.current_time())
+    def _submit(self, method: str, path: str, first: bool) -> Ticket:
+        ticket, changed = self._scheduler.submit(method, path, trio.current_time(), first=first)
         self._settle(changed, ticket)
         if ticket.state is TicketState.REJECTED:
             raise self._rejection(ticket)

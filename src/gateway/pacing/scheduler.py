@@ -183,13 +183,14 @@ class Scheduler:
 
     # -- estimates ---------------------------------------------------------------------------------------------------
 
-    def _earliest(self, lane: Lane, now: float) -> tuple[float, Reason | None]:
+    def _earliest(self, lane: Lane, now: float, *, first: bool = False) -> tuple[float, Reason | None]:
         """Lower bound on when a request joining ``lane`` now could go, and which budget sets it (None: none does).
 
-        The ``p`` tickets already waiting in the lane go first and each takes a lane and a global grant, so this is
-        ``max`` of the breaker's hold, the lane window's and the global window's ``p``-th next grant.
+        The ``p`` tickets already waiting in the lane go first (none for a ``first`` request) and each takes a lane
+        and a global grant, so this is ``max`` of the breaker's hold, the lane window's and the global window's
+        ``p``-th next grant.
         """
-        p = lane.waiting
+        p = 0 if first else lane.waiting
         at, reason = now, None
         if self.breaker.poll(now) is BreakerState.OPEN and self.breaker.open_until is not None:
             at, reason = self.breaker.open_until, Reason.BREAKER
@@ -203,18 +204,22 @@ class Scheduler:
 
     # -- transitions -------------------------------------------------------------------------------------------------
 
-    def submit(self, method: str, path: str, now: float) -> tuple[Ticket, list[Ticket]]:
+    def submit(self, method: str, path: str, now: float, *, first: bool = False) -> tuple[Ticket, list[Ticket]]:
         """A request wants to go. Returns its ticket (waiting, granted, or rejected at once) and every ticket changed.
 
         Rejected at once, taking nothing, when its earliest possible start is after ``now + max_wait_s``.
+        ``first`` puts it at the head of the queue (the session's warm-up, which every client request waits for).
         """
         lane = self.lanes[match_limit(self.settings.limits, method, path)]
         ticket = Ticket(next(self._seq), method.upper(), path, lane, now, now + self.settings.max_wait_s)
-        at, reason = self._earliest(lane, now)
+        at, reason = self._earliest(lane, now, first=first)
         if at > ticket.deadline:
             self._reject(ticket, reason or Reason.GLOBAL, at, now)
             return ticket, [ticket]
-        self._waiting[ticket.seq] = ticket
+        if first:
+            self._waiting = {ticket.seq: ticket, **self._waiting}
+        else:
+            self._waiting[ticket.seq] = ticket
         lane.waiting += 1
         return ticket, self.pump(now)
 

@@ -58,6 +58,7 @@ log = logging.getLogger("gateway.proxy")
 
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 BROKERAGE_PREFIX = "/v1/api/iserver/"
+PORTFOLIO_PREFIX = "/v1/api/portfolio/"
 REFUSED = frozenset({401, 410})
 """IBKR's answers that may mean the session's token is dead: confirmed before anything is renewed."""
 SESSION_HEADER = b"x-gateway-session"
@@ -93,6 +94,7 @@ class _Retry(enum.Enum):
     RESIGN = "resign"  # same session, token refreshed meanwhile
     NEW_SESSION = "new_session"  # wait for the renewed session
     RESEND = "resend"  # a stale keep-alive connection failed before any answer: once more, on a new pacing turn
+    SESSION_GONE = "session_gone"  # the session ended before this attempt was sent: not an attempt, wait for the next
 
 
 @dataclass(slots=True)
@@ -351,12 +353,20 @@ class HttpProxy:
             await exchange.fail(503, exc.code, str(exc), [(b"retry-after", hint)])
             return None
 
+    async def _portfolio_ready(self, exchange: _Exchange, session: LiveSession) -> None:
+        """A ``/portfolio`` request waits (bounded) until the session has read ``/portfolio/accounts`` under its
+        current LST: IBKR refuses per-account portfolio calls before that."""
+        if exchange.path.startswith(PORTFOLIO_PREFIX) and not session.portfolio_read.is_set():
+            with trio.move_on_after(self._settings.ready_timeout_s):
+                await session.portfolio_read.wait()
+
     async def _send_upstream(self, exchange: _Exchange, session: LiveSession) -> None:
         """Attempts, each in its own pacer turn: a second one only after a 401 (see the module contract), and one
         more for an idempotent request whose reused connection failed before any answer (IBKR may have counted the
         first, so the resend waits for a turn of its own)."""
         attempt = 0
         while True:
+            await self._portfolio_ready(exchange, session)
             try:
                 async with self._pacer.acquire(exchange.method, exchange.path):
                     retry = await self._attempt(exchange, session, attempt)
@@ -368,9 +378,10 @@ class HttpProxy:
                 return
             if retry is _Retry.RESEND:
                 continue
-            attempt += 1
+            if retry is not _Retry.SESSION_GONE:
+                attempt += 1
             # A new session, or the brokerage session was found down meanwhile (an /iserver request waits for it).
-            if retry is _Retry.NEW_SESSION or (exchange.brokerage and not session.brokerage):
+            if retry in (_Retry.NEW_SESSION, _Retry.SESSION_GONE) or (exchange.brokerage and not session.brokerage):
                 renewed = await self._ready_session(exchange)
                 if renewed is None:
                     return
@@ -378,6 +389,8 @@ class HttpProxy:
 
     async def _attempt(self, exchange: _Exchange, session: LiveSession, attempt: int) -> _Retry:
         """Sign, send and relay once (inside the pacer's slot); says whether and how to try again."""
+        if not session.usable:  # it ended while this request waited for its turn: nothing to send under it
+            return _Retry.SESSION_GONE
         where = exchange.where
         signer = session.signer
         sent_at = time.monotonic()
@@ -426,7 +439,12 @@ class HttpProxy:
                     return _Retry.RESIGN  # re-sign under the refreshed token, same session
                 return _Retry.NEW_SESSION
             # One refusal is not a verdict: a tickle under the same token decides (IBKR's answer is held meanwhile).
-            if not await self._manager.confirm(session, where):
+            try:
+                alive = await self._manager.confirm(session, where)
+            except BaseException:  # the client left (cancelled) while IBKR's answer was held: release it
+                response.close()
+                raise
+            if not alive:
                 response.close()
                 if not exchange.retryable:
                     await exchange.fail(*_not_resent(where, "IBKR rejected the session's token; it is being renewed"))

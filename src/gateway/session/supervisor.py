@@ -39,7 +39,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import httpx
@@ -73,6 +73,8 @@ CLOSE_SERVICE_RESTART = 1012
 CLOSE_GOING_AWAY = 1001
 _AUTH_POLLS = 10  # tickles (1 s apart) to wait for authenticated:true after ssodh/init
 _LOGOUT_TIMEOUT_S = 3.0
+TICKLE_SPACING_S = 1.0
+"""IBKR's tickle limit is one a second: tickles (periodic, confirmations, polls) keep this far apart."""
 CONFIRM_REUSE_S = 1.0
 """A confirmation tickle's verdict is reused this long (IBKR allows one tickle per second)."""
 REOPEN_MAX_DELAY_S = 60.0
@@ -122,6 +124,7 @@ class LiveSession:
     end_kind: str = "other"
     close_code: int = CLOSE_SERVICE_RESTART
     brokerage: bool = True
+    portfolio_read: trio.Event = field(default_factory=trio.Event)  # /portfolio/accounts read under the current LST
     confirming: trio.Event | None = None  # set when the confirmation tickle in flight has its verdict
     confirmed_at: float = -1e9  # trio time of the last verdict that the LST works
     accounts: calls.Accounts = field(default_factory=lambda: calls.Accounts(iserver=(), selected=""))
@@ -258,6 +261,8 @@ class SessionManager:
     ) -> None:
         self._client = client
         self._pacer = pacer if pacer is not None else Pacer(PacingSettings(enabled=False))
+        self._tickle_lock = trio.Lock()
+        self._tickle_done_at = -1e9
         self._credentials = credentials
         self._settings = settings
         self._rng = rng
@@ -434,6 +439,9 @@ class SessionManager:
                 accounts=opened.accounts,
                 brokerage=opened.trouble is None,
             )
+            # Per LST, with or without a brokerage session; in the background, because IBKR allows one read per 5 s
+            # and a quick re-handshake would otherwise wait for it. /portfolio requests wait for it (portfolio_read).
+            nursery.start_soon(self._portfolio_warm_up, session)
             self._active = session
             if opened.trouble is None:
                 self._move(Event.READY, f"generation {session.generation}")
@@ -463,11 +471,13 @@ class SessionManager:
 
     async def _handshake_token(self) -> calls.LiveSessionToken:
         self.stats.handshakes += 1
-        lst = await calls.request_live_session_token(
-            self._client,
-            base_url=self._settings.base_url,
-            credentials=self._credentials,
-            user_agent=self._settings.user_agent,
+        lst = await self._paced_call(
+            calls.request_live_session_token(
+                self._client,
+                base_url=self._settings.base_url,
+                credentials=self._credentials,
+                user_agent=self._settings.user_agent,
+            )
         )
         register_secret(lst.token.reveal(), slot="live_session_token")
         return lst
@@ -501,9 +511,7 @@ class SessionManager:
         for poll in range(1 if init_failed is not None else _AUTH_POLLS):
             if poll:
                 await trio.sleep(1.0)
-            result = await self._paced_call(
-                calls.tickle(self._client, base_url=settings.base_url, signer=signer, user_agent=settings.user_agent)
-            )
+            result = await self._tickle_call(signer)
             self._note_tickle(result)
             cookie = result.session
             if result.status.competing:
@@ -518,6 +526,23 @@ class SessionManager:
             reason = f"brokerage session not opened: {init_failed}"
         return _Opened(cookie, calls.Accounts(iserver=(), selected=""), trouble, reason)
 
+    async def _tickle_call(self, signer: RequestSigner) -> calls.TickleResult:
+        """One tickle, never sooner than :data:`TICKLE_SPACING_S` after the previous one's answer (IBKR allows one a
+        second, counted where it arrives: spacing from the answer keeps any delay on the way from bunching them)."""
+        settings = self._settings
+        async with self._tickle_lock:
+            wait = self._tickle_done_at + TICKLE_SPACING_S - trio.current_time()
+            if wait > 0:
+                await trio.sleep(wait)
+            try:
+                return await self._paced_call(
+                    calls.tickle(
+                        self._client, base_url=settings.base_url, signer=signer, user_agent=settings.user_agent
+                    )
+                )
+            finally:
+                self._tickle_done_at = trio.current_time()
+
     async def _paced_call(self, call: Awaitable[_T]) -> _T:
         """A session call outside the request pacer's queue (tickles, init): IBKR's 429 still opens the breaker."""
         try:
@@ -530,22 +555,37 @@ class SessionManager:
     async def _warm_up(self, signer: RequestSigner) -> calls.Accounts:
         """IBKR's per-session duties before any client request (module contract): the accounts reads."""
         settings = self._settings
-        base_url, user_agent = settings.base_url, settings.user_agent
-        async with self._pacer.acquire("GET", ISERVER_ACCOUNTS_PATH):
-            accounts = await self._reported(
-                calls.iserver_accounts(self._client, base_url=base_url, signer=signer, user_agent=user_agent)
+        async with self._pacer.acquire("GET", ISERVER_ACCOUNTS_PATH, first=True):
+            return await self._reported(
+                calls.iserver_accounts(
+                    self._client, base_url=settings.base_url, signer=signer, user_agent=settings.user_agent
+                )
             )
+
+    async def _portfolio_warm_up(self, session: LiveSession) -> None:
+        """Read ``/portfolio/accounts`` under the session's current LST, then let ``/portfolio`` requests go."""
+        try:
+            portfolio = await self._read_portfolio(session.signer)
+            session.accounts = replace(session.accounts, portfolio=portfolio)
+        finally:
+            session.portfolio_read.set()
+
+    async def _read_portfolio(self, signer: RequestSigner) -> tuple[str, ...]:
+        """``GET /portfolio/accounts`` under a new LST (IBKR wants it read before other ``/portfolio`` calls; it
+        needs no brokerage session). Best effort: a failure is logged and noted, and ``()`` returned."""
+        settings = self._settings
         try:
             async with self._pacer.acquire("GET", PORTFOLIO_ACCOUNTS_PATH):
-                portfolio = await self._reported(
-                    calls.portfolio_accounts(self._client, base_url=base_url, signer=signer, user_agent=user_agent)
+                return await self._reported(
+                    calls.portfolio_accounts(
+                        self._client, base_url=settings.base_url, signer=signer, user_agent=settings.user_agent
+                    )
                 )
         except (PacingRejected, UpstreamError) as exc:
             message = f"warm-up: {exc}; /portfolio calls may fail until a client reads /portfolio/accounts"
             log.warning("%s", message)
             self.stats.note_error(message, time.time())
-            return accounts
-        return calls.Accounts(iserver=accounts.iserver, selected=accounts.selected, portfolio=portfolio)
+            return ()
 
     async def _reported(self, call: Awaitable[_T]) -> _T:
         """Await a paced session call and tell the pacer IBKR's status (a 429 opens its breaker)."""
@@ -567,13 +607,8 @@ class SessionManager:
 
     async def _tickle(self, session: LiveSession) -> Trouble | None:
         """One tickle under ``session``'s current LST; what it says is wrong, or ``None`` when all is well."""
-        settings = self._settings
         try:
-            result = await self._paced_call(
-                calls.tickle(
-                    self._client, base_url=settings.base_url, signer=session.signer, user_agent=settings.user_agent
-                )
-            )
+            result = await self._tickle_call(session.signer)
         except UpstreamStatusError as exc:
             self.stats.note_error(f"tickle failed: {exc}", time.time())
             return session_call_trouble(exc.upstream_status)
@@ -649,7 +684,7 @@ class SessionManager:
             return False
         self._generation += 1
         session.generation = self._generation
-        session.accounts = opened.accounts
+        session.accounts = replace(opened.accounts, portfolio=session.accounts.portfolio)  # same LST, still read
         session.brokerage = True
         self._move(Event.REOPENED, f"brokerage session re-opened, generation {session.generation}")
         return True
@@ -681,6 +716,8 @@ class SessionManager:
             session.lst_expires_at_ms = lst.expires_at_ms
             session.started_at = time.time()
             self.stats.lst_refreshes += 1
+            session.portfolio_read = trio.Event()  # a new LST: IBKR wants /portfolio/accounts read again
+            session.nursery.start_soon(self._portfolio_warm_up, session)
             log.info("live session token refreshed")
 
     # --- shutdown ---------------------------------------------------------------------------------------

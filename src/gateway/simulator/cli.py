@@ -110,13 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="close a WebSocket whose client sent nothing this long, as IBKR does (0 = never)",
     )
+    on = argparse.BooleanOptionalAction  # IBKR's rules are on unless switched off (--no-...)
     parser.add_argument(
-        "--accounts-first", action="store_true", help="refuse snapshot/order calls until /iserver/accounts was read"
+        "--accounts-first", action=on, default=True, help="refuse snapshot/order calls until /iserver/accounts was read"
     )
     parser.add_argument(
-        "--snapshot-preflight", action="store_true", help="answer a conid's first snapshot without price fields"
+        "--snapshot-preflight", action=on, default=True, help="answer a conid's first snapshot without price fields"
     )
-    parser.add_argument("--pacing", action="store_true", help="enforce IBKR's request limits (429, penalty box)")
+    parser.add_argument("--pacing", action=on, default=True, help="enforce IBKR's request limits (429, penalty box)")
     parser.add_argument("--penalty-box-s", type=_non_negative, default=600.0, help="penalty box after a 429")
     parser.add_argument("--ws-binary", action="store_true", help="send WebSocket JSON in binary frames")
     parser.add_argument("--seed", type=int, help="seed for the market-data random walk")

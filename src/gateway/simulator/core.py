@@ -30,9 +30,9 @@ class SimConfig:
     timestamp_window_s: float = 300.0
     max_json_body: int = 64 * 1024
     ws_idle_close_s: float | None = 60.0  # None: never close a silent WebSocket
-    accounts_first: bool = False
-    snapshot_preflight: bool = False
-    pacing: bool = False
+    accounts_first: bool = True
+    snapshot_preflight: bool = True
+    pacing: bool = True
     penalty_box_s: float = 600.0
 
     def __post_init__(self) -> None:
