@@ -187,6 +187,20 @@ class BadQuery(RequestRejected):
     code = "bad_query"
 
 
+class ListenError(GatewayError):
+    """The gateway cannot listen where it is configured to (the port is taken, the address is not this host's).
+
+    ``address`` is ``host:port`` as configured; the message says why, in the operating system's words.
+    """
+
+    code = "listen"
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"cannot listen on {address}: {reason}")
+        self.address = address
+        self.reason = reason
+
+
 class SessionError(GatewayError):
     """No usable brokerage session."""
 

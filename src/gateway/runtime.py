@@ -38,7 +38,7 @@ from gateway.config.load import LoadedConfig, load_config
 from gateway.config.model import Config, Credentials, ServerConfig
 from gateway.config.pacing import pacing_settings
 from gateway.config.reload import ReloadPlan, plan_reload
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, ListenError
 from gateway.logs import configure_logging, register_secret, set_level
 from gateway.metrics import RequestMetrics
 from gateway.notify import Notifier, status_line
@@ -411,9 +411,29 @@ def run_gateway(loaded: LoadedConfig) -> int:
     configure_logging(loaded.config.logging.level, loaded.config.logging.format)
     try:
         trio.run(_main, loaded)
-    except OSError as exc:  # e.g. the port is taken
-        log.error("cannot start: %s", exc.strerror or exc)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except BaseExceptionGroup as group:  # the task tree reports a failed start as a group
+        listen, rest = group.split(ListenError)
+        if listen is None or rest is not None:
+            raise
+        log.error("%s", _listen_advice(_first(listen), loaded.config.source))
+        return 2
+    except ListenError as exc:
+        log.error("%s", _listen_advice(exc, loaded.config.source))
+        return 2
     return 0
+
+
+def _first(group: BaseExceptionGroup[ListenError]) -> ListenError:
+    """The first leaf of a (possibly nested) group of listen errors."""
+    first = group.exceptions[0]
+    return first if isinstance(first, ListenError) else _first(first)
+
+
+def _listen_advice(error: ListenError, source: str) -> str:
+    """One line: what failed, and the setting that moves the gateway elsewhere."""
+    return (
+        f"{error} — another program may hold the port (on macOS, the AirPlay receiver uses 5000); "
+        f"set [server] port (and host) in {source}, or GATEWAY__SERVER__PORT=<free port>"
+    )

@@ -61,6 +61,7 @@ from wsproto.events import CloseConnection, Message, Ping
 from wsproto.frame_protocol import CloseReason
 
 from gateway.asgi import ASGIApp, error_body
+from gateway.errors import ListenError
 
 log = logging.getLogger("gateway.server")
 
@@ -336,7 +337,10 @@ async def serve(
     lifespan_state: LifespanState = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
     context = WorkerContext(None)
-    sockets = config.create_sockets()
+    try:
+        sockets = config.create_sockets()
+    except OSError as exc:  # the one error map of the listening boundary: taken port, foreign address, no rights
+        raise ListenError(", ".join(config.bind), exc.strerror or str(exc)) from None
     listeners = []
     urls = []
     for sock in sockets.insecure_sockets:
