@@ -372,3 +372,17 @@ async def test_a_429_on_the_lst_request_holds_the_next_handshake_for_the_breaker
     assert quick.gateway.pacer.hold_s() > 1
     assert await quick.wait_new_session(generation) > generation
     assert trio.current_time() - refused_at >= 1.5  # the breaker's 2 s cool-down, not the 0.05 s back-off
+
+
+async def test_session_not_ready_and_health_say_why(quick: TestGateway) -> None:
+    """A client turned away while the session fails learns the cause, as /health does (no secret in either)."""
+    quick.simulator.faults.fail_next(1000, 500, path_prefix=LST, error="token service unavailable")
+    quick.simulator.faults.expire_lst()
+    async with quick.client() as http:
+        refused = await http.get("/v1/api/sim/echo")
+        health = await http.get("/health")
+    assert refused.status_code == 503 and refused.json()["code"] == "session_not_ready"
+    cause = "live_session_token: IBKR answered 500: token service unavailable"
+    assert "last error: " in refused.json()["error"] and cause in refused.json()["error"]
+    assert health.status_code == 503 and cause in health.json()["last_error"]
+    quick.simulator.faults.reset()

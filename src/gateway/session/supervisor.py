@@ -336,7 +336,8 @@ class SessionManager:
                 f"the IBKR brokerage session (/iserver) is down and did not come back within {timeout_s:g} s; "
                 f"routes outside /iserver work (read-only session). Last error: {self.stats.last_error or 'none'}"
             )
-        raise SessionNotReady(f"no IBKR session became ready within {timeout_s:g} s (state: {self.state.value})")
+        cause = f"; last error: {self.stats.last_error}" if self.stats.last_error else ""
+        raise SessionNotReady(f"no IBKR session became ready within {timeout_s:g} s (state: {self.state.value}){cause}")
 
     async def wait_changed(self) -> None:
         """Return at the manager's next state move (for observers such as the systemd status line)."""

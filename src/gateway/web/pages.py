@@ -132,6 +132,9 @@ def build_pages_app(source: StatusSource) -> QuartTrio:
         status = snapshot(source)
         ok = healthy(source)
         word = "ok" if ok else "read-only" if status["read_only"] else "unavailable"
-        return _json({"status": word, "state": status["state"], "simulator": status["simulator"]}, 200 if ok else 503)
+        body = {"status": word, "state": status["state"], "simulator": status["simulator"]}
+        if not ok:  # why, for whoever looks (the message is scrubbed of every registered secret and cut short)
+            body["last_error"] = status["last_error"]
+        return _json(body, 200 if ok else 503)
 
     return app
