@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import trio
 
@@ -27,32 +28,31 @@ def live_tasks(*, skip: str | None = None) -> int:
     return count
 
 
-def _socket_inodes_on_port(port: int) -> set[str]:
-    """Inodes of the TCP sockets (IPv4 and IPv6) whose local port is ``port``."""
-    inodes: set[str] = set()
+def _tcp_table() -> Iterator[tuple[int, int, str, str]]:
+    """Every TCP socket of this network namespace (IPv4 and IPv6): ``(local port, remote port, state, inode)``."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(table) as rows:
             next(rows)
             for row in rows:
                 fields = row.split()
-                if int(fields[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(fields[9])
-    return inodes
+                local, remote = (int(fields[i].rsplit(":", 1)[1], 16) for i in (1, 2))
+                yield local, remote, fields[3], fields[9]
 
 
-def open_fds(*, skip_port: int | None = None) -> int:
-    """Open file descriptors of this process; ``skip_port`` leaves out sockets listening/accepted on that port."""
-    skipped = _socket_inodes_on_port(skip_port) if skip_port is not None else set()
-    count = 0
+def _fd_socket_inodes() -> Iterator[str | None]:
+    """One entry per open file descriptor of this process: its socket inode, or ``None`` if it is no socket."""
     for fd in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
-        if target.startswith("socket:[") and target[8:-1] in skipped:
-            continue
-        count += 1
-    return count
+        yield target[8:-1] if target.startswith("socket:[") else None
+
+
+def open_fds(*, skip_port: int | None = None) -> int:
+    """Open file descriptors of this process; ``skip_port`` leaves out sockets listening/accepted on that port."""
+    skipped = {inode for local, _, _, inode in _tcp_table() if local == skip_port} if skip_port is not None else set()
+    return sum(1 for inode in _fd_socket_inodes() if inode is None or inode not in skipped)
 
 
 def rss_kib() -> int:
@@ -73,36 +73,14 @@ def tcp_sockets(*, local_port: int | None = None, remote_port: int | None = None
     ``(local port, remote port) → state`` (the hex code of ``/proc/net/tcp``: ``"01"`` established, ``"08"``
     close-wait, ...). A socket that was reset is no longer listed, even while its file descriptor is open."""
     found: dict[tuple[int, int], str] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as rows:
-            next(rows)
-            for row in rows:
-                fields = row.split()
-                local = int(fields[1].rsplit(":", 1)[1], 16)
-                remote = int(fields[2].rsplit(":", 1)[1], 16)
-                if (local_port is None or local == local_port) and (remote_port is None or remote == remote_port):
-                    found[(local, remote)] = fields[3]
+    for local, remote, state, _ in _tcp_table():
+        if (local_port is None or local == local_port) and (remote_port is None or remote == remote_port):
+            found[(local, remote)] = state
     return found
 
 
 def sockets_on_port(port: int) -> int:
     """Open socket fds of this process whose local or remote TCP port is ``port`` (both ends of a loopback
     connection to a server in this process count, one fd each)."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with open(table) as rows:
-            next(rows)
-            for row in rows:
-                fields = row.split()
-                local, remote = (int(fields[i].rsplit(":", 1)[1], 16) for i in (1, 2))
-                if port in (local, remote):
-                    inodes.add(fields[9])
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:[") and target[8:-1] in inodes:
-            count += 1
-    return count
+    inodes = {inode for local, remote, _, inode in _tcp_table() if port in (local, remote)}
+    return sum(1 for inode in _fd_socket_inodes() if inode is not None and inode in inodes)

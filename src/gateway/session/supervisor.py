@@ -544,23 +544,32 @@ class SessionManager:
             finally:
                 self._tickle_done_at = trio.current_time()
 
-    async def _paced_call(self, call: Awaitable[_T]) -> _T:
-        """A session call outside the request pacer's queue (tickles, init): IBKR's 429 still opens the breaker."""
+    async def _paced_call(self, call: Awaitable[_T], *, in_turn: bool = False) -> _T:
+        """Await a session call and tell the pacer what IBKR answered (a 429 opens its breaker).
+
+        ``in_turn``: the call holds a pacing turn (``pacer.acquire``), so every status is its own, the probe's
+        included. Outside a turn (tickles, init, the LST) only a 429 is reported: a success there says nothing
+        about the half-open breaker's probe.
+        """
         try:
-            return await call
+            result = await call
         except UpstreamStatusError as exc:
-            if exc.upstream_status == 429:
-                self._pacer.record_response(429, None)
+            if exc.upstream_status == 429 or (in_turn and exc.upstream_status):
+                self._pacer.record_response(exc.upstream_status, None)
             raise
+        if in_turn:
+            self._pacer.record_response(200, None)
+        return result
 
     async def _warm_up(self, signer: RequestSigner) -> calls.Accounts:
         """IBKR's per-session duties before any client request (module contract): the accounts reads."""
         settings = self._settings
         async with self._pacer.acquire("GET", ISERVER_ACCOUNTS_PATH, first=True):
-            return await self._reported(
+            return await self._paced_call(
                 calls.iserver_accounts(
                     self._client, base_url=settings.base_url, signer=signer, user_agent=settings.user_agent
-                )
+                ),
+                in_turn=True,
             )
 
     async def _portfolio_warm_up(self, session: LiveSession) -> None:
@@ -577,27 +586,17 @@ class SessionManager:
         settings = self._settings
         try:
             async with self._pacer.acquire("GET", PORTFOLIO_ACCOUNTS_PATH):
-                return await self._reported(
+                return await self._paced_call(
                     calls.portfolio_accounts(
                         self._client, base_url=settings.base_url, signer=signer, user_agent=settings.user_agent
-                    )
+                    ),
+                    in_turn=True,
                 )
         except (PacingRejected, UpstreamError) as exc:
             message = f"warm-up: {exc}; /portfolio calls may fail until a client reads /portfolio/accounts"
             log.warning("%s", message)
             self.stats.note_error(message, time.time())
             return ()
-
-    async def _reported(self, call: Awaitable[_T]) -> _T:
-        """Await a paced session call and tell the pacer IBKR's status (a 429 opens its breaker)."""
-        try:
-            result = await call
-        except UpstreamStatusError as exc:
-            if exc.upstream_status:
-                self._pacer.record_response(exc.upstream_status, None)
-            raise
-        self._pacer.record_response(200, None)
-        return result
 
     def _note_tickle(self, result: calls.TickleResult) -> None:
         register_secret(result.session.reveal(), slot="session_cookie")
