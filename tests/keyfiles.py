@@ -117,3 +117,26 @@ def new_keyset(bits: int = 2048) -> KeySet:
         encryption_key=rsa.generate_private_key(public_exponent=65537, key_size=bits),
         plaintext=os.urandom(32),
     )
+
+
+_SMALL_PRIMES = [p for p in range(3, 2000) if all(p % d for d in range(2, int(p**0.5) + 1))]
+
+
+def is_probable_prime(n: int) -> bool:
+    """Miller-Rabin with the first 16 small primes as bases (enough for test fixtures, not for keys)."""
+    if any(n % p == 0 for p in _SMALL_PRIMES):
+        return n in _SMALL_PRIMES
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d, s = d // 2, s + 1
+    for base in _SMALL_PRIMES[:16]:
+        x = pow(base, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True

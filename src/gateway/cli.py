@@ -1,8 +1,8 @@
-"""Command line: ``python -m gateway [run] --config F``, ``check --config F`` and ``init …``.
+"""Command line: ``python -m gateway [run] --config F``, ``check --config F``, ``doctor --config F`` and ``init …``.
 
 Contract: :func:`main` takes the argument list and returns the process exit status; it never lets a traceback
 reach the user for an expected failure. Exit status 0 = success, 2 = bad configuration or bad arguments
-(argparse's own convention), 1 = the gateway stopped on a runtime failure.
+(argparse's own convention), 1 = the gateway stopped on a runtime failure (``doctor``: a step failed).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from gateway import __version__
@@ -20,7 +22,7 @@ EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 
-_SUBCOMMANDS = ("run", "check", "init")
+_SUBCOMMANDS = ("run", "check", "doctor", "init")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,13 +31,22 @@ def _parser() -> argparse.ArgumentParser:
         description="IBKR Web API gateway: holds the OAuth session, serves IBKR as a plain local API.",
     )
     parser.add_argument("--version", action="version", version=f"ibkr-oauth-gateway {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{run,check,init}")
+    commands = parser.add_subparsers(dest="command", metavar="{run,check,doctor,init}")
 
     run = commands.add_parser("run", help="run the gateway (the default command)")
     run.add_argument("--config", required=True, help="path to the TOML config, e.g. gateway.toml")
 
     check = commands.add_parser("check", help="validate a config and its key files, then exit")
     check.add_argument("--config", required=True, help="path to the TOML config")
+
+    doctor = commands.add_parser(
+        "doctor", help="walk the live path to IBKR step by step and say what to fix (opens its own IBKR session)"
+    )
+    doctor.add_argument("--config", required=True, help="path to the TOML config")
+    doctor.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    doctor.add_argument(
+        "--conid", type=int, default=265598, help="contract for the market-data snapshot (default 265598, AAPL)"
+    )
 
     init = commands.add_parser("init", help="check IBKR credentials and write a complete config")
     init.add_argument("--keys-dir", required=True, help="folder with the PEM files IBKR's set-up produced")
@@ -77,6 +88,34 @@ def _cmd_check(config_path: str) -> int:
         f"{len(config.routes)} route(s)"
     )
     return EXIT_OK
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    import trio
+
+    from gateway.config import load_config
+    from gateway.doctor import NOTICE, diagnose
+    from gateway.doctor.report import exit_status, render_json, render_text
+
+    try:
+        loaded = load_config(args.config)
+    except ConfigError as exc:
+        if args.json:
+            problems = [str(problem) for problem in exc.problems]
+            print(json.dumps({"ok": False, "config": args.config, "failed": "config", "problems": problems}, indent=2))
+        else:
+            _print_problems(exc.problems)
+        return EXIT_CONFIG
+    if not args.json:
+        print(f"note: {NOTICE}", file=sys.stderr)
+    report = trio.run(partial(diagnose, loaded, config_name=args.config, conid=args.conid))
+    if args.json:
+        sys.stdout.write(render_json(report))
+    else:
+        sys.stdout.write(render_text(replace(report, notice="")))
+    return exit_status(report)
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -140,6 +179,8 @@ def main(argv: Sequence[str]) -> int:
         return _cmd_check(args.config)
     if args.command == "init":
         return _cmd_init(args)
+    if args.command == "doctor":
+        return _cmd_doctor(args)
     return _cmd_run(args.config)
 
 

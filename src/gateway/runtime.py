@@ -42,6 +42,7 @@ from gateway.errors import ConfigError, ListenError
 from gateway.logs import configure_logging, register_secret, set_level
 from gateway.metrics import RequestMetrics
 from gateway.notify import Notifier, status_line
+from gateway.oauth.basestring import QueryRule
 from gateway.oauth.dh import parse_dh_params_pem
 from gateway.oauth.keys import decrypt_access_token_secret, load_rsa_private_key
 from gateway.oauth.signer import OAuthIdentity
@@ -114,7 +115,7 @@ class Gateway:
         return "ws" + self.url.removeprefix("http")
 
 
-def simulator_credentials(creds: SimulatorCredentials) -> Credentials:
+def simulator_credentials(creds: SimulatorCredentials, query_rule: QueryRule = QueryRule.INCLUDE) -> Credentials:
     """Load the simulator's throwaway credentials exactly as IBKR-issued ones are loaded."""
     encryption_key = load_rsa_private_key(creds.encryption_key_pem, what="simulator encryption key")
     return Credentials(
@@ -122,6 +123,7 @@ def simulator_credentials(creds: SimulatorCredentials) -> Credentials:
         signature_key=load_rsa_private_key(creds.signature_key_pem, what="simulator signature key"),
         prepend=Secret(decrypt_access_token_secret(encryption_key, creds.access_token_secret)),
         dh=parse_dh_params_pem(creds.dh_param_pem),
+        query_rule=query_rule,
     )
 
 
@@ -187,7 +189,7 @@ async def serve_gateway(
             if simulator is None:
                 simulator = Simulator(generate_credentials(), **config.simulator.simulator_options())
             base_url = await root.start(simulator.serve, "127.0.0.1", config.simulator.port)
-            credentials = simulator_credentials(simulator.credentials)
+            credentials = simulator_credentials(simulator.credentials, config.ibkr.query_rule)
             _register_secrets(credentials, simulator.credentials.access_token_secret)
             log.info("simulator mode: the built-in IBKR simulator listens on %s (this is NOT IBKR)", base_url)
         else:

@@ -86,6 +86,8 @@ async def test_status_page_shows_a_failing_session_live_and_recovers(
             gw.simulator.faults.fail_next(1000, 500, path_prefix="/v1/api/tickle", error="tickle unavailable")
             await page.wait_for(f"{js_text('#health')}.startsWith('Not ready')", timeout_s=10)
             await page.wait_for(f"{js_text('#errors li')}.includes('tickle unavailable')")
+            fix = await page.evaluate(js_text("#errors li .hint"))  # the newest error, with what to do about it
+            assert fix.startswith("Fix: nothing to change"), fix
             assert await page.evaluate(js_text("td[data-key=state]")) in ("backoff", "handshaking")
             await page.screenshot(OUTPUT / "status-failing-desktop.png", full_page=True)
 

@@ -386,3 +386,29 @@ async def test_session_not_ready_and_health_say_why(quick: TestGateway) -> None:
     assert "last error: " in refused.json()["error"] and cause in refused.json()["error"]
     assert health.status_code == 503 and cause in health.json()["last_error"]
     quick.simulator.faults.reset()
+
+
+async def test_a_failure_carries_its_fix_everywhere(ibkr_sim_credentials: SimulatorCredentials) -> None:
+    """A consumer key IBKR does not accept (not active yet), answered as tersely as IBKR does: /health, a turned-away
+    client and /session's recent errors all say which config key fixes it."""
+    async with (
+        open_test_gateway(
+            {"session": {"ready_timeout_s": 0.3, "reconnect_delay_s": 0.05, "reconnect_max_delay_s": 0.2}},
+            credentials=ibkr_sim_credentials,
+            simulator_options={"consumer_active": False, "terse_errors": True},
+            wait_ready=False,
+        ) as gw,
+        gw.client() as http,
+    ):
+        with trio.fail_after(10):
+            while not gw.manager.stats.recent_errors:  # noqa: ASYNC110 - gateway-owned state
+                await trio.sleep(0.02)
+        health = await http.get("/health")
+        refused = await http.get("/v1/api/sim/echo")
+        session = (await http.get("/session")).json()
+    assert health.status_code == 503
+    assert "error: invalid consumer" in health.json()["last_error"]
+    assert health.json()["hint"]["keys"] == ["ibkr.consumer_key"]
+    assert refused.status_code == 503 and "fix: compare ibkr.consumer_key" in refused.json()["error"]
+    assert session["recent_errors"][0]["hint"]["keys"] == ["ibkr.consumer_key"]
+    assert session["last_error_hint"] == session["recent_errors"][0]["hint"]

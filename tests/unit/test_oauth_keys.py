@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from gateway.errors import KeyMaterialError, SecretDecryptError
 from gateway.oauth.keys import MIN_RSA_KEY_BITS, decrypt_access_token_secret, load_rsa_private_key
+from tests.keyfiles import is_probable_prime
 
 VECTORS: dict[str, Any] = json.loads(
     (pathlib.Path(__file__).parent.parent / "vectors" / "ibkr-oauth-vectors.json").read_text(encoding="utf-8")
@@ -28,31 +29,10 @@ FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 # --- deterministic RSA keys from deterministic primes (for tests that must not depend on random keys) ----------
 
-_SMALL_PRIMES = [p for p in range(3, 2000) if all(p % d for d in range(2, int(p**0.5) + 1))]
-
-
-def _is_probable_prime(n: int) -> bool:
-    if any(n % p == 0 for p in _SMALL_PRIMES):
-        return n in _SMALL_PRIMES
-    d, s = n - 1, 0
-    while d % 2 == 0:
-        d, s = d // 2, s + 1
-    for base in _SMALL_PRIMES[:16]:
-        x = pow(base, d, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(s - 1):
-            x = pow(x, 2, n)
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
-
 
 def _prime_at_least(start: int, e: int = 65537) -> int:
     n = start | 1
-    while not (_is_probable_prime(n) and (n - 1) % e != 0):
+    while not (is_probable_prime(n) and (n - 1) % e != 0):
         n += 2
     return n
 

@@ -240,6 +240,7 @@ def load_credentials(config: Config, problems: list[ConfigProblem]) -> Credentia
         signature_key=signature_key,
         prepend=Secret(prepend),
         dh=dh,
+        query_rule=ibkr.query_rule,
     )
 
 

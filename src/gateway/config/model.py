@@ -9,6 +9,7 @@ from typing import Literal, TypedDict
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
+from gateway.oauth.basestring import QueryRule
 from gateway.oauth.dh import DHParams
 from gateway.oauth.signer import OAuthIdentity
 from gateway.redact import Secret
@@ -59,6 +60,7 @@ class IbkrConfig:
     realm: str = "limited_poa"
     user_agent: str = "ibkr-oauth-gateway"
     compete: bool = True
+    query_rule: QueryRule = QueryRule.INCLUDE
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,10 +182,12 @@ class Config:
 class Credentials:
     """Key material loaded and checked at start-up: everything the OAuth handshake needs.
 
-    ``prepend`` is the lower-case hex of the decrypted access-token secret (a secret).
+    ``prepend`` is the lower-case hex of the decrypted access-token secret (a secret); ``query_rule`` is how
+    ordinary requests' query strings are signed (``ibkr.query_rule``).
     """
 
     identity: OAuthIdentity
     signature_key: RSAPrivateKey = field(repr=False)
     prepend: Secret[str]
     dh: DHParams
+    query_rule: QueryRule = QueryRule.INCLUDE

@@ -30,6 +30,8 @@ from gateway.config.model import (
 )
 from gateway.config.pacing import pacing_problems
 from gateway.errors import ConfigError, ConfigProblem
+from gateway.oauth.basestring import QueryRule
+from gateway.oauth.signer import expected_realm
 from gateway.redact import Secret
 from gateway.session.paths import route_claims_session
 
@@ -234,6 +236,18 @@ def parse_config(
                     severity="warning",
                 )
             )
+    consumer_key = ibkr.get("consumer_key")
+    realm = ibkr.get("realm", "limited_poa")
+    if isinstance(consumer_key, str) and not simulator_on and realm != expected_realm(consumer_key):
+        problems.append(
+            ConfigProblem(
+                source,
+                "ibkr.realm",
+                f"is {realm!r}, but IBKR expects {expected_realm(consumer_key)!r} for this consumer key "
+                "(limited_poa for every real consumer key, test_realm only for TESTCONS)",
+                severity="warning",
+            )
+        )
     pacing = values["pacing"]
     if pacing.get("breaker_max_cooldown_s", 0) < pacing.get("breaker_cooldown_s", 0):
         problems.append(
@@ -266,7 +280,7 @@ def parse_config(
     config = Config(
         source=source,
         server=ServerConfig(**values["server"]),
-        ibkr=IbkrConfig(**ibkr),
+        ibkr=IbkrConfig(**{**ibkr, "query_rule": QueryRule(ibkr.get("query_rule", "include"))}),
         upstream=UpstreamConfig(**values["upstream"]),
         pacing=PacingConfig(**values["pacing"]),
         session=SessionConfig(**session),

@@ -350,6 +350,12 @@ SECTIONS: Mapping[str, Mapping[str, Key]] = {
             "User-Agent sent upstream (IBKR's edge answers 403 without one)",
         ),
         "compete": Key(boolean, True, "take over a brokerage session open elsewhere for the same user"),
+        "query_rule": Key(
+            choice("include", "omit", "in_url"),
+            "include",
+            "how a query string is signed: IBKR's documented rule (include) or one of the two seen in other "
+            "clients; python -m gateway doctor says which one IBKR accepts",
+        ),
     },
     "upstream": {
         "connect_timeout_s": Key(seconds(0.1, 120.0), 5, "seconds to open a connection to IBKR"),

@@ -21,6 +21,7 @@ __all__ = [
     "HMAC_SHA256",
     "RSA_SHA256",
     "OAuthIdentity",
+    "expected_realm",
     "lst_request_authorization",
     "lst_request_params",
     "request_authorization",
@@ -54,6 +55,12 @@ class OAuthIdentity:
         for name in ("consumer_key", "access_token", "realm"):
             if not getattr(self, name):
                 raise OAuthError(f"OAuth identity: {name} must not be empty")
+
+
+def expected_realm(consumer_key: str) -> str:
+    """The realm IBKR expects with ``consumer_key``: ``test_realm`` for its public ``TESTCONS``, else
+    ``limited_poa``."""
+    return "test_realm" if consumer_key == "TESTCONS" else "limited_poa"
 
 
 def _base_params(identity: OAuthIdentity, method: str, nonce: str, timestamp: int) -> dict[str, str]:

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from gateway.config.model import Credentials
-from gateway.errors import OAuthError, UpstreamStatusError
+from gateway.errors import LiveSessionTokenError, OAuthError, UpstreamStatusError
 from gateway.oauth.dh import derive_live_session_token, dh_challenge, dh_shared_secret, validate_live_session_token
 from gateway.oauth.signer import lst_request_authorization
 from gateway.redact import Secret
@@ -138,7 +138,7 @@ async def request_live_session_token(
     try:
         validate_live_session_token(token, credentials.identity.consumer_key, signature)
     except OAuthError:
-        raise OAuthError(
+        raise LiveSessionTokenError(
             f"POST {LST_PATH}: the derived live session token does not match IBKR's signature "
             "(wrong encryption key, access-token secret or DH parameters?)"
         ) from None

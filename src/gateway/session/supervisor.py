@@ -47,6 +47,7 @@ import trio
 
 from gateway.config.model import Credentials
 from gateway.errors import GatewayError, PacingRejected, SessionNotReady, UpstreamError, UpstreamStatusError
+from gateway.hints import Hint, hint_for
 from gateway.logs import register_secret, scrub
 from gateway.pacing import Pacer
 from gateway.pacing.model import PacingSettings
@@ -202,10 +203,12 @@ _LIVE = (State.READY, State.READ_ONLY)
 
 @dataclass(frozen=True, slots=True)
 class ErrorEntry:
-    """One recorded session error: when (epoch seconds) and a short, secret-free message."""
+    """One recorded session error: when (epoch seconds), a short, secret-free message, and what it most likely
+    means and how to fix it (:func:`gateway.hints.hint_for`; ``None`` when no rule knows it)."""
 
     at: float
     message: str
+    hint: Hint | None = None
 
 
 @dataclass
@@ -237,7 +240,7 @@ class SessionStats:
         text = scrub(" ".join(message.split()))
         if len(text) > MAX_ERROR_CHARS:
             text = text[: MAX_ERROR_CHARS - 1] + "…"
-        entry = ErrorEntry(at=at, message=text)
+        entry = ErrorEntry(at=at, message=text, hint=hint_for(text))
         self.last_error = text
         self.last_error_at = at
         self.recent_errors.append(entry)
@@ -245,6 +248,18 @@ class SessionStats:
 
     failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FAILURE_REASONS, 0))
     """Failed handshakes and ended sessions by kind (:data:`FAILURE_REASONS`)."""
+
+    @property
+    def last_hint(self) -> Hint | None:
+        """The hint of the latest recorded error, if there is one and a rule knows it."""
+        return self.recent_errors[-1].hint if self.recent_errors else None
+
+    def last_error_with_fix(self) -> str:
+        """``last_error`` followed by its fix (``"…; fix: …"``), or ``"none"`` when nothing failed yet."""
+        if not self.last_error:
+            return "none"
+        hint = self.last_hint
+        return f"{self.last_error}; fix: {hint.fix}" if hint is not None else self.last_error
 
 
 class SessionManager:
@@ -334,9 +349,9 @@ class SessionManager:
         if self.state is State.READ_ONLY:
             raise SessionNotReady(
                 f"the IBKR brokerage session (/iserver) is down and did not come back within {timeout_s:g} s; "
-                f"routes outside /iserver work (read-only session). Last error: {self.stats.last_error or 'none'}"
+                f"routes outside /iserver work (read-only session). Last error: {self.stats.last_error_with_fix()}"
             )
-        cause = f"; last error: {self.stats.last_error}" if self.stats.last_error else ""
+        cause = f"; last error: {self.stats.last_error_with_fix()}" if self.stats.last_error else ""
         raise SessionNotReady(f"no IBKR session became ready within {timeout_s:g} s (state: {self.state.value}){cause}")
 
     async def wait_changed(self) -> None:
@@ -420,7 +435,7 @@ class SessionManager:
         """Handshake and hold one session until it ends; returns whether it opened (ready or read-only)."""
         try:
             lst = await self._handshake_token()
-            signer = RequestSigner(self._credentials.identity, lst.token)
+            signer = RequestSigner(self._credentials.identity, lst.token, self._credentials.query_rule)
             opened = await self._open_brokerage(signer)
         except GatewayError as exc:
             self._handshake_failed(str(exc))
@@ -711,7 +726,7 @@ class SessionManager:
                 self.stats.note_error(f"LST refresh failed, retrying: {reason}", time.time())
                 await trio.sleep(min(30.0, max(1.0, margin / 4)))
                 continue
-            session.signer = RequestSigner(self._credentials.identity, lst.token)
+            session.signer = RequestSigner(self._credentials.identity, lst.token, self._credentials.query_rule)
             session.end_refresh()
             session.lst_expires_at_ms = lst.expires_at_ms
             session.started_at = time.time()

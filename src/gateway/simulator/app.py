@@ -14,8 +14,10 @@ import hashlib
 import json
 import logging
 import math
+import secrets
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import Any
 
 import trio
@@ -427,6 +429,8 @@ class SimulatorApp:
             nonlocal started
             if message.get("type") == "http.response.start":
                 started = True
+                date = (b"date", formatdate(self.core.now_s(), usegmt=True).encode("ascii"))
+                message = {**message, "headers": [*message.get("headers", ()), date]}
             await send(message)
 
         try:
@@ -448,9 +452,15 @@ class SimulatorApp:
         status: int,
         reason: str,
         headers: tuple[tuple[str, str], ...] = (),
+        *,
+        authentication: bool = False,
     ) -> None:
+        """Record and answer a refusal; an ``authentication`` 401 is answered tersely in ``terse_errors`` mode
+        (the record keeps the precise reason; injected faults are always answered as given)."""
         self.core.record(request, endpoint, accepted=False, status=status, reason=reason)
         log.info("rejected %s %s: %d %s", request.method, request.raw_path, status, reason)
+        if authentication and status == 401 and self.core.config.terse_errors:
+            reason = payloads.terse_error(reason, secrets.randbelow(90000) + 10000)
         await send_json(send, status, payloads.error_body(reason, status), headers)
 
     def _pace(self, request: RequestInfo) -> FaultResponse | None:
@@ -521,7 +531,7 @@ class SimulatorApp:
 
         verdict = authenticate(core, request, form, lst_request=request.raw_path == LST_PATH)
         if isinstance(verdict, Rejection):
-            await self._reject(request, endpoint, send, verdict.status, verdict.reason)
+            await self._reject(request, endpoint, send, verdict.status, verdict.reason, authentication=True)
             return
         if request.raw_path.startswith(ISERVER_PREFIX) and request.raw_path not in BRIDGELESS and not core.state.bridge:
             await self._reject(request, endpoint, send, 400, "no bridge")
@@ -541,7 +551,7 @@ class SimulatorApp:
         try:
             reply = await route.handler(ctx)
         except RequestError as exc:
-            await self._reject(request, endpoint, send, exc.status, exc.reason)
+            await self._reject(request, endpoint, send, exc.status, exc.reason, authentication=True)
             return
         core.record(request, endpoint, accepted=True, status=reply.status, reason=reply.reason, rule=verdict.rule)
         if reply.stream is None:

@@ -59,6 +59,8 @@ def authenticate(
     header = parse_authorization(values[0] if values else None)
     if isinstance(header, Rejection):
         return header
+    if not core.config.consumer_active:  # unknown to IBKR, or registered but not activated yet
+        return Rejection("invalid consumer")
     now_s = core.now_s()
     core.nonces.prune(now_s)
     problem = check_oauth_params(

@@ -34,6 +34,9 @@ class SimConfig:
     snapshot_preflight: bool = True
     pacing: bool = True
     penalty_box_s: float = 600.0
+    accepted_query_rules: tuple[QueryRule, ...] | None = None  # None: by ``lenient``
+    consumer_active: bool = True
+    terse_errors: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lst_ttl_s", "heartbeat_s", "tick_interval_s", "subscription_ttl_s", "timestamp_window_s"):
@@ -47,7 +50,9 @@ class SimConfig:
 
     @property
     def query_rules(self) -> tuple[QueryRule, ...]:
-        """The query-coverage rules accepted (protocol.md §9.1)."""
+        """The query-coverage rules accepted: ``accepted_query_rules`` when set, else by ``lenient``."""
+        if self.accepted_query_rules is not None:
+            return self.accepted_query_rules
         return LENIENT_RULES if self.lenient else STRICT_RULES
 
 

@@ -18,6 +18,22 @@ def error_body(reason: str, status: int) -> dict[str, Any]:
     return {"error": reason, "statusCode": status}
 
 
+def terse_error(reason: str, incident: int) -> str:
+    """IBKR's terse 401 text for one of the simulator's precise rejection reasons.
+
+    IBKR tells a client only which of three things it did not like, behind an ``incident`` id:
+    ``id: 39687, error: invalid consumer`` (consumer key unknown or not active), ``… invalid token`` (access
+    token unknown) and ``… invalid signature`` (everything else: signature, secret, realm, timestamp, nonce).
+    """
+    if "consumer" in reason:
+        kind = "invalid consumer"
+    elif reason in ("missing token", "invalid token"):
+        kind = "invalid token"
+    else:
+        kind = "invalid signature"
+    return f"id: {incident}, error: {kind}"
+
+
 def auth_status(*, authenticated: bool, competing: bool, connected: bool = True) -> dict[str, Any]:
     """BrokerageSessionStatus (§6.2)."""
     return {

@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
 import hypercorn.trio
 import trio
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hypercorn.config import Config
 
 from gateway.simulator.app import SimulatorApp
@@ -26,6 +28,7 @@ from gateway.simulator.credentials import ServerView, SimulatorCredentials, writ
 from gateway.simulator.faults import Faults
 from gateway.simulator.market import Market
 from gateway.simulator.records import Record
+from gateway.simulator.verify import QueryRule
 
 log = logging.getLogger("gateway.simulator")
 
@@ -45,6 +48,14 @@ class Simulator:
 
     Only :class:`~gateway.simulator.credentials.ServerView` - what IBKR's server knows - reaches the protocol
     code; the client half of ``creds`` is kept solely so :meth:`write_credentials` can hand it out.
+
+    Misconfiguration modes, for first-contact diagnosis (each makes ``creds`` wrong the way a user's set-up can
+    be): ``consumer_active=False`` (the consumer key is unknown or not active yet: every request 401 "invalid
+    consumer"), ``registered_signature_key`` (the portal holds another public signature key),
+    ``registered_dh_prime`` (other DH parameters were registered), ``clock_skew_s`` (IBKR's clock - its ``Date``
+    header and the timestamp window - differs from this machine's), ``accepted_query_rules`` (which query-signing
+    rules IBKR accepts; default: by ``lenient``) and ``terse_errors`` (401 bodies as terse as IBKR's:
+    ``{"error": "id: N, error: invalid signature", "statusCode": 401}``).
     """
 
     def __init__(
@@ -65,6 +76,12 @@ class Simulator:
         ws_binary: bool = False,
         ws_idle_close_s: float | None = 60.0,
         clock: Callable[[], float] = time.time,
+        accepted_query_rules: Sequence[QueryRule] | None = None,
+        consumer_active: bool = True,
+        registered_signature_key: rsa.RSAPublicKey | None = None,
+        registered_dh_prime: int | None = None,
+        clock_skew_s: float = 0.0,
+        terse_errors: bool = False,
     ) -> None:
         self._creds = creds
         config = SimConfig(
@@ -79,14 +96,22 @@ class Simulator:
             snapshot_preflight=snapshot_preflight,
             pacing=pacing,
             penalty_box_s=penalty_box_s,
+            accepted_query_rules=tuple(accepted_query_rules) if accepted_query_rules is not None else None,
+            consumer_active=consumer_active,
+            terse_errors=terse_errors,
         )
+        view = ServerView.from_credentials(creds)
+        if registered_signature_key is not None:
+            view = replace(view, signature_public_key=registered_signature_key)
+        if registered_dh_prime is not None:
+            view = replace(view, dh_prime=registered_dh_prime)
         self.faults = Faults(self)
         self._core = SimCore(
-            view=ServerView.from_credentials(creds),
+            view=view,
             config=config,
             faults=self.faults,
             market=Market(seed),
-            clock=clock,
+            clock=(lambda: clock() + clock_skew_s) if clock_skew_s else clock,
             ws_binary=ws_binary,
         )
         self._app = SimulatorApp(self._core)
@@ -213,6 +238,7 @@ class Simulator:
         config.bind = [_bind(host, port)]
         config.h11_pass_raw_headers = True  # record header names as received
         config.include_server_header = False
+        config.include_date_header = False  # the app sends its own, from its (possibly skewed) clock
         config.accesslog = None
         config.errorlog = logging.getLogger("gateway.simulator.hypercorn")
         config.graceful_timeout = 1.0

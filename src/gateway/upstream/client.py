@@ -88,14 +88,17 @@ def _reason(exc: BaseException) -> str:
 class RequestSigner:
     """Signs ordinary requests with HMAC-SHA256 under one live session token (fresh nonce and time per call)."""
 
-    __slots__ = ("_identity", "_lst")
+    __slots__ = ("_identity", "_lst", "_query_rule")
 
-    def __init__(self, identity: OAuthIdentity, live_session_token: Secret[bytes]) -> None:
+    def __init__(
+        self, identity: OAuthIdentity, live_session_token: Secret[bytes], query_rule: QueryRule = QueryRule.INCLUDE
+    ) -> None:
         self._identity = identity
         self._lst = live_session_token
+        self._query_rule = query_rule
 
     def authorization(self, method: str, url: str) -> str:
-        """The ``Authorization`` header value for ``method url`` (query signed per IBKR's guide rule)."""
+        """The ``Authorization`` header value for ``method url`` (its query signed by the signer's query rule)."""
         return request_authorization(
             self._identity,
             method=method,
@@ -103,5 +106,5 @@ class RequestSigner:
             live_session_token=self._lst.reveal(),
             nonce=secrets.token_hex(16),
             timestamp=int(time.time()),
-            query_rule=QueryRule.INCLUDE,
+            query_rule=self._query_rule,
         )

@@ -135,6 +135,7 @@ def build_pages_app(source: StatusSource) -> QuartTrio:
         body = {"status": word, "state": status["state"], "simulator": status["simulator"]}
         if not ok:  # why, for whoever looks (the message is scrubbed of every registered secret and cut short)
             body["last_error"] = status["last_error"]
+            body["hint"] = status["last_error_hint"]
         return _json(body, 200 if ok else 503)
 
     return app

@@ -10,6 +10,7 @@ from typing import Any
 
 import trio
 
+from gateway.hints import Hint
 from gateway.pacing import Pacer
 from gateway.proxy.websocket import RelayCounters
 from gateway.session.calls import Accounts
@@ -53,6 +54,10 @@ def live_tasks() -> int:
         for nursery in task.child_nurseries:
             pending.extend(nursery.child_tasks)
     return count
+
+
+def _hint(hint: Hint | None) -> dict[str, object] | None:
+    return hint.as_dict() if hint is not None else None
 
 
 def _pacing_summary(pacing: dict[str, Any]) -> str:
@@ -101,7 +106,8 @@ def snapshot(source: StatusSource) -> dict[str, Any]:
 
     Times are ISO-8601 UTC strings; ``now`` is the gateway's clock at the snapshot, so a client can show "in 5 min"
     or "12 s ago" against it whatever its own clock says. ``recent_errors`` lists the last few session errors,
-    newest first, each ``{"at": ..., "message": ...}``.
+    newest first, each ``{"at": ..., "message": ..., "hint": {"cause", "fix", "keys"} or null}``;
+    ``last_error_hint`` is the latest error's hint.
     """
     now = time.time()
     manager = source.manager
@@ -131,8 +137,11 @@ def snapshot(source: StatusSource) -> dict[str, Any]:
         "lst_refreshes": stats.lst_refreshes,
         "last_error": stats.last_error or None,
         "last_error_at": _iso(stats.last_error_at),
+        "last_error_hint": _hint(stats.last_hint),
         "next_attempt": _iso(stats.next_attempt_at),
-        "recent_errors": [{"at": _iso(e.at), "message": e.message} for e in reversed(stats.recent_errors)],
+        "recent_errors": [
+            {"at": _iso(e.at), "message": e.message, "hint": _hint(e.hint)} for e in reversed(stats.recent_errors)
+        ],
         "relays": {
             "open": source.relays.open,
             "opening": source.relays.slots - source.relays.open,
