@@ -22,7 +22,7 @@ from gateway.oauth.dh import parse_dh_params_pem
 from gateway.oauth.keys import load_rsa_private_key
 from gateway.upstream.client import Timeouts, tls_context
 
-__all__ = ["NOTICE", "diagnose"]
+__all__ = ["NOTICE", "diagnose", "key_material"]
 
 NOTICE = (
     "the doctor opens its own IBKR session for this user: a gateway running with the same credentials loses its "
@@ -31,7 +31,8 @@ NOTICE = (
 DEFAULT_CONID = 265598  # AAPL on NASDAQ, the contract IBKR's own examples use
 
 
-def _key_material(credentials: Credentials, signature_pem: bytes, encryption_pem: bytes, dh_pem: bytes) -> KeyMaterial:
+def key_material(credentials: Credentials, signature_pem: bytes, encryption_pem: bytes, dh_pem: bytes) -> KeyMaterial:
+    """What the offline ``keys`` step examines: the loaded ``credentials`` and the three PEM files' contents."""
     identity = credentials.identity
     return KeyMaterial(
         consumer_key=identity.consumer_key,
@@ -85,7 +86,7 @@ async def diagnose(loaded: LoadedConfig, *, config_name: str, conid: int = DEFAU
             ibkr = config.ibkr
             base_url, credentials = ibkr.base_url, loaded.credentials
             pems = _read_pems(ibkr.signature_key, ibkr.encryption_key, ibkr.dh_param)
-        keys, facts = check_key_material(_key_material(credentials, *pems))
+        keys, facts = check_key_material(key_material(credentials, *pems))
         steps.append(keys)
         if keys.status is not Status.FAIL:
             target = LiveTarget(
