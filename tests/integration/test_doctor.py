@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from email.utils import formatdate
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from gateway.doctor.report import Report, Status, exit_status
 from gateway.simulator import Simulator, SimulatorCredentials, generate_credentials
 from tests.certs import self_signed
 from tests.keyfiles import is_probable_prime
+from tests.rawserver import RawConnection, open_raw_server
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -336,3 +338,56 @@ async def test_cli_failure_exits_1_and_never_prints_a_secret(tmp_path: Path) -> 
     document = json.loads(results[1].stdout)
     assert document["failed"] == "query_rule"
     assert document["steps"][-2]["hint"]["fix"] == 'set ibkr.query_rule = "in_url"'
+
+
+# ------------------------------------------------------------------------------------------------ hostile upstreams
+
+
+def _answer(status: str, body: bytes, content_type: str = "application/json") -> bytes:
+    date = formatdate(usegmt=True).encode()
+    head = f"HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {len(body)}\r\n".encode()
+    return head + b"date: " + date + b"\r\nconnection: close\r\n\r\n" + body
+
+
+@pytest.mark.parametrize(
+    ("lst_answer", "expected"),
+    [
+        (_answer("200 OK", b"<html>maintenance</html>", "text/html"), "body that is not JSON"),
+        (_answer("200 OK", b'{"diffie_hellman_response": 7}'), "diffie_hellman_response missing or empty"),
+        (
+            _answer(
+                "200 OK",
+                b'{"diffie_hellman_response": "zz", "live_session_token_signature": "a", '
+                b'"live_session_token_expiration": 1}',
+            ),
+            "not a hex number",
+        ),
+        (_answer("503 Service Unavailable", b'{"error": "maintenance"}'), "IBKR answered 503"),
+        (None, "did not answer in time"),
+    ],
+)
+async def test_a_misbehaving_ibkr_is_a_failed_step_not_a_traceback(
+    tmp_path: Path, lst_answer: bytes | None, expected: str
+) -> None:
+    async def handler(connection: RawConnection) -> None:
+        request = await connection.read_request()
+        if request is None:
+            return
+        if request.startswith(b"GET / "):
+            await connection.send(_answer("404 Not Found", b'{"error": "not found"}'))
+        elif lst_answer is None:
+            await trio.sleep_forever()  # IBKR never answers the token request
+        else:
+            await connection.send(lst_answer)
+
+    async with open_raw_server(handler) as server:
+        config = tmp_path / "conf"
+        report, _ = await _doctor(
+            config,
+            lambda t: _rebase(t, f"http://127.0.0.1:{server.port}").replace(
+                "read_timeout_s = 15", "read_timeout_s = 0.5"
+            ),
+        )
+    failed = _stopped_at(report, "lst_validation" if "hex number" in expected else "live_session_token")
+    assert expected in failed.detail
+    assert failed.hint is None or failed.hint.fix

@@ -387,7 +387,10 @@ async def walk(target: LiveTarget) -> list[Step]:
         steps: list[Step] = []
         try:
             for run in order:
-                step = await run()
+                try:
+                    step = await run()
+                except Exception as exc:  # a bug or an answer nobody foresaw: a failed step, never a traceback
+                    step = _fail(run.__name__, f"unexpected {type(exc).__name__} (please report it)")
                 steps.append(step)
                 if step.status is Status.FAIL:
                     break
