@@ -59,6 +59,7 @@ class IbkrConfig:
     realm: str = "limited_poa"
     user_agent: str = "ibkr-oauth-gateway"
     compete: bool = True
+    label: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ class SimConfig:
     snapshot_preflight: bool = True
     pacing: bool = True
     penalty_box_s: float = 600.0
+    paper: bool | None = True  # the accounts' isPaper; None: IBKR's answers leave the field out
 
     def __post_init__(self) -> None:
         for name in ("lst_ttl_s", "heartbeat_s", "tick_interval_s", "subscription_ttl_s", "timestamp_window_s"):
