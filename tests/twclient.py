@@ -51,8 +51,14 @@ async def open_websocket(
     max_message_size: int = 1 << 20,
     message_queue_size: int = 16,
     connect_timeout_s: float = 10.0,
+    connect_to: tuple[str, int] | None = None,
+    local_address: str | None = None,
 ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
-    """Connect to ``url`` (``ws://`` or ``wss://``); see the module contract."""
+    """Connect to ``url`` (``ws://`` or ``wss://``); see the module contract.
+
+    ``connect_to`` is the TCP address to connect to instead of the URL's host and port (the URL still gives the
+    ``Host`` header and the TLS server name, as for a name that resolves elsewhere); ``local_address`` the source
+    address of the connection."""
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise ValueError("WebSocket URL must be ws:// or wss:// with a host")
@@ -65,12 +71,12 @@ async def open_websocket(
         async with trio.open_nursery() as nursery:
             stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
             with trio.fail_after(connect_timeout_s):
+                stream = await trio.open_tcp_stream(
+                    *(connect_to or (parts.hostname, port)), local_address=local_address
+                )
                 if secure:
-                    stream = await trio.open_ssl_over_tcp_stream(
-                        parts.hostname, port, ssl_context=ssl_context or ssl.create_default_context()
-                    )
-                else:
-                    stream = await trio.open_tcp_stream(parts.hostname, port)
+                    context = ssl_context or ssl.create_default_context()
+                    stream = trio.SSLStream(stream, context, server_hostname=parts.hostname, https_compatible=True)
             try:
                 with trio.fail_after(connect_timeout_s):
                     connection = await trio_websocket.wrap_client_stream(

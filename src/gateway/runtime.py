@@ -257,6 +257,7 @@ async def serve_gateway(
                 upstream=base_url,
                 simulator=simulator is not None,
                 started_at=started_at,
+                label=config.ibkr.label,
             )
             app = Dispatcher(
                 settings=dispatch_settings(config, loaded.api_keys.reveal()),

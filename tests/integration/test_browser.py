@@ -48,11 +48,12 @@ async def test_status_page_shows_a_failing_session_live_and_recovers(
     browser: Browser, ibkr_sim_credentials: SimulatorCredentials, figure: Figure, artifact: Artifact
 ) -> None:
     """The page at / follows the session without a reload: healthy, then not ready with the error listed while
-    the simulator fails tickles, then healthy again; LST expiry and last tickle count live; fits a phone; and
-    says so when the gateway stops answering."""
+    the simulator fails tickles, then healthy again; LST expiry and last tickle count live; names the account it
+    serves (label, ids, paper) and says when they are not known; fits a phone; and says so when the gateway stops
+    answering."""
     with trio.fail_after(120):
         async with open_test_gateway(
-            {"session": {"tickle_interval_s": 1}},
+            {"session": {"tickle_interval_s": 1}, "ibkr": {"label": "family-paper"}},
             credentials=ibkr_sim_credentials,
             simulator_options={"lst_ttl_s": 3600},
         ) as gw:
@@ -66,6 +67,10 @@ async def test_status_page_shows_a_failing_session_live_and_recovers(
             assert re.search(r"\(\d+ s ago\)", tickle_before), tickle_before
             assert re.fullmatch(r"updated \d+ s ago", await page.evaluate(js_text("#freshness")))
             assert "none since" in await page.evaluate(js_text("#errors"))
+            assert await page.evaluate("document.title") == "family-paper · ibkr-oauth-gateway status"
+            assert await page.evaluate(js_text("h1")) == "ibkr-oauth-gateway family-paper"
+            account = "td[data-key=account_summary]"
+            assert await page.evaluate(js_text(account)) == "family-paper · DU1234567 · paper"
             # The countdown moves on its own between polls: the tickle time changes, its "ago" keeps counting.
             await page.wait_for(f"{js_text('td[data-key=last_tickle]')} !== {json.dumps(tickle_before)}")
 
@@ -88,12 +93,14 @@ async def test_status_page_shows_a_failing_session_live_and_recovers(
             await page.wait_for(f"{js_text('#errors li')}.includes('tickle unavailable')")
             fix = await page.evaluate(js_text("#errors li .hint"))  # the newest error, with what to do about it
             assert fix.startswith("Fix: nothing to change"), fix
+            await page.wait_for(f"{js_text(account)} === 'family-paper · accounts not read yet'")
             assert await page.evaluate(js_text("td[data-key=state]")) in ("backoff", "handshaking")
             await page.screenshot(OUTPUT / "status-failing-desktop.png", full_page=True)
 
             gw.simulator.faults.reset()
             await page.wait_for(f"{js_text('#health')}.startsWith('Healthy')", timeout_s=20)
             assert await page.evaluate(js_text("td[data-key=state]")) == "ready"
+            assert await page.evaluate(js_text(account)) == "family-paper · DU1234567 · paper"
             assert int(await page.evaluate(js_text("td[data-key=handshakes]"))) >= 2
             assert int(await page.evaluate(js_text("td[data-key=sessions_ended]"))) >= 1
             assert "not authenticated" in await page.evaluate(js_text("#errors"))  # the errors stay listed

@@ -6,12 +6,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from gateway.config import schema
 from gateway.config.load import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOYMENT = REPO / "Deployment.md"
 SITE = REPO / "deploy" / "nginx" / "ibkr-gateway.conf"
+ACCOUNTS_SITE = REPO / "deploy" / "nginx" / "ibkr-gateways.conf"
 FILE_BLOCK = re.compile(r"<!-- file: (\S+) -->\n```[a-z]*\n(.*?)```\n", re.S)
 
 
@@ -41,19 +44,21 @@ def _seconds(value: str) -> float:
     return float(value.removesuffix("s"))
 
 
-def test_nginx_limits_agree_with_the_gateway() -> None:
-    site = SITE.read_text()
+@pytest.mark.parametrize("site_file", [SITE, ACCOUNTS_SITE], ids=["single", "accounts"])
+def test_nginx_limits_agree_with_the_gateway(site_file: Path) -> None:
+    site = site_file.read_text()
     server = schema.SECTIONS["server"]
     body = re.search(r"^\s*client_max_body_size (\S+);", site, re.M)
     headers = re.search(r"^\s*large_client_header_buffers \d+ (\S+);", site, re.M)
     assert body and _size(body.group(1)) == server["max_body_bytes"].default
     assert headers and _size(headers.group(1)) == server["max_header_bytes"].default
-    ws_location = re.search(r"location = /v1/api/ws \{(.*?)\}", site, re.S)
-    assert ws_location, "the site has no WebSocket location"
-    ws_read = re.search(r"proxy_read_timeout (\S+);", ws_location.group(1))
+    ws_locations = re.findall(r"location = (?:/[\w-]+)?/v1/api/ws \{(.*?)\}", site, re.S)
+    assert ws_locations, "the site has no WebSocket location"
     ping = server["websocket_ping_interval_s"].default
     assert isinstance(ping, int | float)
-    assert ws_read and _seconds(ws_read.group(1)) > 10 * ping
+    for ws_location in ws_locations:  # one per account on the accounts site
+        ws_read = re.search(r"proxy_read_timeout (\S+);", ws_location)
+        assert ws_read and _seconds(ws_read.group(1)) > 10 * ping
     http_read = re.search(r"^    proxy_read_timeout (\S+);", site, re.M)
     worst_case = sum(
         float(str(schema.SECTIONS[section][key].default))

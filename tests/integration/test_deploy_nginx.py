@@ -1,11 +1,12 @@
-"""The documented nginx site, run for real: a non-root-style nginx on loopback ports with a self-signed certificate,
-in front of a real gateway and its simulator.
+"""The documented nginx sites, run for real: a non-root-style nginx on loopback ports with a self-signed certificate,
+in front of real gateways and their simulators.
 
-The site is ``deploy/nginx/ibkr-gateway.conf`` (what Deployment.md includes verbatim), changed only by
-:func:`render_site`: listen ports (production's 80/443 become free loopback ports), the two certificate paths and
-the upstream port. Everything else — TLS, the redirect, the catch-all servers, headers, buffering, timeouts and the
-rate limit — is the documented text. The client connects from 127.0.0.3, so the address the gateway logs can only
-have come through ``X-Forwarded-For``.
+The sites are ``deploy/nginx/ibkr-gateway.conf`` (one gateway) and ``deploy/nginx/ibkr-gateways.conf`` (one gateway
+per IBKR account, each under a path prefix), both included verbatim in Deployment.md, changed only by
+:func:`render_site`: listen ports (production's 80/443 become free loopback ports), the two certificate paths and the
+upstream ports. Everything else — TLS, the redirect, the catch-all servers, headers, buffering, timeouts, the rate
+limit and the accounts' locations — is the documented text. The client connects from 127.0.0.3, so the address the
+gateway logs can only have come through ``X-Forwarded-For``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,23 +33,32 @@ from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
 from tests.conftest import Figure
 from tests.processes import free_port
+from tests.twclient import open_websocket
 
 REPO = Path(__file__).resolve().parents[2]
 SITE = REPO / "deploy" / "nginx" / "ibkr-gateway.conf"
+ACCOUNTS_SITE = REPO / "deploy" / "nginx" / "ibkr-gateways.conf"
+SINGLE_UPSTREAM = {"": 5000}
+ACCOUNT_UPSTREAMS = {"paper": 5001, "live": 5002}
+"""Each site's gateways: account prefix (``""``: the single site's one gateway) -> the port its upstream names."""
 SERVER_NAME = "gateway.example.com"
 CLIENT_ADDRESS = "127.0.0.3"  # the test client's source address: not a trusted proxy
 ACCOUNTS = "/v1/api/iserver/accounts"
+WS_PATH = "/v1/api/ws"
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
 
-def render_site(site: str, *, http_port: int, https_port: int, upstream_port: int, cert: Path, key: Path) -> str:
+def render_site(
+    site: str, *, http_port: int, https_port: int, upstreams: Mapping[int, int], cert: Path, key: Path
+) -> str:
     """The documented site with only what a loopback test must change; each substitution must match exactly as
     often as the site is written to need it, so an edit of the site that the test no longer covers fails here.
 
     - ``listen 80``/``listen 443`` → ``127.0.0.1:<free port>``; ``listen [::]:80``/``[::]:443`` → ``[::1]:<port>``
     - ``ssl_certificate`` / ``ssl_certificate_key`` → the self-signed pair made by the test
-    - ``server 127.0.0.1:5000`` in the upstream → the test gateway's port
+    - ``server 127.0.0.1:<documented port>`` in each upstream → that test gateway's port (``upstreams`` maps the one
+      to the other, and must name every upstream server of the site)
     """
     ports = {"80": http_port, "443": https_port}
 
@@ -59,10 +70,13 @@ def render_site(site: str, *, http_port: int, https_port: int, upstream_port: in
     assert listens == 8, f"expected 8 listen lines in the site, found {listens}"
     rendered, certs = re.subn(r"(?m)^(\s*ssl_certificate\s+)\S+;", rf"\g<1>{cert};", rendered)
     rendered, keys = re.subn(r"(?m)^(\s*ssl_certificate_key\s+)\S+;", rf"\g<1>{key};", rendered)
-    rendered, upstreams = re.subn(
-        r"(?m)^(\s*server\s+)127\.0\.0\.1:5000;", rf"\g<1>127.0.0.1:{upstream_port};", rendered
-    )
-    assert (certs, keys, upstreams) == (1, 1, 1), (certs, keys, upstreams)
+    assert (certs, keys) == (1, 1), (certs, keys)
+    assert len(re.findall(r"(?m)^\s*server\s+\S+;", rendered)) == len(upstreams), "an upstream the test misses"
+    for documented, port in upstreams.items():
+        rendered, count = re.subn(
+            rf"(?m)^(\s*server\s+)127\.0\.0\.1:{documented};", rf"\g<1>127.0.0.1:{port};", rendered
+        )
+        assert count == 1, (documented, count)
     return rendered
 
 
@@ -91,11 +105,18 @@ def self_signed(tmp: Path, openssl: str) -> tuple[Path, Path]:
 
 @dataclass
 class Stack:
-    gw: TestGateway
+    """nginx running a documented site in front of one test gateway per account (``""`` for the single site)."""
+
+    gateways: Mapping[str, TestGateway]
     http_port: int
     https_port: int
     tls: ssl.SSLContext
     prefix: Path
+
+    @property
+    def gw(self) -> TestGateway:
+        """The single site's one gateway."""
+        return self.gateways[""]
 
     def client(self, **kwargs: object) -> httpx.AsyncClient:
         """HTTPS to nginx as a browser on another machine would: SNI and Host are the server name, the certificate
@@ -109,6 +130,17 @@ class Stack:
             **kwargs,  # type: ignore[arg-type]
         )
 
+    def websocket(self, path: str) -> AbstractAsyncContextManager[trio_websocket.WebSocketConnection]:
+        """A WebSocket over TLS through nginx, as :meth:`client` connects, with the browser Origin
+        ``https://<server name>``."""
+        return open_websocket(
+            f"wss://{SERVER_NAME}{path}",
+            extra_headers=[(b"origin", f"https://{SERVER_NAME}".encode())],
+            ssl_context=self.tls,
+            connect_to=("127.0.0.1", self.https_port),
+            local_address=CLIENT_ADDRESS,
+        )
+
 
 SNI = {"sni_hostname": SERVER_NAME}
 
@@ -118,63 +150,118 @@ def _listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+@asynccontextmanager
+async def running_nginx(nginx_path: str, prefix: Path, site_text: str, ports: tuple[int, int]) -> AsyncIterator[None]:
+    """nginx in the foreground with ``site_text`` as its only site, everything it writes under ``prefix``; returns
+    once it listens on both ``ports``. On exit: SIGTERM, and its log must hold no ``[emerg]``."""
+    site = prefix / "site.conf"
+    site.write_text(site_text)
+    conf = prefix / "nginx.conf"
+    conf.write_text(wrapper_conf(prefix, site))
+    base = [nginx_path, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+    check = await trio.run_process([*base, "-t", "-q"], capture_stderr=True, check=False)
+    assert check.returncode == 0, check.stderr.decode()
+    stderr_path = prefix / "nginx.stderr"
+    with stderr_path.open("wb") as stderr_file:
+        nginx = await trio.lowlevel.open_process([*base, "-g", "daemon off;"], stderr=stderr_file)
+    try:
+        with trio.fail_after(10):
+            while not all(_listening(port) for port in ports):
+                assert nginx.poll() is None, stderr_path.read_text()
+                await trio.sleep(0.05)
+        yield
+    finally:
+        nginx.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            await nginx.wait()
+    stderr = stderr_path.read_text()
+    errors = [line for line in (prefix / "error.log").read_text().splitlines() if "[emerg]" in line]
+    assert not errors and "emerg" not in stderr, (errors, stderr)
+
+
+@asynccontextmanager
+async def open_stack(
+    nginx_path: str, openssl_path: str, tmp_path: Path, credentials: SimulatorCredentials, site: str,
+    upstreams: Mapping[str, int],
+) -> AsyncIterator[Stack]:  # fmt: skip
+    """A documented site (``site``, its text) in a real nginx, in front of one test gateway per entry of
+    ``upstreams`` (account prefix -> the port the site names for it), each labelled with its account name and
+    trusting nginx."""
+    cert, key = self_signed(tmp_path, openssl_path)
+    async with AsyncExitStack() as stack:
+        gateways = {
+            name: await stack.enter_async_context(
+                open_test_gateway(
+                    {"server": {"trusted_proxies": ["127.0.0.1"]}, "ibkr": {"label": name}},
+                    credentials=credentials,
+                    simulator_options={"tick_interval_s": 0.05, "heartbeat_s": 0.5},
+                )
+            )
+            for name in upstreams
+        }
+        http_port, https_port = free_port(), free_port()
+        rendered = render_site(
+            site, http_port=http_port, https_port=https_port, cert=cert, key=key,
+            upstreams={upstreams[name]: int(gw.url.rsplit(":", 1)[1]) for name, gw in gateways.items()},
+        )  # fmt: skip
+        await stack.enter_async_context(running_nginx(nginx_path, tmp_path, rendered, (http_port, https_port)))
+        tls = ssl.create_default_context(cafile=str(cert))
+        yield Stack(gateways=gateways, http_port=http_port, https_port=https_port, tls=tls, prefix=tmp_path)
+
+
+SITES = {"single": (SITE, SINGLE_UPSTREAM), "accounts": (ACCOUNTS_SITE, ACCOUNT_UPSTREAMS)}
+ACCOUNTS_STACK = pytest.mark.parametrize("stack", ["accounts"], indirect=True)
+"""For a test of the accounts site: its ``stack`` runs ``ibkr-gateways.conf`` with two gateways."""
+
+
 @pytest.fixture
 async def stack(
-    nginx_path: str, openssl_path: str, tmp_path: Path, ibkr_sim_credentials: SimulatorCredentials
+    request: pytest.FixtureRequest,
+    nginx_path: str,
+    openssl_path: str,
+    tmp_path: Path,
+    ibkr_sim_credentials: SimulatorCredentials,
 ) -> AsyncIterator[Stack]:
-    cert, key = self_signed(tmp_path, openssl_path)
-    tls = ssl.create_default_context(cafile=str(cert))
-    async with open_test_gateway(
-        {"server": {"trusted_proxies": ["127.0.0.1"]}},
-        credentials=ibkr_sim_credentials,
-        simulator_options={"tick_interval_s": 0.05, "heartbeat_s": 0.5},
-    ) as gw:
-        upstream_port = int(gw.url.rsplit(":", 1)[1])
-        http_port, https_port = free_port(), free_port()
-        site = tmp_path / "ibkr-gateway.conf"
-        site.write_text(
-            render_site(
-                SITE.read_text(), http_port=http_port, https_port=https_port, upstream_port=upstream_port,
-                cert=cert, key=key,
-            )
-        )  # fmt: skip
-        conf = tmp_path / "nginx.conf"
-        conf.write_text(wrapper_conf(tmp_path, site))
-        base = [nginx_path, "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")]
-        check = await trio.run_process([*base, "-t", "-q"], capture_stderr=True, check=False)
-        assert check.returncode == 0, check.stderr.decode()
-        stderr_path = tmp_path / "nginx.stderr"
-        with stderr_path.open("wb") as stderr_file:
-            nginx = await trio.lowlevel.open_process([*base, "-g", "daemon off;"], stderr=stderr_file)
-        try:
-            with trio.fail_after(10):
-                while not (_listening(https_port) and _listening(http_port)):
-                    assert nginx.poll() is None, stderr_path.read_text()
-                    await trio.sleep(0.05)
-            yield Stack(gw=gw, http_port=http_port, https_port=https_port, tls=tls, prefix=tmp_path)
-        finally:
-            nginx.send_signal(signal.SIGTERM)
-            with trio.fail_after(10):
-                await nginx.wait()
-        stderr = stderr_path.read_text()
-        errors = [line for line in (tmp_path / "error.log").read_text().splitlines() if "[emerg]" in line]
-        assert not errors and "emerg" not in stderr, (errors, stderr)
+    """The single site in front of one gateway, or with :data:`ACCOUNTS_STACK` the accounts site in front of two."""
+    site, upstreams = SITES[getattr(request, "param", "single")]
+    text = site.read_text()
+    async with open_stack(nginx_path, openssl_path, tmp_path, ibkr_sim_credentials, text, upstreams) as running:
+        yield running
 
 
-def test_documented_site_renders_for_loopback(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("site", "upstreams"), [(SITE, SINGLE_UPSTREAM), (ACCOUNTS_SITE, ACCOUNT_UPSTREAMS)], ids=["single", "accounts"]
+)
+def test_documented_site_renders_for_loopback(tmp_path: Path, site: Path, upstreams: Mapping[str, int]) -> None:
     """The substitutions the tests below rely on still fit the documented site (no nginx needed): every listen line
-    moves to loopback, both certificate lines and the upstream change, and nothing else does."""
-    site = SITE.read_text()
+    moves to loopback, both certificate lines and each upstream change, and nothing else does."""
+    text = site.read_text()
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    rendered = render_site(site, http_port=8080, https_port=8443, upstream_port=5555, cert=cert, key=key)
+    test_ports = {documented: 6000 + index for index, documented in enumerate(upstreams.values())}
+    rendered = render_site(text, http_port=8080, https_port=8443, upstreams=test_ports, cert=cert, key=key)
     assert not re.search(r"(?m)^\s*listen\s+(\[::\]:)?(80|443)\b", rendered)
     assert rendered.count("listen 127.0.0.1:8080") == rendered.count("listen [::1]:8080") == 2
     assert rendered.count("listen 127.0.0.1:8443") == rendered.count("listen [::1]:8443") == 2
     assert re.search(rf"(?m)^\s*ssl_certificate\s+{re.escape(str(cert))};$", rendered)
     assert re.search(rf"(?m)^\s*ssl_certificate_key\s+{re.escape(str(key))};$", rendered)
-    assert re.search(r"(?m)^\s*server\s+127\.0\.0\.1:5555;$", rendered)
-    changed = [pair for pair in zip(site.splitlines(), rendered.splitlines(), strict=True) if pair[0] != pair[1]]
-    assert len(changed) == 8 + 2 + 1, changed
+    for port in test_ports.values():
+        assert re.search(rf"(?m)^\s*server\s+127\.0\.0\.1:{port};$", rendered)
+    changed = [pair for pair in zip(text.splitlines(), rendered.splitlines(), strict=True) if pair[0] != pair[1]]
+    assert len(changed) == 8 + 2 + len(upstreams), changed
+
+
+def _outside_routing(site: str) -> list[str]:
+    """The site's directives other than its ``upstream`` and ``location`` blocks (comments and blank lines out)."""
+    lines = [line for line in site.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return re.sub(r"(?ms)^\s*(upstream|location) [^{]*\{.*?^\s*\}\n", "", "\n".join(lines) + "\n").splitlines()
+
+
+def test_accounts_site_is_the_single_site_but_for_its_routing() -> None:
+    """The accounts site keeps every line of the single site (TLS, the catch-alls, headers, buffering, timeouts,
+    limits) except its upstreams and locations, so what the single site's tests prove holds for it too."""
+    single, accounts = _outside_routing(SITE.read_text()), _outside_routing(ACCOUNTS_SITE.read_text())
+    assert len(single) > 40 and not any(line.lstrip().startswith(("upstream", "location")) for line in single)
+    assert accounts == single
 
 
 async def test_https_proxy_redirect_and_unknown_hosts(stack: Stack) -> None:
@@ -232,33 +319,35 @@ async def test_forwarded_address_and_scheme_reach_the_gateway(stack: Stack, capl
     assert not any("203.0.113.9" in line for line in lines)
 
 
+async def _market_data(ws: trio_websocket.WebSocketConnection, count: int = 3) -> list[dict[str, object]]:
+    """Subscribe to AAPL's market data and return the first ``count`` ticks."""
+    await ws.send_message('smd+265598+{"fields":["31","84","86"]}')
+    ticks: list[dict[str, object]] = []
+    with trio.fail_after(10):
+        while len(ticks) < count:
+            message = json.loads(await ws.get_message())
+            if message.get("topic") == "smd+265598":
+                ticks.append(message)
+    return ticks
+
+
+async def _relays_closed(gw: TestGateway) -> None:
+    with trio.fail_after(5):
+        while gw.gateway.relays.open:  # noqa: ASYNC110 - polls a counter owned by the gateway
+            await trio.sleep(0.02)
+
+
 async def test_websocket_relay_through_nginx(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="gateway.websocket")
-    async with trio.open_nursery() as nursery:
-        tcp = await trio.open_tcp_stream("127.0.0.1", stack.https_port, local_address=CLIENT_ADDRESS)
-        tls = trio.SSLStream(tcp, stack.tls, server_hostname=SERVER_NAME, https_compatible=True)
-        ws = await trio_websocket.wrap_client_stream(
-            nursery, tls, SERVER_NAME, "/v1/api/ws", extra_headers=[(b"origin", f"https://{SERVER_NAME}".encode())]
-        )
-        try:
-            await ws.send_message('smd+265598+{"fields":["31","84","86"]}')
-            ticks: list[dict[str, object]] = []
-            with trio.fail_after(10):
-                while len(ticks) < 3:
-                    message = json.loads(await ws.get_message())
-                    if message.get("topic") == "smd+265598":
-                        ticks.append(message)
-            assert {tick["conid"] for tick in ticks} == {265598}
-            assert stack.gw.gateway.relays.open == 1
-            # The status shows who holds the relay as the browser saw it: nginx's X-Forwarded-For and -Proto.
-            async with stack.gw.client() as direct:
-                relays = (await direct.get("/session")).json()["relays"]
-            assert relays["clients"] == [{"client": CLIENT_ADDRESS, "scheme": "https"}]
-        finally:
-            await ws.aclose()
-    with trio.fail_after(5):
-        while stack.gw.gateway.relays.open:  # noqa: ASYNC110 - polls a counter owned by the gateway
-            await trio.sleep(0.02)
+    async with stack.websocket(WS_PATH) as ws:
+        ticks = await _market_data(ws)
+        assert {tick["conid"] for tick in ticks} == {265598}
+        assert stack.gw.gateway.relays.open == 1
+        # The status shows who holds the relay as the browser saw it: nginx's X-Forwarded-For and -Proto.
+        async with stack.gw.client() as direct:
+            relays = (await direct.get("/session")).json()["relays"]
+        assert relays["clients"] == [{"client": CLIENT_ADDRESS, "scheme": "https"}]
+    await _relays_closed(stack.gw)
     lines = [r.getMessage() for r in caplog.records if r.name == "gateway.websocket"]
     assert f"/v1/api/ws: WebSocket relay open client={CLIENT_ADDRESS}" in lines, lines
     assert f"/v1/api/ws: WebSocket relay closed client={CLIENT_ADDRESS}" in lines, lines
@@ -292,3 +381,63 @@ async def test_rate_limit_turns_a_burst_away_at_nginx(stack: Stack, figure: Figu
     assert after - before == passed
     async with stack.gw.client() as direct:
         assert (await direct.get("/health")).status_code == 200
+
+
+def _records(gw: TestGateway, path: str) -> list[str]:
+    """The raw queries of the requests for ``path`` that reached ``gw``'s simulator (IBKR's side)."""
+    return [r.raw_query for r in gw.simulator.records if r.path == path]
+
+
+@ACCOUNTS_STACK
+async def test_each_prefix_reaches_its_own_gateway(stack: Stack) -> None:
+    """Through the accounts site, ``/<account>/...`` reaches that account's gateway with the prefix stripped and the
+    query unchanged — its status page and ``/session`` name the account — and the other gateway sees nothing of it;
+    ``/<account>`` moves to ``/<account>/``; a path under no account is nginx's 404, seen by no gateway."""
+    gateways = stack.gateways
+    async with stack.client() as http:
+        for name, gw in gateways.items():
+            others = [other for other in gateways.values() if other is not gw]
+            before = {id(g): len(_records(g, ACCOUNTS)) for g in gateways.values()}
+            r = await http.get(f"/{name}{ACCOUNTS}", params={"x": "1", "y": "a,b"}, extensions=SNI)
+            assert r.status_code == 200, r.text
+            assert _records(gw, ACCOUNTS)[before[id(gw)] :] == ["x=1&y=a%2Cb"]
+            assert all(len(_records(other, ACCOUNTS)) == before[id(other)] for other in others)
+            session = (await http.get(f"/{name}/session", extensions=SNI)).json()
+            assert session["account"] == {"label": name, "paper": True}
+            page = await http.get(f"/{name}/", extensions=SNI)
+            assert page.status_code == 200 and f"<title>{name} · ibkr-oauth-gateway status</title>" in page.text
+            assert 'fetch("session"' in page.text  # relative: the page polls /<account>/session, not /session
+            health = await http.get(f"/{name}/health", extensions=SNI)
+            assert health.status_code == 200 and health.json()["status"] == "ok"
+            bare = await http.get(f"/{name}", extensions=SNI)
+            moved = f"https://{SERVER_NAME}:{stack.https_port}/{name}/"  # in production: port 443, left out
+            assert bare.status_code == 301 and bare.headers["location"] == moved
+        before = {id(g): len(g.simulator.records) for g in gateways.values()}
+        for path in (ACCOUNTS, "/session", "/", "/other/session", f"/other{ACCOUNTS}", "/paperx/session"):
+            r = await http.get(path, extensions=SNI)
+            assert r.status_code == 404, (path, r.status_code)
+            assert r.json() == {"error": "no account at this path", "statusCode": 404, "source": "nginx"}, path
+        assert {id(g): len(g.simulator.records) for g in gateways.values()} == before
+
+
+@ACCOUNTS_STACK
+async def test_websocket_through_each_prefix(stack: Stack) -> None:
+    """A WebSocket at ``/<account>/v1/api/ws`` is relayed by that account's gateway only, and receives market data;
+    one under no account is refused by nginx."""
+    gateways = stack.gateways
+    for name, gw in gateways.items():
+        async with stack.websocket(f"/{name}{WS_PATH}") as ws:
+            ticks = await _market_data(ws)
+            assert {tick["conid"] for tick in ticks} == {265598}
+            assert {other: g.gateway.relays.open for other, g in gateways.items()} == {
+                other: int(other == name) for other in gateways
+            }
+            async with gw.client() as direct:
+                relays = (await direct.get("/session")).json()["relays"]
+            assert relays["clients"] == [{"client": CLIENT_ADDRESS, "scheme": "https"}]
+        await _relays_closed(gw)
+    with pytest.raises(trio_websocket.ConnectionRejected) as refused:
+        async with stack.websocket(f"/other{WS_PATH}"):
+            pass
+    assert refused.value.status_code == 404 and refused.value.body is not None
+    assert json.loads(refused.value.body)["source"] == "nginx"

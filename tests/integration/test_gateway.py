@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import html
 import json
 import os
 from collections.abc import AsyncIterator
@@ -272,6 +273,39 @@ async def test_status_endpoints_say_simulator_and_hold_no_secret(
     for text in (health.text, session.text, page.text):
         for secret in (ibkr_sim_credentials.access_token_secret, cookie, ibkr_sim_credentials.access_token):
             assert secret not in text
+
+
+@pytest.mark.parametrize(
+    ("label", "paper", "summary"),
+    [
+        ("family-paper", True, "family-paper · DU1234567 · paper"),
+        ("family live <ops>", False, "family live <ops> · DU1234567 · live"),
+        ("", None, "DU1234567 · paper or live: not reported"),
+    ],
+    ids=["paper", "live", "unreported"],
+)
+async def test_session_and_page_say_which_account_they_serve(
+    ibkr_sim_credentials: SimulatorCredentials, label: str, paper: bool | None, summary: str
+) -> None:
+    """``[ibkr] label`` and IBKR's ``isPaper`` (the simulator answers true, false or leaves it out) reach
+    ``/session`` beside the account ids, and the status page's title, heading and Account row."""
+    async with (
+        open_test_gateway(
+            {"ibkr": {"label": label}}, credentials=ibkr_sim_credentials, simulator_options={"paper": paper}
+        ) as gw,
+        gw.client() as http,
+    ):
+        status = (await http.get("/session")).json()
+        page = (await http.get("/")).text
+    assert status["account"] == {"label": label or None, "paper": paper}
+    assert status["accounts"]["iserver"] == ["DU1234567"]
+    assert status["account_summary"] == summary
+    assert f'<td data-key="account_summary">{html.escape(summary)}</td>' in page
+    if label:
+        assert f"<title>{html.escape(label)} · ibkr-oauth-gateway status</title>" in page
+        assert f'<span id="label">{html.escape(label)}</span>' in page
+    else:
+        assert "<title>ibkr-oauth-gateway status</title>" in page and 'id="label"' not in page
 
 
 async def test_health_503_while_upstream_down(ibkr_sim_credentials: SimulatorCredentials) -> None:

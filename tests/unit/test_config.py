@@ -332,6 +332,39 @@ def test_trusted_proxies_accept_networks(tmp_path: Path) -> None:
     assert config.server.trusted_proxies == (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1"))
 
 
+def test_label_names_the_account_and_defaults_to_empty(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text('[ibkr]\nlabel = "Family paper · ünïcode"\n[simulator]\nenabled = true\n')
+    assert load_config(path, env={}).config.ibkr.label == "Family paper · ünïcode"
+    assert load_config(path, env={"GATEWAY__IBKR__LABEL": "live 2"}).config.ibkr.label == "live 2"
+    path.write_text("[simulator]\nenabled = true\n")
+    assert load_config(path, env={}).config.ibkr.label == ""
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('"' + "x" * 65 + '"', "ibkr.label: must be at most 64 characters, got 65"),
+        ('"two\\nlines"', "ibkr.label: must hold printable characters only"),
+        ('"tab\\there"', "ibkr.label: must hold printable characters only"),
+        ('"bell\\u0007"', "ibkr.label: must hold printable characters only"),
+        ("7", "ibkr.label: must be a string, not an integer"),
+    ],
+)
+def test_label_refused(tmp_path: Path, value: str, expected: str) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text(f"[ibkr]\nlabel = {value}\n[simulator]\nenabled = true\n")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, env={})
+    assert any(expected in problem for problem in problems_of(excinfo)), problems_of(excinfo)
+
+
+def test_label_of_64_characters_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text(f'[ibkr]\nlabel = "{"x" * 64}"\n[simulator]\nenabled = true\n')
+    assert load_config(path, env={}).config.ibkr.label == "x" * 64
+
+
 # --- the renderer and the parser agree --------------------------------------------------------------------
 
 

@@ -56,6 +56,8 @@ def snapshot(**overrides: Any) -> dict[str, Any]:
         "recent_errors": [],
         "relays": {"open": 2, "opened_total": 3, "messages_up": 4, "messages_down": 5},
         "pacing_summary": "breaker closed",
+        "account": {"label": None, "paper": True},
+        "account_summary": "DU1234567 · paper",
     }
     return base | overrides
 
@@ -81,3 +83,23 @@ def test_hostile_error_text_cannot_break_out_of_the_page() -> None:
     island = re.search(r'<script type="application/json" id="snapshot">(.*?)</script>', page, flags=re.S)
     assert island is not None
     assert json.loads(island.group(1))["recent_errors"][0]["message"] == evil
+
+
+def test_page_names_the_account_it_serves() -> None:
+    page = render_status_page(
+        snapshot(account={"label": "family-paper", "paper": True}, account_summary="family-paper · DU1 · paper")
+    )
+    assert "<title>family-paper · ibkr-oauth-gateway status</title>" in page
+    assert '<h1>ibkr-oauth-gateway <span id="label">family-paper</span></h1>' in page
+    assert '<tr><th>Account</th><td data-key="account_summary">family-paper · DU1 · paper</td></tr>' in page
+    unlabelled = render_status_page(snapshot())
+    assert "<title>ibkr-oauth-gateway status</title>" in unlabelled
+    assert "<h1>ibkr-oauth-gateway</h1>" in unlabelled
+
+
+def test_hostile_label_is_text() -> None:
+    evil = "</title><script>alert(1)</script>"
+    page = render_status_page(snapshot(account={"label": evil, "paper": None}, account_summary=evil))
+    assert "<script>alert(1)" not in page
+    assert page.count("</title>") == 1
+    assert page.count("&lt;/title&gt;&lt;script&gt;alert(1)&lt;/script&gt;") == 3  # title, heading, Account row

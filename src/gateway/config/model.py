@@ -61,6 +61,7 @@ class IbkrConfig:
     user_agent: str = "ibkr-oauth-gateway"
     compete: bool = True
     query_rule: QueryRule = QueryRule.INCLUDE
+    label: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -165,6 +165,21 @@ def base64_text(value: object) -> str:
     return compact
 
 
+MAX_LABEL_CHARS = 64
+
+
+def label(value: object) -> str:
+    """A short free-text name for the account a gateway serves (``"family-paper"``): printable characters only (no
+    line breaks, tabs or control characters), at most :data:`MAX_LABEL_CHARS`; empty means no label."""
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not {_type_name(value)}")
+    if len(value) > MAX_LABEL_CHARS:
+        raise ValueError(f"must be at most {MAX_LABEL_CHARS} characters, got {len(value)}")
+    if not value.isprintable():
+        raise ValueError("must hold printable characters only (no line breaks, tabs or control characters)")
+    return value
+
+
 MIN_API_KEY_LENGTH = 16
 _API_KEY = re.compile(r"^[\x21-\x2b\x2d-\x7e]+$")
 
@@ -355,6 +370,11 @@ SECTIONS: Mapping[str, Mapping[str, Key]] = {
             "include",
             "how a query string is signed: IBKR's documented rule (include) or one of the two seen in other "
             "clients; python -m gateway doctor says which one IBKR accepts",
+        ),
+        "label": Key(
+            label,
+            "",
+            "a short name for the account this gateway serves, shown on the status page and in /session",
         ),
     },
     "upstream": {

@@ -199,11 +199,16 @@ async def logout(client: httpx.AsyncClient, *, base_url: str, signer: RequestSig
 
 @dataclass(frozen=True, slots=True)
 class Accounts:
-    """The accounts IBKR lists for the session (account ids are not secrets; no balances are kept)."""
+    """The accounts IBKR lists for the session (account ids are not secrets; no balances are kept).
+
+    ``paper`` is IBKR's ``isPaper`` from ``/iserver/accounts``: ``True`` for a paper-trading login, ``False`` for a
+    live one, ``None`` when the answer did not say (absent, or not a boolean).
+    """
 
     iserver: tuple[str, ...]
     selected: str
     portfolio: tuple[str, ...] = ()
+    paper: bool | None = None
 
 
 async def iserver_accounts(
@@ -216,7 +221,12 @@ async def iserver_accounts(
     if not isinstance(raw, list) or not all(isinstance(account, str) for account in raw):
         raise UpstreamStatusError(f"GET {ISERVER_ACCOUNTS_PATH}: answer has no list of accounts")
     selected = body.get("selectedAccount")
-    return Accounts(iserver=tuple(raw), selected=selected if isinstance(selected, str) else "")
+    paper = body.get("isPaper")
+    return Accounts(
+        iserver=tuple(raw),
+        selected=selected if isinstance(selected, str) else "",
+        paper=paper if isinstance(paper, bool) else None,
+    )
 
 
 async def portfolio_accounts(

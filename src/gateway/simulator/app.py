@@ -228,7 +228,7 @@ async def _logout(ctx: Ctx) -> Reply:
 
 async def _iserver_accounts(ctx: Ctx) -> Reply:
     ctx.core.state.accounts_read = True
-    return Reply(body=payloads.iserver_accounts(ctx.core.state.session_id))
+    return Reply(body=payloads.iserver_accounts(ctx.core.state.session_id, paper=ctx.core.config.paper))
 
 
 async def _portfolio_accounts(ctx: Ctx) -> Reply:

@@ -37,6 +37,7 @@ class SimConfig:
     accepted_query_rules: tuple[QueryRule, ...] | None = None  # None: by ``lenient``
     consumer_active: bool = True
     terse_errors: bool = False
+    paper: bool | None = True  # the accounts' isPaper; None: IBKR's answers leave the field out
 
     def __post_init__(self) -> None:
         for name in ("lst_ttl_s", "heartbeat_s", "tick_interval_s", "subscription_ttl_s", "timestamp_window_s"):

@@ -69,7 +69,12 @@ def lst_response(*, response_hex: str, signature_hex: str, expires_ms: int) -> d
     }
 
 
-def iserver_accounts(session: str | None) -> dict[str, Any]:
+def _is_paper(paper: bool | None) -> dict[str, Any]:
+    """IBKR's ``isPaper`` field: a paper (``true``) or live (``false``) account; left out when ``paper`` is None."""
+    return {} if paper is None else {"isPaper": paper}
+
+
+def iserver_accounts(session: str | None, *, paper: bool | None = True) -> dict[str, Any]:
     """``GET /iserver/accounts``."""
     return {
         "accounts": [ACCOUNT_ID],
@@ -83,7 +88,7 @@ def iserver_accounts(session: str | None) -> dict[str, Any]:
         "serverInfo": dict(SERVER_INFO),
         "sessionId": session or "",
         "isFT": False,
-        "isPaper": True,
+        **_is_paper(paper),
     }
 
 
@@ -114,14 +119,14 @@ def portfolio_accounts() -> list[dict[str, Any]]:
     ]
 
 
-def ws_system_hello() -> dict[str, Any]:
+def ws_system_hello(*, paper: bool | None = True) -> dict[str, Any]:
     """First WebSocket message after a session is attached (§7)."""
-    return {"topic": "system", "success": USERNAME, "isFT": False, "isPaper": True}
+    return {"topic": "system", "success": USERNAME, "isFT": False, **_is_paper(paper)}
 
 
-def ws_act(session: str) -> dict[str, Any]:
+def ws_act(session: str, *, paper: bool | None = True) -> dict[str, Any]:
     """The ``act`` (accounts) WebSocket message."""
-    body = iserver_accounts(session)
+    body = iserver_accounts(session, paper=paper)
     return {"topic": "act", "args": {k: v for k, v in body.items() if k not in ("groups", "profiles")}}
 
 

@@ -44,7 +44,9 @@ class Simulator:
     /accounts first" until ``/iserver/accounts`` was read in the brokerage session; ``/portfolio/{acct}/...``
     likewise until ``/portfolio/accounts`` was read with the current LST), ``snapshot_preflight`` (a conid's first
     snapshot in a brokerage session has no price fields) and ``pacing`` (IBKR's global and per-endpoint limits,
-    429 and then ``penalty_box_s`` seconds of 429 for everything).
+    429 and then ``penalty_box_s`` seconds of 429 for everything). ``paper`` is the account's ``isPaper`` in
+    ``/iserver/accounts`` and on the WebSocket: ``True`` (a paper account, the default), ``False`` (live) or ``None``
+    (the field left out).
 
     Only :class:`~gateway.simulator.credentials.ServerView` - what IBKR's server knows - reaches the protocol
     code; the client half of ``creds`` is kept solely so :meth:`write_credentials` can hand it out.
@@ -72,6 +74,7 @@ class Simulator:
         snapshot_preflight: bool = True,
         pacing: bool = True,
         penalty_box_s: float = 600,
+        paper: bool | None = True,
         seed: int | None = None,
         ws_binary: bool = False,
         ws_idle_close_s: float | None = 60.0,
@@ -99,6 +102,7 @@ class Simulator:
             accepted_query_rules=tuple(accepted_query_rules) if accepted_query_rules is not None else None,
             consumer_active=consumer_active,
             terse_errors=terse_errors,
+            paper=paper,
         )
         view = ServerView.from_credentials(creds)
         if registered_signature_key is not None:

@@ -217,8 +217,8 @@ class _Connection:
         self.attached = True
         session = core.state.session_id or ""
         authenticated, competing = core.tickle_status()
-        await self._emit(payloads.ws_system_hello())
-        await self._emit(payloads.ws_act(session))
+        await self._emit(payloads.ws_system_hello(paper=core.config.paper))
+        await self._emit(payloads.ws_act(session, paper=core.config.paper))
         await self._emit(payloads.ws_sts(payloads.auth_status(authenticated=authenticated, competing=competing)))
         assert self.nursery is not None
         self.nursery.start_soon(self._heartbeat)

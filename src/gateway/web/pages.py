@@ -3,7 +3,9 @@
 Contract: ``/health`` answers 200 only when the session is ready and IBKR says authenticated, 503 with the state
 otherwise; ``/session`` is the status snapshot as JSON; ``/`` renders the same snapshot as a single dependency-free page
 (``status_page.html``) that refreshes itself from ``/session`` every 2 s, counts "in N min" / "N s ago" down
-live, and says so when the gateway stops answering. None of them shows a secret.
+live, and says so when the gateway stops answering. The page names the account it serves: the ``[ibkr] label`` in
+its title and heading, and an "Account" row with the label, the account ids and paper or live. None of them shows
+a secret.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from gateway.web.status import StatusSource, healthy, snapshot
 
 _TABLES = {
     "status": (
+        ("account_summary", "Account"),
         ("state", "Session state"),
         ("since", "In this state since"),
         ("lst_expires", "Live session token expires"),
@@ -88,7 +91,10 @@ def render_status_page(status: dict[str, Any]) -> str:
         else ""
     )
     health_text = "Healthy: session ready" if status["healthy"] else f"Not ready: {html.escape(status['state'])}"
+    label = status["account"]["label"]
     parts = {
+        "@@TITLE@@": html.escape(f"{label} · ibkr-oauth-gateway" if label else "ibkr-oauth-gateway"),
+        "@@LABEL@@": f' <span id="label">{html.escape(label)}</span>' if label else "",
         "@@SIM_BANNER@@": sim_banner,
         "@@HEALTH_CLASS@@": "ok" if status["healthy"] else "bad",
         "@@HEALTH_TEXT@@": health_text,

@@ -31,7 +31,8 @@ def _iso_ms(epoch_s: float) -> str:
 
 @dataclass(frozen=True, slots=True)
 class StatusSource:
-    """Where the snapshot reads from. ``upstream`` is the base URL; ``simulator`` says it is not IBKR."""
+    """Where the snapshot reads from. ``upstream`` is the base URL; ``simulator`` says it is not IBKR; ``label`` is
+    the configured name of the account (``[ibkr] label``, ``""`` when none)."""
 
     manager: SessionManager
     relays: RelayCounters
@@ -39,6 +40,7 @@ class StatusSource:
     upstream: str
     simulator: bool
     started_at: float
+    label: str = ""
 
 
 def live_tasks() -> int:
@@ -86,6 +88,26 @@ def _accounts(accounts: Accounts) -> dict[str, object]:
     }
 
 
+PAPER_WORDS = {True: "paper", False: "live", None: "paper or live: not reported"}
+"""How the status page words IBKR's ``isPaper``."""
+
+
+def _account(label: str, accounts: Accounts | None) -> dict[str, object]:
+    """Which account this gateway serves: the configured label (``None`` when unset) and IBKR's ``isPaper`` from
+    the current session's ``/iserver/accounts`` (``None`` while no session has read it, or when IBKR did not say)."""
+    return {"label": label or None, "paper": accounts.paper if accounts is not None else None}
+
+
+def _account_summary(label: str, accounts: Accounts | None) -> str:
+    """One line for the status page: label, account ids, and paper or live."""
+    parts = [label] if label else []
+    if accounts is None:
+        parts.append("accounts not read yet")
+    else:
+        parts += [", ".join(accounts.iserver) or "no accounts listed", PAPER_WORDS[accounts.paper]]
+    return " · ".join(parts)
+
+
 def _relay_clients(labels: Iterable[object]) -> list[dict[str, str]]:
     """Who holds the open relays: address and scheme as the client saw them (behind nginx: ``X-Forwarded-For`` /
     ``X-Forwarded-Proto`` from a trusted proxy), at most :data:`MAX_LISTED_CLIENTS`."""
@@ -104,6 +126,10 @@ def healthy(source: StatusSource) -> bool:
 def snapshot(source: StatusSource) -> dict[str, Any]:
     """A JSON-able dict of the gateway's state. Contract: contains no token, secret, signature or cookie.
 
+    ``account`` says which account the gateway serves: ``{"label": <[ibkr] label or None>, "paper": <IBKR's
+    isPaper: true, false, or None when unknown>}``; ``accounts`` holds the ids; ``account_summary`` is both in one
+    line for the status page.
+
     Times are ISO-8601 UTC strings; ``now`` is the gateway's clock at the snapshot, so a client can show "in 5 min"
     or "12 s ago" against it whatever its own clock says. ``recent_errors`` lists the last few session errors,
     newest first, each ``{"at": ..., "message": ..., "hint": {"cause", "fix", "keys"} or null}``;
@@ -115,6 +141,7 @@ def snapshot(source: StatusSource) -> dict[str, Any]:
     pacing = source.pacer.snapshot()
     session = manager.live  # ready or read-only: the LST works
     lst_expiry = session.lst_expires_at_ms / 1000 if session is not None else None
+    accounts = session.accounts if session is not None else None
     return {
         "now": _iso_ms(now),
         "state": manager.state.value,
@@ -126,7 +153,9 @@ def snapshot(source: StatusSource) -> dict[str, Any]:
         "simulator": source.simulator,
         "mode": "simulator (not IBKR)" if source.simulator else "IBKR",
         "generation": session.generation if session is not None else None,
-        "accounts": _accounts(session.accounts) if session is not None else None,
+        "accounts": _accounts(accounts) if accounts is not None else None,
+        "account": _account(source.label, accounts),
+        "account_summary": _account_summary(source.label, accounts),
         "authenticated": stats.authenticated,
         "competing": stats.competing,
         "last_tickle": _iso(stats.last_tickle_at),
