@@ -229,6 +229,7 @@ def _case_files(tmp_path: Path, keys: KeySet, case: str) -> Path:
     text += '\n[[routes]]\npath = "/v1/api/iserver/*"\n'
     path = tmp_path / "gateway.toml"
     path.write_text(text)
+    path.chmod(0o600)  # it holds the secret
     return path
 
 
@@ -265,3 +266,17 @@ def test_group_readable_key_warns_but_checks(tmp_path: Path, keys: KeySet, capsy
     err = capsys.readouterr().err
     assert "ibkr.signature_key: warning: " in err
     assert "readable by group or others (mode 0640)" in err
+
+
+def test_check_warns_about_a_config_holding_the_secret_readable_by_others(
+    tmp_path: Path, keys: KeySet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _case_files(tmp_path, keys, "valid")
+    os.chmod(path, 0o644)
+    os.chmod(tmp_path / "keys" / "dhparam.pem", 0o644)  # public: no warning
+    assert main(["check", "--config", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"{path}:4: ibkr.access_token_secret: warning: {path} is readable by group or others (mode 0644) but holds "
+        f"a secret; run: chmod 600 {path}"
+    ]
