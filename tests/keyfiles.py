@@ -6,6 +6,7 @@ import base64
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -92,8 +93,10 @@ class KeySet:
     consumer_key: str = "TESTKEY01"
     access_token: str = "0123456789abcdef0123"
 
-    @property
+    @cached_property
     def access_token_secret(self) -> str:
+        """The encrypted secret: one ciphertext per key set (encryption is randomised), so a test that looks for
+        it in output looks for the very text the config holds."""
         return encrypt_secret(self.encryption_key, self.plaintext)
 
     def write(self, folder: Path) -> None:

@@ -3,12 +3,17 @@
 Error bodies have IBKR's own shape plus two fields, so a client handles gateway and IBKR errors alike::
 
     {"error": "<what failed and where>", "statusCode": 503, "source": "gateway", "code": "session_not_ready"}
+
+A WebSocket upgrade refused before accept gets the same body (:func:`refuse_upgrade`, through ASGI's
+``websocket.http.response`` extension) and one log line naming the route, the client, the Origin and the code.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 Scope = MutableMapping[str, Any]
@@ -45,3 +50,88 @@ async def send_error(
 ) -> None:
     """Send the gateway's JSON error response."""
     await send_json(send, status, error_body(status, code, message), headers=headers)
+
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+_LOGGED_CHARS = 200  # a path or Origin in a log line is cut here (headers may be kilobytes)
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeRefusal:
+    """Why a WebSocket upgrade is turned away: the HTTP answer (``status``, ``code``, a ``message`` naming the fix,
+    extra ``headers`` such as ``Retry-After``) and the level of its log line.
+
+    Contract: ``message`` never holds a secret (an API key, the query string, a cookie); it may name the path, the
+    Origin and the session's scrubbed last error, which are not secrets.
+    """
+
+    status: int
+    code: str
+    message: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    level: int = logging.WARNING
+
+
+def printable(text: str, limit: int = _LOGGED_CHARS) -> str:
+    """``text`` for a log line: control and non-ASCII characters escaped (no forged lines), cut at ``limit``."""
+    escaped = ascii(text)[1:-1]
+    return escaped if len(escaped) <= limit else escaped[:limit] + "..."
+
+
+def _header(headers: Headers, name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def log_refusal(
+    logger: logging.Logger, code: str, message: str, *, level: int, path: str, client: object, headers: Headers
+) -> None:
+    """The one log line of a refused WebSocket upgrade: code, route (the path, never the query: it may hold a key),
+    client address, Origin (``-`` when none) and the message."""
+    origin = _header(headers, b"origin")
+    logger.log(
+        level,
+        "WebSocket upgrade refused (%s): route=%s client=%s origin=%s: %s",
+        code,
+        printable(path),
+        client,
+        "-" if origin is None else printable(origin.decode("latin-1")),
+        message,
+    )
+
+
+async def refuse_upgrade(
+    send: Send,
+    scope: Scope,
+    refusal: UpgradeRefusal,
+    *,
+    logger: logging.Logger,
+    path: str,
+    client: object,
+    request_id: str | None,
+) -> None:
+    """Log ``refusal`` (:func:`log_refusal`) and answer the upgrade with it before accept, so no relay starts.
+
+    The answer is ``refusal.status`` with the JSON error body, ``X-Request-Id`` and ``refusal.headers`` where the
+    server offers the ``websocket.http.response`` extension (hypercorn does); elsewhere a close before accept, which
+    the server answers with a bare 403. The caller must have received ``websocket.connect`` and not accepted.
+    """
+    headers: Headers = scope["headers"]
+    log_refusal(logger, refusal.code, refusal.message, level=refusal.level, path=path, client=client, headers=headers)
+    if "websocket.http.response" not in (scope.get("extensions") or {}):
+        await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
+        return
+    body = error_body(refusal.status, refusal.code, refusal.message)
+    response_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        *refusal.headers,
+    ]
+    if request_id:
+        response_headers.append((b"x-request-id", request_id.encode("ascii")))
+    await send({"type": "websocket.http.response.start", "status": refusal.status, "headers": response_headers})
+    await send({"type": "websocket.http.response.body", "body": body})

@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--access-token", required=True)
     init.add_argument(
         "--access-token-secret",
-        help="base64 secret as IBKR issued it (default: read from $GATEWAY__IBKR__ACCESS_TOKEN_SECRET)",
+        help="base64 secret as IBKR issued it, written into --output (default: checked from "
+        "$GATEWAY__IBKR__ACCESS_TOKEN_SECRET and left out of the file)",
     )
     init.add_argument("--output", required=True, help="config file to write, e.g. gateway.prod.toml")
     init.add_argument("--force", action="store_true", help="overwrite --output if it exists")
@@ -119,14 +120,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from gateway.init import InitRequest, write_config
+    """Write a config; a secret from the environment is checked but left out of the file (see :mod:`gateway.init`)."""
+    from gateway.init import SECRET_VARIABLE, InitRequest, write_config
 
-    secret = args.access_token_secret or os.environ.get("GATEWAY__IBKR__ACCESS_TOKEN_SECRET")
+    in_file = bool(args.access_token_secret)
+    secret = args.access_token_secret or os.environ.get(SECRET_VARIABLE)
     if not secret:
-        print(
-            "error: init: give --access-token-secret or set GATEWAY__IBKR__ACCESS_TOKEN_SECRET",
-            file=sys.stderr,
-        )
+        print(f"error: init: give --access-token-secret or set {SECRET_VARIABLE}", file=sys.stderr)
         return EXIT_CONFIG
     request = InitRequest(
         keys_dir=Path(args.keys_dir),
@@ -140,6 +140,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         realm=args.realm,
         base_url=args.base_url,
         force=args.force,
+        secret_in_file=in_file,
     )
     try:
         warnings = write_config(request)
@@ -147,7 +148,15 @@ def _cmd_init(args: argparse.Namespace) -> int:
         _print_problems(exc.problems)
         return EXIT_CONFIG
     _print_problems(warnings)
-    print(f"wrote {args.output} (mode 0600); check it with: python -m gateway check --config {args.output}")
+    if in_file:
+        where = (
+            "the access-token secret from --access-token-secret is written in it: keep the file private, or delete "
+            f"that line and set {SECRET_VARIABLE} instead"
+        )
+    else:
+        where = f"the access-token secret is not in it: `check` and `run` read it from {SECRET_VARIABLE}, keep that set"
+    print(f"wrote {args.output} (mode 0600); {where}")
+    print(f"check it with: python -m gateway check --config {args.output}")
     return EXIT_OK
 
 

@@ -136,16 +136,16 @@ async def test_every_way_a_relay_ends_gives_its_slot_back(ibkr_sim_credentials: 
     ):
         relays = gw.gateway.relays
         with trio.fail_after(60):
-            # IBKR refuses the upgrade: the client's handshake is refused too (the relay closed before accepting).
+            # IBKR refuses the upgrade: the client's handshake is refused too (502, before accepting).
             gw.simulator.faults.fail_next(limit, status=503, path_prefix=WS_PATH)
             for _ in range(limit):
-                assert await refused_upgrade(gw) == 403
+                assert await refused_upgrade(gw) == 502
             await eventually(lambda: no_relay_left(gw), 5, "slots back after IBKR refused")
 
-            # No ready session within ready_timeout_s: refused with 403 (close 1013 before accept).
+            # No ready session within ready_timeout_s: refused with 503 before accept.
             await gw.simulator.faults.down()
             generation = await end_session(gw)
-            assert await refused_upgrades(gw, limit) == [403] * limit
+            assert await refused_upgrades(gw, limit) == [503] * limit
             await eventually(lambda: no_relay_left(gw), 5, "slots back after no session")
             await gw.simulator.faults.up()
             generation = await gw.wait_new_session(generation)
@@ -172,7 +172,7 @@ async def test_every_way_a_relay_ends_gives_its_slot_back(ibkr_sim_credentials: 
                 await eventually(lambda: relays.slots == limit, 5, "three relays opening")
                 gw.simulator.faults.set_delay(0)
                 generation = await end_session(gw)
-            assert answers == [[403] * limit]  # closed (1012) before accepting: the client sees a refused upgrade
+            assert answers == [[503] * limit]  # the session ended before accepting: the client sees a refused upgrade
             await eventually(lambda: no_relay_left(gw), 10, "slots back after the session ended mid-handshake")
             generation = await gw.wait_new_session(generation)
             outcomes, release = await hold_relays(nursery, gw, limit)

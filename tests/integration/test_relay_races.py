@@ -41,8 +41,8 @@ async def test_session_ending_as_the_relay_accepts_gives_the_client_a_101_then_1
 ) -> None:
     """The session ends (an upstream 401 elsewhere) in the instant between the relay's upstream handshake and its
     accept to the client, so the accept is sent from a cancelled task. The client must get a handshake answer — a
-    101 and then Close 1012, or a refusal — and not a Close frame with no 101 before it (on which trio-websocket,
-    for one, waits for the 101 forever)."""
+    101 and then Close 1012, or a refusal (503 session_ended) — and not a Close frame with no 101 before it (on
+    which trio-websocket, for one, waits for the 101 forever)."""
     async with open_test_gateway(credentials=ibkr_sim_credentials) as gw:
 
         @asynccontextmanager
@@ -57,7 +57,7 @@ async def test_session_ending_as_the_relay_accepts_gives_the_client_a_101_then_1
         answer = await _raw_upgrade(gw.url)
 
     head, _, frames = answer.partition(b"\r\n\r\n")
-    assert head.startswith((b"HTTP/1.1 101 ", b"HTTP/1.1 403 ")), answer[:80]
+    assert head.startswith((b"HTTP/1.1 101 ", b"HTTP/1.1 503 ")), answer[:80]  # 503: session_ended, before accept
     if head.startswith(b"HTTP/1.1 101 "):
         assert b"\x88\x02\x03\xf4" in _control_frames(frames)  # Close, 1012: the session restarts
 

@@ -123,7 +123,7 @@ GATEWAY_ANSWERS = {
 }
 UPSTREAM_FAULT_STATUSES = (500, 502, 503, 401)
 WS_CLOSE_CODES = {1011, 1012, 1013}  # upstream closed/failed, session restart, try again later
-WS_REJECT_STATUSES = {403}  # relay refused before accept: no session in time, or the upstream handshake failed
+WS_REJECT_STATUSES = {502, 503}  # refused before accept: the upstream handshake failed (502), no session in time (503)
 # Fault kinds and their weights. Those that end the session (an expired LST, a failed or unauthenticated tickle,
 # IBKR down) are drawn half as often as the others: at one fault every 0.2-0.6 s, equal weights kept the session
 # ready under a third of the time, most of the traffic then waiting for a session rather than meeting faults on one.
@@ -811,7 +811,7 @@ def _figures(figure: Figure, tally: Tally, run: Run, elapsed: float, replay_prob
     for code, count in sorted(tally.ws_closes.items()):
         figure(f"soak_ws_closed_{code}", count, "count", "1011/1012/1013", code in WS_CLOSE_CODES)
     for http_status, count in sorted(tally.ws_rejects.items()):
-        figure(f"soak_ws_refused_http_{http_status}", count, "count", "403", http_status in WS_REJECT_STATUSES)
+        figure(f"soak_ws_refused_http_{http_status}", count, "count", "502/503", http_status in WS_REJECT_STATUSES)
     latencies = sorted(tally.latencies)
     p99 = latencies[int(len(latencies) * 0.99)] if latencies else 0.0
     figure("soak_max_latency", round(tally.max_latency_s, 3), "s", f"<{CLIENT_DEADLINE_S:g}", True)

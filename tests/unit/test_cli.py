@@ -23,7 +23,14 @@ def keys() -> KeySet:
     return new_keyset()
 
 
-def init_args(keys: KeySet, keys_dir: Path, output: Path, *extra: str, secret: str | None = None) -> list[str]:
+SECRET_VARIABLE = "GATEWAY__IBKR__ACCESS_TOKEN_SECRET"
+
+
+def init_args(
+    keys: KeySet, keys_dir: Path, output: Path, *extra: str, secret: str | None = None, with_secret: bool = True
+) -> list[str]:
+    """``init`` arguments; ``with_secret=False`` leaves ``--access-token-secret`` out (the environment has it)."""
+    given = ["--access-token-secret", keys.access_token_secret if secret is None else secret] if with_secret else []
     return [
         "init",
         "--keys-dir",
@@ -32,8 +39,7 @@ def init_args(keys: KeySet, keys_dir: Path, output: Path, *extra: str, secret: s
         keys.consumer_key,
         "--access-token",
         keys.access_token,
-        "--access-token-secret",
-        keys.access_token_secret if secret is None else secret,
+        *given,
         "--output",
         str(output),
         *extra,
@@ -63,7 +69,8 @@ def test_init_writes_a_config_that_checks(tmp_path: Path, keys: KeySet, capsys: 
     keys.write(tmp_path / "keys")
     output = tmp_path / "conf" / "gateway.prod.toml"
     output.parent.mkdir()
-    assert main(init_args(keys, tmp_path / "keys", output)) == 0
+    secret = keys.access_token_secret  # a fresh encryption each time it is read
+    assert main(init_args(keys, tmp_path / "keys", output, secret=secret)) == 0
     assert stat.S_IMODE(output.stat().st_mode) == 0o600
     text = output.read_text()
     assert 'signature_key = "../keys/private_signature.pem"' in text
@@ -73,8 +80,11 @@ def test_init_writes_a_config_that_checks(tmp_path: Path, keys: KeySet, capsys: 
     assert loaded.credentials.prepend.reveal() == keys.plaintext.hex()
     assert loaded.config.ibkr.realm == "limited_poa"
     assert not loaded.config.simulator.enabled
+    out = capsys.readouterr().out
+    assert "the access-token secret from --access-token-secret is written in it" in out
+    assert f'access_token_secret = "{secret}"' in text
     assert main(["check", "--config", str(output)]) == 0
-    assert keys.access_token_secret not in capsys.readouterr().out
+    assert secret not in capsys.readouterr().out + out
 
 
 def test_init_never_overwrites_without_force(tmp_path: Path, keys: KeySet, capsys: pytest.CaptureFixture[str]) -> None:
@@ -138,6 +148,49 @@ def test_python_m_gateway_bad_config_fast_no_traceback(tmp_path: Path) -> None:
     assert elapsed < 5  # the bar is 1 s of our own time; interpreter start-up on a loaded CI box is extra
 
 
+def test_init_leaves_a_secret_from_the_environment_out_of_the_file(tmp_path: Path, keys: KeySet) -> None:
+    """``init`` without ``--access-token-secret`` checks the variable's secret but never writes it; the file then
+    checks with the variable set, and without it fails with one line naming the key and the variable."""
+    keys.write(tmp_path / "keys")
+    output = tmp_path / "g.toml"
+    secret = keys.access_token_secret
+    variable = {SECRET_VARIABLE: secret}
+    args = init_args(keys, tmp_path / "keys", output, with_secret=False)
+    written, _ = _run(sys.executable, "-m", "gateway", *args, env_extra=variable)
+    assert written.returncode == 0, written.stderr
+    text = output.read_text()
+    assert secret not in text and secret not in written.stdout + written.stderr
+    assert f"the access-token secret is not in it: `check` and `run` read it from {SECRET_VARIABLE}" in written.stdout
+    assert "# access_token_secret = ..." in text
+    assert f"# not written here by `init`: it is read from the environment variable {SECRET_VARIABLE}" in text
+    assert stat.S_IMODE(output.stat().st_mode) == 0o600
+
+    checked, _ = _run(sys.executable, "-m", "gateway", "check", "--config", str(output), env_extra=variable)
+    assert checked.returncode == 0, checked.stderr
+    assert ": ok" in checked.stdout
+
+    unset, _ = _run(sys.executable, "-m", "gateway", "check", "--config", str(output))
+    assert unset.returncode == 2
+    assert unset.stdout == ""
+    assert unset.stderr.splitlines() == [
+        f"error: {output}: ibkr.access_token_secret: is required (or set {SECRET_VARIABLE})"
+    ]
+
+
+def test_init_checks_a_secret_from_the_environment_before_writing(
+    tmp_path: Path, keys: KeySet, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys.write(tmp_path / "keys")
+    output = tmp_path / "g.toml"
+    wrong = secret_for_wrong_key(keys.encryption_key, keys.plaintext)
+    monkeypatch.setenv(SECRET_VARIABLE, wrong)
+    assert main(init_args(keys, tmp_path / "keys", output, with_secret=False)) == 2
+    err = capsys.readouterr().err
+    assert "ibkr.access_token_secret: does not decrypt with ibkr.encryption_key" in err
+    assert wrong not in err
+    assert not output.exists()
+
+
 def test_console_script_version() -> None:
     script = Path(sys.executable).parent / "ibkr-gateway"
     proc, _ = _run(str(script), "--version")
@@ -176,6 +229,7 @@ def _case_files(tmp_path: Path, keys: KeySet, case: str) -> Path:
     text += '\n[[routes]]\npath = "/v1/api/iserver/*"\n'
     path = tmp_path / "gateway.toml"
     path.write_text(text)
+    path.chmod(0o600)  # it holds the secret
     return path
 
 
@@ -212,3 +266,17 @@ def test_group_readable_key_warns_but_checks(tmp_path: Path, keys: KeySet, capsy
     err = capsys.readouterr().err
     assert "ibkr.signature_key: warning: " in err
     assert "readable by group or others (mode 0640)" in err
+
+
+def test_check_warns_about_a_config_holding_the_secret_readable_by_others(
+    tmp_path: Path, keys: KeySet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _case_files(tmp_path, keys, "valid")
+    os.chmod(path, 0o644)
+    os.chmod(tmp_path / "keys" / "dhparam.pem", 0o644)  # public: no warning
+    assert main(["check", "--config", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"{path}:4: ibkr.access_token_secret: warning: {path} is readable by group or others (mode 0644) but holds "
+        f"a secret; run: chmod 600 {path}"
+    ]

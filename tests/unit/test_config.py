@@ -55,6 +55,7 @@ methods = ["get", "POST"]
 """
     path = folder / "gateway.toml"
     path.write_text(text)
+    path.chmod(0o600)  # it holds the secret
     return path
 
 
@@ -277,6 +278,53 @@ def test_group_readable_key_is_a_warning(config_dir: Path, keys: KeySet) -> None
     assert "ibkr.encryption_key" in str(warning)
     assert "mode 0644" in str(warning)
     assert loaded.credentials is not None
+
+
+def test_dh_parameters_readable_by_others_are_not_warned_about(config_dir: Path, keys: KeySet) -> None:
+    """The DH prime and generator are public (IBKR's own set-up makes them with openssl dhparam)."""
+    os.chmod(config_dir / "keys" / "dhparam.pem", 0o644)
+    assert load_config(write_config(config_dir, keys), env={}).warnings == ()
+
+
+def test_config_holding_the_secret_readable_by_others_is_a_warning(config_dir: Path, keys: KeySet) -> None:
+    path = write_config(config_dir, keys)
+    os.chmod(path, 0o644)
+    loaded = load_config(path, env={})
+    (warning,) = loaded.warnings
+    assert str(warning) == (
+        f"{path}:8: ibkr.access_token_secret: warning: {path} is readable by group or others (mode 0644) but holds "
+        f"a secret; run: chmod 600 {path}"
+    )
+    assert keys.access_token_secret not in str(warning)
+    # The same check, in the same words, as for a private key file.
+    os.chmod(path, 0o600)
+    os.chmod(config_dir / "keys" / "private_signature.pem", 0o644)
+    (key_warning,) = load_config(path, env={}).warnings
+    assert str(key_warning).split(": warning: ")[1].startswith(f"{config_dir / 'keys' / 'private_signature.pem'} is")
+    assert str(key_warning).endswith("(mode 0644) but holds a secret; run: chmod 600 " + str(key_warning).split()[-1])
+
+
+def test_config_holding_api_keys_readable_by_others_is_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text(
+        '[server]\napi_keys = "key-one-0123456789abcdef"\n[simulator]\nenabled = true\n'
+        '[[routes]]\npath = "/v1/api/ws"\n'
+    )
+    os.chmod(path, 0o640)
+    (warning,) = load_config(path, env={}).warnings
+    assert (warning.key, warning.line, warning.severity) == ("server.api_keys", 2, "warning")
+    assert "(mode 0640) but holds a secret; run: chmod 600" in warning.message
+    assert "key-one-0123456789abcdef" not in str(warning)
+
+
+def test_config_without_a_secret_may_be_readable_by_others(config_dir: Path, keys: KeySet) -> None:
+    """A config whose secret comes from the environment holds nothing private: no warning at any mode."""
+    path = write_config(config_dir, keys)
+    path.write_text(path.read_text().replace("access_token_secret", "# access_token_secret"))
+    os.chmod(path, 0o644)
+    loaded = load_config(path, env={"GATEWAY__IBKR__ACCESS_TOKEN_SECRET": keys.access_token_secret})
+    assert loaded.credentials is not None
+    assert loaded.warnings == ()
 
 
 def test_unreadable_key_file(config_dir: Path, keys: KeySet) -> None:

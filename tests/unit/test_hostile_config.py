@@ -219,6 +219,7 @@ def test_pem_key_file_fifo_is_refused_without_blocking(
         'encryption_key = "keys/private_encryption.pem"\ndh_param = "keys/dhparam.pem"\n'
         '[[routes]]\npath = "/v1/api/ws"\n'
     )
+    path.chmod(0o600)  # it holds the secret
     line = check_refused(capsys, path, fifo=fifo)
     assert line.endswith(f"ibkr.dh_param: file {fifo} is not a regular file (it is a named pipe)")
 

@@ -26,6 +26,7 @@ NETWORK = [ANY, "::", "192.168.1.20", "10.0.0.5", "fe80::1", "2001:db8::5", "gat
 def write(folder: Path, server: str, name: str = "g.toml") -> Path:
     path = folder / name
     path.write_text(f"[server]\n{server}\n[simulator]\nenabled = true\n{ROUTES}")
+    path.chmod(0o600)  # some hold server.api_keys
     return path
 
 

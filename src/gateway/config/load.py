@@ -7,7 +7,10 @@ the key and, where it can be found, the line. No message contains secret materia
 
 Every file it reads — the config, the PEM key files, ``server.api_keys_file`` — must be a regular file of at most
 1 MiB; a FIFO, device, socket or directory is refused without being read (and without blocking), and no read
-goes past the limit. Hostile TOML (deep nesting, huge keys) is refused by :mod:`gateway.config.document`.
+goes past the limit. A file that holds a secret — the private keys, ``server.api_keys_file``, and the config itself
+when it holds ``ibkr.access_token_secret`` or ``server.api_keys`` — gets a warning when group or others may read it
+(:func:`_exposed_secret`); the DH parameter file is public and gets none. Hostile TOML (deep nesting, huge keys)
+is refused by :mod:`gateway.config.document`.
 A listen address beyond loopback with no API key is an error unless opted in (:mod:`gateway.config.exposure`).
 """
 
@@ -173,24 +176,47 @@ def _read_regular_file(path: Path, limit: int) -> tuple[bytes, int]:
     return b"".join(chunks), info.st_mode
 
 
-def _read_key_file(path: Path, key: str, source: str, problems: list[ConfigProblem]) -> bytes | None:
-    """Read one key file (see :func:`_read_regular_file`), recording a problem if it cannot be used and a warning
-    if it is readable by group or others."""
+def _exposed_secret(path: Path | str, mode: int, source: str, key: str) -> ConfigProblem | None:
+    """The warning for a file that holds a secret (named by ``key``) while group or others may read it, or
+    ``None`` when its mode keeps it private. The one mode check for every file holding a secret."""
+    if not mode & 0o077:
+        return None
+    return ConfigProblem(
+        source,
+        key,
+        f"{path} is readable by group or others (mode {stat.S_IMODE(mode):04o}) but holds a secret; "
+        f"run: chmod 600 {path}",
+        severity="warning",
+    )
+
+
+def _read_key_file(
+    path: Path, key: str, source: str, problems: list[ConfigProblem], *, secret: bool = True
+) -> bytes | None:
+    """Read one key file (see :func:`_read_regular_file`), recording a problem if it cannot be used and, when it
+    holds a ``secret`` (not the public DH parameters), a warning if group or others may read it."""
     try:
         data, mode = _read_regular_file(path, MAX_KEY_FILE_BYTES)
     except _Refused as refused:
         problems.append(ConfigProblem(source, key, f"file {path} {refused.reason}"))
         return None
-    if mode & 0o077:
-        problems.append(
-            ConfigProblem(
-                source,
-                key,
-                f"{path} is readable by group or others (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}",
-                severity="warning",
-            )
-        )
+    exposed = _exposed_secret(path, mode, source, key) if secret else None
+    if exposed is not None:
+        problems.append(exposed)
     return data
+
+
+_INLINE_SECRETS = (("ibkr", "access_token_secret"), ("server", "api_keys"))
+"""Secrets a config file may hold itself (``section``, ``key``)."""
+
+
+def _inline_secret(data: Mapping[str, object]) -> str | None:
+    """The first secret key the config document itself holds (``ibkr.access_token_secret``), or ``None``."""
+    for section, key in _INLINE_SECRETS:
+        table = data.get(section)
+        if isinstance(table, Mapping) and key in table:
+            return f"{section}.{key}"
+    return None
 
 
 def load_credentials(config: Config, problems: list[ConfigProblem]) -> Credentials | None:
@@ -208,7 +234,7 @@ def load_credentials(config: Config, problems: list[ConfigProblem]) -> Credentia
     ):
         if path is None:  # parse_config reports missing paths; nothing to load
             continue
-        data = _read_key_file(path, f"ibkr.{key}", source, problems)
+        data = _read_key_file(path, f"ibkr.{key}", source, problems, secret=key != "dh_param")
         if data is None:
             continue
         try:
@@ -279,7 +305,7 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
     name = str(path)
     env = os.environ if env is None else env
     try:
-        raw, _ = _read_regular_file(file, MAX_CONFIG_FILE_BYTES)
+        raw, mode = _read_regular_file(file, MAX_CONFIG_FILE_BYTES)
     except _Refused as refused:
         raise ConfigError([ConfigProblem(name, "", f"config file {refused.reason}")]) from None
     try:
@@ -296,6 +322,10 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
     except ConfigError as exc:
         raise ConfigError(_with_lines(exc.problems, name, text)) from None
     problems = list(warnings)
+    inline = _inline_secret(data)
+    exposed = None if inline is None else _exposed_secret(name, mode, name, inline)
+    if exposed is not None:
+        problems.append(exposed)
     credentials = None if config.simulator.enabled else load_credentials(config, problems)
     api_keys = load_api_keys(config, problems)
     if config.server.metrics == "api_key" and not api_keys:

@@ -32,12 +32,19 @@ def render_config(
     *,
     routes: Sequence[Mapping[str, object]] = DEFAULT_ROUTES,
     header: str = "",
+    notes: Mapping[str, str] | None = None,
 ) -> str:
     """Render a config with every known key: given values where present, defaults otherwise.
 
     Keys with no value and no default are written as comments (``# key = ...``) so the file stays valid and
-    the reader sees what could go there. Raises ``KeyError`` for a section or key the schema does not know.
+    the reader sees what could go there. ``notes`` maps ``section.key`` to one more comment line, written under the
+    key's documentation. Raises ``KeyError`` for a section or key the schema does not know.
     """
+    notes = notes or {}
+    for dotted in notes:
+        section, _, key = dotted.partition(".")
+        if key not in schema.SECTIONS.get(section, {}):
+            raise KeyError(dotted)
     lines: list[str] = []
     if header:
         lines += [f"# {line}" if line else "#" for line in header.splitlines()]
@@ -51,6 +58,8 @@ def render_config(
         lines.append(f"[{section}]")
         for key, spec in keys.items():
             lines.append(f"# {spec.doc}")
+            if f"{section}.{key}" in notes:
+                lines.append(f"# {notes[section + '.' + key]}")
             if key in given:
                 lines.append(_assignment(key, given[key]))
             elif spec.default is not None:

@@ -34,7 +34,12 @@ Contract:
   holds no slot and no upstream socket.
 - ``max_relays`` (``server.max_websockets``) caps relays opening or open: the slot is taken before the relay waits
   for a session or connects upstream, so at no instant do more relays hold or open an upstream socket; one more
-  upgrade is accepted and closed with 1013 (try again later). See :class:`RelayCounters`.
+  upgrade is accepted and closed with 1013 (try again later), the Close's reason naming ``websocket_limit`` and
+  the config key (a browser sees the code and reason of a Close, but nothing of a refused handshake).
+- Every other upgrade that ends before accept is refused with the gateway's JSON error and one log line
+  (:func:`gateway.asgi.refuse_upgrade`): 503 ``session_not_ready`` (no ready session within ``ready_timeout_s``;
+  the message carries the session's last error) or ``session_ended`` (the session ended while the relay was
+  opening), both with ``Retry-After``; 502 ``upstream_websocket_failed`` when IBKR refused or could not be reached.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from urllib.parse import quote
 
 import trio
 
-from gateway.asgi import Message, Receive, Scope, Send
+from gateway.asgi import Message, Receive, Scope, Send, UpgradeRefusal, log_refusal, refuse_upgrade
 from gateway.errors import SessionNotReady
 from gateway.session.supervisor import LiveSession, SessionManager
 from gateway.upstream.wsclient import UpstreamWebSocket, WebSocketClosed, WebSocketRejected, connect_websocket
@@ -163,6 +168,7 @@ class _Relay:
     done: trio.Event = field(default_factory=trio.Event)  # the relay task ended: upstream closed, slot given back
     upstream: UpstreamWebSocket | None = None
     close_code: int | None = None  # what the client is told when the gateway ends the relay
+    failure: str | None = None  # why IBKR's WebSocket did not open (no secret): the client's 502 says it
     client_closed: bool = False  # nothing more goes to the client (a Close went out, or it disconnected)
     client_stuck: bool = False  # a write to the client has been pending past the deadline
     upstream_closing: bool = False  # a write to IBKR found its leg closed or broken: the client writer reads why
@@ -239,9 +245,7 @@ class WebSocketRelay:
             raise RuntimeError("WebSocketRelay.run() is not running")
         counters = self.counters
         if counters.slots >= self._settings.max_relays:
-            log.warning("%s: refused, %d relays already open or opening (server.max_websockets)", path, counters.slots)
-            await send({"type": "websocket.accept"})
-            await send({"type": "websocket.close", "code": 1013})  # try again later
+            await self._refuse_over_limit(scope, send, path)
             return
         # The slot is taken here, with no checkpoint since the check: concurrent upgrades cannot all pass it.
         counters.slots += 1
@@ -254,7 +258,7 @@ class WebSocketRelay:
             await relay.connected.wait()
             upstream = relay.upstream
             if upstream is None:  # refused, unreachable, or the session ended meanwhile
-                await self._close_client(relay, self._client_close_code(relay, session, None))  # → HTTP 403
+                await self._refuse(relay, self._opening_failed(relay, session))
                 return
             await send(self._accept_message(relay))
             writers.start_soon(self._client_writer, relay, upstream, session)
@@ -276,8 +280,12 @@ class WebSocketRelay:
         while True:
             try:
                 session = await self._manager.wait_ready(self._settings.ready_timeout_s)
-            except SessionNotReady:
-                await self._close_client(relay, 1013)  # try again later; before accept → 403
+            except SessionNotReady as exc:
+                message = (
+                    f"{exc}; the gateway keeps trying by itself: reconnect after Retry-After "
+                    "(an upgrade waits up to session.ready_timeout_s for a session)"
+                )
+                await self._refuse(relay, UpgradeRefusal(503, exc.code, message, headers=(self._retry_after(),)))
                 return None
             try:
                 await session.nursery.start(self._run, relay, session)
@@ -285,6 +293,56 @@ class WebSocketRelay:
                 await trio.lowlevel.checkpoint()
                 continue
             return session
+
+    async def _refuse_over_limit(self, scope: Scope, send: Send, path: str) -> None:
+        """One upgrade over ``max_relays``: logged, accepted and closed at once with 1013 and a reason that names
+        ``websocket_limit`` and ``server.max_websockets`` (at most 123 bytes, as a Close reason must be)."""
+        limit = self._settings.max_relays
+        message = f"server.max_websockets ({limit}) reached: that many relays are open or opening; try again later"
+        client = scope.get("gateway.client", "-")
+        log_refusal(
+            log, "websocket_limit", message, level=logging.WARNING, path=path, client=client, headers=scope["headers"]
+        )
+        await send({"type": "websocket.accept"})
+        reason = f"websocket_limit: server.max_websockets ({limit}) reached; try again later"
+        await send({"type": "websocket.close", "code": 1013, "reason": reason})  # try again later
+
+    def _retry_after(self) -> tuple[bytes, bytes]:
+        return b"retry-after", str(self._manager.retry_after_s()).encode()
+
+    def _opening_failed(self, relay: _Relay, session: LiveSession) -> UpgradeRefusal:
+        """Why the relay ended before IBKR's WebSocket opened: the session ended meanwhile (503), or IBKR refused or
+        could not be reached (502)."""
+        if session.ended.is_set() and relay.close_code in (None, session.close_code):
+            message = (
+                f"the IBKR session ended while this WebSocket was opening (close code {session.close_code}: "
+                "restart or shutdown); reconnect after Retry-After"
+            )
+            return UpgradeRefusal(503, "session_ended", message, headers=(self._retry_after(),))
+        failure = relay.failure or "the relay failed while opening IBKR's WebSocket"
+        message = f"{failure}; reconnect later"
+        return UpgradeRefusal(502, "upstream_websocket_failed", message)
+
+    async def _refuse(self, relay: _Relay, refusal: UpgradeRefusal) -> None:
+        """Turn the client's upgrade away before accept (once; shielded and bounded), logged with its reason."""
+        if relay.client_closed:
+            return
+        relay.client_closed = True
+        scope = relay.scope
+        with trio.move_on_after(_CLOSE_TIMEOUT_S) as cancel:
+            cancel.shield = True
+            try:
+                await refuse_upgrade(
+                    relay.send,
+                    scope,
+                    refusal,
+                    logger=log,
+                    path=relay.path,
+                    client=scope.get("gateway.client", "-"),
+                    request_id=scope.get("gateway.request_id"),
+                )
+            except Exception as exc:  # the client may already be gone; nothing left to tell it
+                log.debug("%s: refusal not delivered: %s", relay.path, type(exc).__name__)
 
     @staticmethod
     def _accept_message(relay: _Relay) -> Message:
@@ -338,7 +396,7 @@ class WebSocketRelay:
                 counters.messages_down += 1
 
     async def _close_client(self, relay: _Relay, code: int) -> None:
-        """Close the client leg once (shielded, bounded); before accept this rejects the handshake."""
+        """Close the client leg once (shielded, bounded); used after accept (a refusal before it is :meth:`_refuse`)."""
         if relay.client_closed:
             return
         relay.client_closed = True
@@ -409,17 +467,13 @@ class WebSocketRelay:
                         finally:
                             await self._end_upstream(relay, upstream, session)
                 except WebSocketRejected as exc:
-                    log.warning("%s: upstream WebSocket refused: HTTP %d", relay.path, exc.status)
-                    relay.close_code = _UPSTREAM_FAILURE
+                    self._failed(relay, f"IBKR refused the WebSocket upgrade: HTTP {exc.status}")
                 except OSError as exc:
-                    log.warning("%s: cannot connect upstream WebSocket: %s", relay.path, exc.strerror or exc)
-                    relay.close_code = _UPSTREAM_FAILURE
+                    self._failed(relay, f"cannot connect to IBKR's WebSocket: {exc.strerror or exc}")
                 except trio.BrokenResourceError:
-                    log.warning("%s: upstream WebSocket connection broke during the handshake", relay.path)
-                    relay.close_code = _UPSTREAM_FAILURE
+                    self._failed(relay, "IBKR's WebSocket connection broke during the handshake")
                 except trio.TooSlowError:
-                    log.warning("%s: upstream WebSocket did not connect in time", relay.path)
-                    relay.close_code = _UPSTREAM_FAILURE
+                    self._failed(relay, "IBKR's WebSocket did not connect in time")
         except trio.Cancelled:
             raise
         except Exception:  # a relay must never take its siblings down
@@ -432,6 +486,13 @@ class WebSocketRelay:
             relay.connected.set()
             self._closed(relay)
             relay.done.set()
+
+    @staticmethod
+    def _failed(relay: _Relay, failure: str) -> None:
+        """IBKR's WebSocket did not open: log why (the client's refusal repeats it) and close with 1011."""
+        log.warning("%s: %s", relay.path, failure)
+        relay.failure = failure
+        relay.close_code = _UPSTREAM_FAILURE
 
     def _opened(self, relay: _Relay) -> None:
         counters = self.counters

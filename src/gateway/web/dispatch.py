@@ -10,8 +10,10 @@ enabled (``/examples/dashboard/…``; no key: they hold no data) → allow-liste
 session → proxy.
 
 WebSocket upgrades go through the same version, header, path, query, route, key and Origin checks, and are relayed
-on IBKR's WebSocket endpoint ``/v1/api/ws`` only (the relay carries the session's cookie); a refused upgrade is
-answered before accept (HTTP 403), so no relay starts.
+on IBKR's WebSocket endpoint ``/v1/api/ws`` only (the relay carries the session's cookie). A refused upgrade is
+answered before accept, so no relay starts, with the gateway's JSON error saying why (505/431/400 malformed, 403
+``websocket_not_routed``, 401 ``unauthorized``, 403 ``origin_not_allowed``) and logged in one line naming the
+route, client, Origin and code (:func:`gateway.asgi.refuse_upgrade`); a key or the query never appears in either.
 
 Every HTTP answer — proxied, error or internal page — carries ``X-Request-Id`` (the client's when well-formed,
 see :mod:`gateway.web.request_id`), and every log line written while handling it carries the same id
@@ -36,7 +38,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from gateway.asgi import ASGIApp, Message, Receive, Scope, Send, error_body, send_error
+from gateway.asgi import ASGIApp, Message, Receive, Scope, Send, UpgradeRefusal, printable, refuse_upgrade, send_error
 from gateway.config.model import IPNetwork, RouteConfig
 from gateway.errors import BadQuery
 from gateway.logs import REQUEST_ID
@@ -58,7 +60,7 @@ CLIENT_KEY = "gateway.client"
 ROUTE_KEY = "gateway.route"
 REQUEST_ID_KEY = "gateway.request_id"
 HTTP_VERSIONS = frozenset({"1.0", "1.1"})
-WEBSOCKET_PATH_BYTES = WEBSOCKET_PATH.encode()
+_WWW_AUTHENTICATE = (b"www-authenticate", b'Bearer realm="ibkr-oauth-gateway"')
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -427,7 +429,7 @@ class Dispatcher:
             401,
             "unauthorized",
             "missing or wrong API key: send Authorization: Bearer <key>",
-            headers=[(b"www-authenticate", b'Bearer realm="ibkr-oauth-gateway"')],
+            headers=[_WWW_AUTHENTICATE],
         )
 
     async def _preflight(self, send: Send, route: RouteConfig, origin: bytes | None, headers: Headers) -> None:
@@ -455,33 +457,106 @@ class Dispatcher:
         raw_path = self._raw_path(scope)
         query: bytes = scope.get("query_string", b"")
         key, entry = auth.subprotocol_key(scope.get("subprotocols") or ())
+        bad_query: BadQuery | None = None
         try:
             params, query_key = _parse_query(query)
-        except BadQuery:
-            params, query_key = None, None
-        refused = (
-            params is None
-            or scope.get("http_version", "1.1") not in HTTP_VERSIONS
-            or header_limit_problem(headers, settings.max_header_bytes, settings.max_header_count) is not None
-            or transforms.path_problem(raw_path) is not None
-            or raw_path != WEBSOCKET_PATH_BYTES
-            or self._route(WEBSOCKET_PATH) is None
-            or transforms.reserved_parameter(params) is not None
-            or not self._origin_ok(scope, headers, transforms.header_value(headers, b"origin"))
-            or not self._authorized(headers, query_key, key)
-        )
-        if refused:
+        except BadQuery as exc:
+            params, query_key, bad_query = (), None, exc
+        refusal = self._upgrade_refusal(scope, headers, raw_path, params, bad_query, query_key, key)
+        if refusal is not None:
             message = await receive()
             if message["type"] == "websocket.connect":
-                await _refuse_upgrade(scope, send, rid)
+                await refuse_upgrade(
+                    send,
+                    scope,
+                    refusal,
+                    logger=log,
+                    path=raw_path.decode("latin-1"),
+                    client=_client_label(scope, settings.trusted_proxies),
+                    request_id=rid,
+                )
             return
-        assert params is not None
         forwarded = dict(scope)
         forwarded["query_string"] = transforms.query_without(query, params, auth.QUERY_PARAMETER)
         forwarded[SUBPROTOCOL_KEY] = entry
         forwarded[REQUEST_ID_KEY] = rid
         forwarded[CLIENT_KEY] = _client_label(scope, settings.trusted_proxies)
         await self._relay(forwarded, receive, send)
+
+    def _upgrade_refusal(
+        self,
+        scope: Scope,
+        headers: Headers,
+        raw_path: bytes,
+        params: Sequence[transforms.QueryParam],
+        bad_query: BadQuery | None,
+        query_key: str | None,
+        subprotocol_key: str | None,
+    ) -> UpgradeRefusal | None:
+        """Why the upgrade is refused (the first failing check, in the HTTP order), or ``None`` to relay it.
+
+        Malformed requests (version, headers, path, query) and unrouted paths are logged at INFO (any scanner sends
+        them); a missing or wrong key and a foreign Origin at WARNING (usually a client or config to fix).
+        """
+        settings = self.settings
+        version = scope.get("http_version", "1.1")
+        if version not in HTTP_VERSIONS:
+            message = f"WebSocket over HTTP/{version} is not spoken here: upgrade an HTTP/1.1 request"
+            return UpgradeRefusal(505, "http_version_not_supported", message, level=logging.INFO)
+        too_big = header_limit_problem(headers, settings.max_header_bytes, settings.max_header_count)
+        if too_big is not None:
+            message = f"{too_big} (server.max_header_bytes, server.max_header_count)"
+            return UpgradeRefusal(431, "headers_too_large", message, level=logging.INFO)
+        problem = transforms.path_problem(raw_path)
+        if problem is not None:
+            return UpgradeRefusal(400, "bad_path", f"{problem}; upgrade refused", level=logging.INFO)
+        if bad_query is not None:
+            return UpgradeRefusal(bad_query.status, bad_query.code, f"{bad_query}; upgrade refused", level=logging.INFO)
+        path = raw_path.decode("ascii")
+        if path != WEBSOCKET_PATH:
+            message = f"{path} is not a WebSocket endpoint: the gateway relays WebSockets on {WEBSOCKET_PATH} only"
+            return UpgradeRefusal(403, "websocket_not_routed", message, level=logging.INFO)
+        if self._route(WEBSOCKET_PATH) is None:
+            message = (
+                f"{WEBSOCKET_PATH} is not allow-listed: add a [[routes]] entry with "
+                f'path = "{WEBSOCKET_PATH}" to the config'
+            )
+            return UpgradeRefusal(403, "websocket_not_routed", message, level=logging.INFO)
+        reserved = transforms.reserved_parameter(params)
+        if reserved is not None:
+            return UpgradeRefusal(400, "bad_query", f"{reserved}; upgrade refused", level=logging.INFO)
+        if not self._authorized(headers, query_key, subprotocol_key):
+            return _key_refusal(headers, query_key, subprotocol_key)
+        origin = transforms.header_value(headers, b"origin")
+        if not self._origin_ok(scope, headers, origin):
+            assert origin is not None  # no Origin always passes
+            shown = printable(origin.decode("latin-1"))
+            message = (
+                f"Origin {shown} may not open WebSockets here: add it to server.allowed_origins "
+                "(or GATEWAY__SERVER__ALLOWED_ORIGINS)"
+            )
+            return UpgradeRefusal(403, "origin_not_allowed", message)
+        return None
+
+
+def _key_refusal(headers: Headers, query_key: str | None, subprotocol_key: str | None) -> UpgradeRefusal:
+    """The 401 for an upgrade without a valid API key: says whether one was sent at all, never which."""
+    sent = any(key is not None for key in (auth.bearer_key(headers), subprotocol_key, query_key))
+    where = (
+        f"as the subprotocol {auth.SUBPROTOCOL_PREFIX}<key>, as ?{auth.QUERY_PARAMETER}=<key> "
+        "or as Authorization: Bearer <key>"
+    )
+    if sent:
+        message = (
+            "wrong API key: the key sent is not one of the gateway's (server.api_keys_file, server.api_keys or "
+            f"GATEWAY__SERVER__API_KEYS); send a configured key {where}"
+        )
+    else:
+        message = (
+            f"missing API key: send one of the gateway's keys (server.api_keys_file, server.api_keys or "
+            f"GATEWAY__SERVER__API_KEYS) {where}"
+        )
+    return UpgradeRefusal(401, "unauthorized", message, headers=(_WWW_AUTHENTICATE,))
 
 
 def _parse_query(query: bytes) -> tuple[tuple[transforms.QueryParam, ...], str | None]:
@@ -492,22 +567,6 @@ def _parse_query(query: bytes) -> tuple[tuple[transforms.QueryParam, ...], str |
     if len(keys) > 1:
         raise BadQuery(f"query string carries {len(keys)} access_key parameters; send one")
     return params, keys[0] if keys else None
-
-
-async def _refuse_upgrade(scope: Scope, send: Send, rid: str) -> None:
-    """Answer a refused WebSocket upgrade with HTTP 403 (before accept, so no relay starts), carrying the request id
-    and the gateway's JSON error where the server supports ASGI's ``websocket.http.response`` extension."""
-    if "websocket.http.response" not in (scope.get("extensions") or {}):
-        await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
-        return
-    body = error_body(403, "upgrade_refused", "WebSocket upgrade refused (route, Origin, API key or request checks)")
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (REQUEST_ID_HEADER, rid.encode("ascii")),
-    ]
-    await send({"type": "websocket.http.response.start", "status": 403, "headers": headers})
-    await send({"type": "websocket.http.response.body", "body": body})
 
 
 def _connection_lost(exc: BaseException) -> None:
