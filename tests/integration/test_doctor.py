@@ -86,7 +86,8 @@ async def test_a_good_setup_passes_every_step_and_logs_out(tmp_path: Path) -> No
     assert {s.status for s in report.steps} <= {Status.OK, Status.SKIPPED}
     assert _step(report, "tls").status is Status.SKIPPED  # plain http to the simulator
     assert "DU" in _step(report, "accounts").detail
-    assert "topic 'system'" in _step(report, "websocket").detail
+    assert "topic 'system' (user " in _step(report, "websocket").detail
+    assert _step(report, "websocket").detail.endswith(", paper)")
     assert "last" in _step(report, "snapshot").detail
     assert exit_status(report) == 0
     assert any(r.endpoint.endswith("logout") and r.accepted for r in sim.records)
@@ -391,3 +392,16 @@ async def test_a_misbehaving_ibkr_is_a_failed_step_not_a_traceback(
     failed = _stopped_at(report, "lst_validation" if "hex number" in expected else "live_session_token")
     assert expected in failed.detail
     assert failed.hint is None or failed.hint.fix
+
+
+async def test_websocket_refused_by_ibkr(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        sim = Simulator(generate_credentials(), terse_errors=True)
+        await nursery.start(sim.serve, "127.0.0.1", 0)
+        sim.faults.fail_next(1, 403, path_prefix="/v1/api/ws")
+        toml = sim.write_credentials(tmp_path)
+        report = await diagnose(load_config(toml, env={}), config_name="g.toml")
+        nursery.cancel_scope.cancel()
+    failed = _stopped_at(report, "websocket")
+    assert "HTTP 403" in failed.detail
+    assert failed.hint.keys == ("ibkr.access_token",)

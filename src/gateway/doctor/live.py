@@ -359,11 +359,19 @@ def _prices(response: httpx.Response) -> dict[str, str]:
 
 
 def _topic(message: str | bytes) -> str:
+    """What IBKR's first WebSocket message says: its topic and, for ``system``, the user and paper or live."""
     try:
-        topic = json.loads(message).get("topic")
-    except (ValueError, AttributeError):
+        decoded = json.loads(message)
+    except ValueError:
         return "not JSON"
-    return f"topic {str(topic)[:20]!r}" if topic is not None else "no topic"
+    if not isinstance(decoded, dict) or decoded.get("topic") is None:
+        return "no topic"
+    text = f"topic {str(decoded['topic'])[:20]!r}"
+    user, paper = decoded.get("success"), decoded.get("isPaper")
+    if decoded["topic"] == "system" and isinstance(user, str) and user:
+        kind = {True: ", paper", False: ", live"}.get(paper, "") if isinstance(paper, bool) else ""
+        text += f" (user {user[:40]!r}{kind})"
+    return text
 
 
 async def walk(target: LiveTarget) -> list[Step]:
