@@ -35,6 +35,10 @@ PURE_MODULES = [
     SRC / "pacing" / "retry_after.py",
     SRC / "redact.py",
     SRC / "errors.py",
+    SRC / "hints.py",
+    SRC / "doctor" / "report.py",
+    SRC / "doctor" / "offline.py",
+    SRC / "shared" / "feed.py",
 ]
 
 
