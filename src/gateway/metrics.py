@@ -105,6 +105,8 @@ class GatewayReadings:
     pacing_rejected: int
     upstream_429: int
     breaker_open: bool
+    shared_upstream_subscriptions: int | None = None  # None: relay mode (no shared socket)
+    shared_upstream_connected: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +254,22 @@ def families(requests: RequestMetrics, r: GatewayReadings) -> list[Family]:
     out += [
         _gauge("gateway_websocket_relays_open", "WebSocket relays open now.", r.relays_open),
         _counter("gateway_websocket_relays_total", "WebSocket relays opened since start.", r.relays_total),
+        *(
+            []
+            if r.shared_upstream_subscriptions is None
+            else [
+                _gauge(
+                    "gateway_websocket_shared_upstream_subscriptions",
+                    "Shared mode: subscriptions held on IBKR's one socket.",
+                    r.shared_upstream_subscriptions,
+                ),
+                _gauge(
+                    "gateway_websocket_shared_upstream_connected",
+                    "Shared mode: 1 while IBKR's socket is open.",
+                    int(r.shared_upstream_connected),
+                ),
+            ]
+        ),
         Family(
             "gateway_websocket_messages_total",
             "counter",

@@ -5,6 +5,8 @@
     serve_gateway ── root nursery ── simulator (only when [simulator] enabled)
                                   ├── systemd watchdog + status line (only under systemd, see gateway.notify)
                                   ├── WebSocketRelay.run                   client writers of relays, write deadlines
+                                  │   (or SharedHub.run in shared mode:    client writers, timer, per-session loop
+                                  │    that starts IBKR's one socket in each session's nursery)
                                   ├── web.server.serve(Dispatcher)         listening socket: survives session restarts
                                   └── SessionManager.run ── per-session nursery (tickle, refresh, relay tasks)
 
@@ -52,6 +54,8 @@ from gateway.proxy.websocket import RelayCounters, RelaySettings, WebSocketRelay
 from gateway.redact import Secret
 from gateway.session.state import Backoff
 from gateway.session.supervisor import SessionManager, SessionSettings
+from gateway.shared.feed import FeedSettings
+from gateway.shared.hub import SharedHub, SharedSettings
 from gateway.simulator import Simulator, SimulatorCredentials, generate_credentials
 from gateway.upstream.client import Timeouts, build_client, tls_context
 from gateway.upstream.http1 import Http1Pool
@@ -217,7 +221,7 @@ async def serve_gateway(
                     backoff=Backoff(config.session.reconnect_delay_s, config.session.reconnect_max_delay_s),
                 ),
             )
-            relay = WebSocketRelay(
+            websocket: WebSocketRelay | SharedHub = WebSocketRelay(
                 manager=manager,
                 settings=RelaySettings(
                     ws_base_url="ws" + base_url.removeprefix("http"),
@@ -234,6 +238,25 @@ async def serve_gateway(
                     upstream_keepalive_s=config.websocket.upstream_keepalive_s,
                 ),
             )
+            if config.websocket.mode == "shared":
+                websocket = SharedHub(
+                    manager=manager,
+                    settings=SharedSettings(
+                        ws_base_url="ws" + base_url.removeprefix("http"),
+                        access_token=credentials.identity.access_token,
+                        user_agent=config.ibkr.user_agent,
+                        tls=tls,
+                        max_message_bytes=MAX_WS_MESSAGE_BYTES,
+                        max_clients=config.server.max_websockets,
+                        client_buffer=config.websocket.client_buffer,
+                        upstream_keepalive_s=config.websocket.upstream_keepalive_s,
+                        feed=FeedSettings(
+                            unsubscribe_delay_s=config.websocket.unsubscribe_delay_s,
+                            renew_s=config.websocket.renew_subscriptions_s,
+                        ),
+                    ),
+                )
+            relay = websocket
             await root.start(relay.run)  # client writers and write deadlines: beside the server, not inside it
             upstream = Http1Pool(base_url, timeouts, tls=tls, max_connections=UPSTREAM_MAX_CONNECTIONS)
             root.start_soon(upstream.keep_tidy)  # idle connections IBKR closed do not linger in CLOSE-WAIT
@@ -258,6 +281,7 @@ async def serve_gateway(
                 simulator=simulator is not None,
                 started_at=started_at,
                 label=config.ibkr.label,
+                shared=relay.snapshot if isinstance(relay, SharedHub) else None,
             )
             app = Dispatcher(
                 settings=dispatch_settings(config, loaded.api_keys.reveal()),

@@ -113,6 +113,10 @@ class WebSocketConfig:
     """``[websocket]``: what each relay does on IBKR's side of the socket."""
 
     upstream_keepalive_s: float = 45.0
+    mode: Literal["relay", "shared"] = "relay"
+    unsubscribe_delay_s: float = 5.0
+    client_buffer: int = 1000
+    renew_subscriptions_s: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)

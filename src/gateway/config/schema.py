@@ -410,6 +410,26 @@ SECTIONS: Mapping[str, Mapping[str, Key]] = {
         "ready_timeout_s": Key(seconds(0.0, 600.0), 10, "how long a request waits for a ready session before 503"),
     },
     "websocket": {
+        "mode": Key(
+            choice("relay", "shared"),
+            "relay",
+            "relay: one IBKR socket per client; shared: one IBKR socket for all clients, subscriptions de-duplicated",
+        ),
+        "unsubscribe_delay_s": Key(
+            seconds(0.0, 10.0),
+            5,
+            "shared mode: after the last subscriber leaves, wait this long before unsubscribing upstream",
+        ),
+        "client_buffer": Key(
+            integer(10, 100_000),
+            1000,
+            "shared mode: messages queued for one client; a client that lets this many pile up is closed (1008)",
+        ),
+        "renew_subscriptions_s": Key(
+            seconds(60.0, 890.0),
+            600,
+            "shared mode: re-send each market-data subscription this often (IBKR lets them lapse after ~15 min)",
+        ),
         "upstream_keepalive_s": Key(
             seconds(1.0, 59.0),
             45,

@@ -8,6 +8,7 @@ relay counters, the pacer), so the hot path pays nothing for them; only the per-
 from __future__ import annotations
 
 from importlib import metadata
+from typing import Any, cast
 
 from gateway.asgi import Receive, Scope, Send
 from gateway.metrics import CONTENT_TYPE, GatewayReadings, RequestMetrics, render_metrics
@@ -56,7 +57,18 @@ def readings(source: StatusSource) -> GatewayReadings:
         pacing_rejected=pacer.rejected_total,
         upstream_429=pacer.upstream_429_total,
         breaker_open=breaker_open,
+        **_shared_readings(source),
     )
+
+
+def _shared_readings(source: StatusSource) -> dict[str, Any]:
+    if source.shared is None:
+        return {}
+    snapshot = source.shared()
+    return {
+        "shared_upstream_subscriptions": int(cast(int, snapshot["upstream_subscriptions"])),
+        "shared_upstream_connected": bool(snapshot["upstream_connected"]),
+    }
 
 
 class MetricsPage:

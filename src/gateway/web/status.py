@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,7 @@ class StatusSource:
     simulator: bool
     started_at: float
     label: str = ""
+    shared: Callable[[], dict[str, object]] | None = None  # shared WebSocket mode's snapshot; None in relay mode
 
 
 def live_tasks() -> int:
@@ -171,6 +172,8 @@ def snapshot(source: StatusSource) -> dict[str, Any]:
         "recent_errors": [
             {"at": _iso(e.at), "message": e.message, "hint": _hint(e.hint)} for e in reversed(stats.recent_errors)
         ],
+        "websocket_mode": "relay" if source.shared is None else "shared",
+        "shared": source.shared() if source.shared is not None else None,
         "relays": {
             "open": source.relays.open,
             "opening": source.relays.slots - source.relays.open,
