@@ -4,6 +4,7 @@ clients, routing, field unions, the late subscriber's snapshot, the grace period
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
@@ -14,6 +15,7 @@ import trio_websocket
 
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
+from tests.integration.test_relay_stalls import FloodClient
 from tests.twclient import open_websocket
 
 WS_PATH = "/v1/api/ws"
@@ -92,9 +94,11 @@ async def test_union_grows_and_last_unsubscribe_waits_for_the_grace(gw: TestGate
         async with open_websocket(gw.ws_url + WS_PATH) as b:
             await b.send_message(smd(AAPL, "84"))
             await next_json(b, f"smd+{AAPL}")
-        sent = upstream_sent(gw, f"smd+{AAPL}")
-        assert sent[-1] == smd(AAPL, "31", "84").replace(" ", "")
-        assert upstream_sent(gw, f"umd+{AAPL}")  # umd before the re-subscribe with the union
+            sent = [m.text for m in gw.simulator.ws_messages if m.text.startswith(("smd+", "umd+"))]
+            assert sent[-2:] == [f"umd+{AAPL}+{{}}", smd(AAPL, "31", "84").replace(" ", "")]  # umd first
+        with trio.fail_after(5):  # b left: the union shrinks back
+            while upstream_sent(gw, f"smd+{AAPL}")[-1] != smd(AAPL, "31").replace(" ", ""):  # noqa: ASYNC110
+                await trio.sleep(0.02)
         await a.send_message(f"umd+{AAPL}+{{}}")
         await trio.sleep(0.2)
         umds = len(upstream_sent(gw, f"umd+{AAPL}"))
@@ -119,5 +123,97 @@ async def test_keepalives_are_answered_by_the_gateway(gw: TestGateway) -> None:
     async with open_websocket(gw.ws_url + WS_PATH) as ws:
         await ws.send_message("tic")
         assert (await next_json(ws, "tic"))["alive"] is True
+        async with gw.client() as http:
+            session = (await http.get("/session")).json()
+            page = (await http.get("/")).text
+        assert session["websocket_mode"] == "shared" and session["shared"]["clients"] == 1
+        assert session["shared"]["upstream_connected"] is True
+        assert "shared: 1 client(s), IBKR socket open" in page
         await ws.send_message("bogus+command")
         assert "error" in await next_json(ws, "gateway")
+
+
+def masked_text_frame(text: str) -> bytes:
+    """One client-to-server text frame (RFC 6455 §5.2: clients mask), for a raw socket that never reads."""
+    payload = text.encode()
+    mask = os.urandom(4)
+    assert len(payload) < 126
+    return bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_a_client_that_stops_reading_is_closed_and_slows_nobody(
+    ibkr_sim_credentials: SimulatorCredentials, caplog: pytest.LogCaptureFixture
+) -> None:
+    conids = (AAPL, MSFT, 8314, 756733, 76792991, 4815747, 3691937)
+    async with open_test_gateway(
+        {"websocket": {"mode": "shared", "client_buffer": 10}},
+        credentials=ibkr_sim_credentials,
+        simulator_options={"tick_interval_s": 0.002},
+    ) as gw:
+        stalled = await FloodClient.connect(gw)  # a receive window of a few KiB, and it never reads
+        async with open_websocket(gw.ws_url + WS_PATH) as healthy:
+            for conid in conids:
+                await stalled.stream.send_all(masked_text_frame(smd(conid, "31", "84", "86")))
+                await healthy.send_message(smd(conid, "31", "84", "86"))
+            gaps: list[float] = []
+            last = trio.current_time()
+            with trio.fail_after(30):
+                while gw.gateway.relays.open > 1:
+                    await next_json(healthy, None, timeout_s=2)
+                    now = trio.current_time()
+                    gaps.append(now - last)
+                    last = now
+            for _ in range(50):  # and the healthy one goes on
+                assert (await next_json(healthy, None, timeout_s=2))["topic"]
+            assert max(gaps) < 1.0, max(gaps)
+        stalled.close()
+    assert any("websocket.client_buffer" in r.getMessage() for r in caplog.records)
+
+
+async def test_subscriptions_are_renewed_before_ibkr_lets_them_lapse(
+    ibkr_sim_credentials: SimulatorCredentials,
+) -> None:
+    async with open_test_gateway(
+        {"websocket": {"mode": "shared", "renew_subscriptions_s": 1}},
+        credentials=ibkr_sim_credentials,
+        simulator_options={"tick_interval_s": 0.05, "subscription_ttl_s": 1.5},  # IBKR: ~15 minutes
+    ) as gw:
+        async with open_websocket(gw.ws_url + WS_PATH) as ws:
+            await ws.send_message(smd(AAPL, "31", "84"))
+            started = trio.current_time()
+            while trio.current_time() - started < 4:  # well past the simulator's lapse
+                await next_json(ws, f"smd+{AAPL}", timeout_s=1)
+        assert len(upstream_sent(gw, f"smd+{AAPL}")) >= 3
+
+
+async def test_disconnect_releases_and_shutdown_closes_with_1001(ibkr_sim_credentials: SimulatorCredentials) -> None:
+    async with open_test_gateway(
+        {"websocket": {"mode": "shared", "unsubscribe_delay_s": 0}},
+        credentials=ibkr_sim_credentials,
+        simulator_options={"tick_interval_s": 0.05},
+    ) as gw:
+        async with open_websocket(gw.ws_url + WS_PATH) as ws:
+            await ws.send_message(smd(AAPL, "31"))
+            await next_json(ws, f"smd+{AAPL}")
+        with trio.fail_after(5):
+            while not upstream_sent(gw, f"umd+{AAPL}"):  # noqa: ASYNC110 - the simulator's record
+                await trio.sleep(0.02)
+        async with open_websocket(gw.ws_url + WS_PATH) as ws:
+            await next_json(ws, "sts")
+            gw.gateway.request_shutdown()
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                with trio.fail_after(10):
+                    while True:
+                        await ws.get_message()
+            assert closed.value.reason is not None and closed.value.reason.code == 1001
+
+
+async def test_relay_mode_is_unchanged_by_default(ibkr_sim_credentials: SimulatorCredentials) -> None:
+    """The default mode relays: IBKR's own tic answer comes through, and each client has its own IBKR socket."""
+    async with open_test_gateway(credentials=ibkr_sim_credentials) as gw:
+        async with open_websocket(gw.ws_url + WS_PATH) as a, open_websocket(gw.ws_url + WS_PATH) as b:
+            await next_json(a, "sts")
+            await next_json(b, "sts")
+            assert gw.simulator.websocket_count == 2
+        async with gw.client() as http:
+            assert (await http.get("/session")).json()["websocket_mode"] == "relay"

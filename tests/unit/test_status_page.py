@@ -56,6 +56,7 @@ def snapshot(**overrides: Any) -> dict[str, Any]:
         "recent_errors": [],
         "relays": {"open": 2, "opened_total": 3, "messages_up": 4, "messages_down": 5},
         "pacing_summary": "breaker closed",
+        "websocket_summary": "shared: 2 client(s), IBKR socket open, 1 upstream subscription(s)",
         "account": {"label": None, "paper": True},
         "account_summary": "DU1234567 · paper",
     }
@@ -66,6 +67,7 @@ def test_page_renders_every_row_server_side() -> None:
     page = render_status_page(snapshot())
     assert '<td data-key="relays_open">2</td>' in page
     assert '<td data-key="relays_messages">9</td>' in page
+    assert '<td data-key="websocket_summary">shared: 2 client(s), IBKR socket open' in page
     assert '<td data-key="lst_expires">2026-11-29T08:00:00Z</td>' in page
     assert "none since the gateway started" in page
     assert "Healthy: session ready" in page

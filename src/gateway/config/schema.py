@@ -426,7 +426,7 @@ SECTIONS: Mapping[str, Mapping[str, Key]] = {
             "shared mode: messages queued for one client; a client that lets this many pile up is closed (1008)",
         ),
         "renew_subscriptions_s": Key(
-            seconds(60.0, 890.0),
+            seconds(1.0, 890.0),
             600,
             "shared mode: re-send each market-data subscription this often (IBKR lets them lapse after ~15 min)",
         ),

@@ -42,6 +42,7 @@ _TABLES = {
         ("mode", "Upstream kind"),
         ("upstream", "Upstream"),
         ("pacing_summary", "IBKR pacing"),
+        ("websocket_summary", "WebSocket mode"),
     ),
 }
 """Table id -> (key, label) rows, in order; ``relays_*`` are read from ``relays``, the rest are snapshot keys."""

@@ -63,6 +63,19 @@ def _hint(hint: Hint | None) -> dict[str, object] | None:
     return hint.as_dict() if hint is not None else None
 
 
+def _websocket_summary(shared: dict[str, object] | None) -> str:
+    """One line for the status page: the mode and, when shared, clients, IBKR's socket and subscribers per topic."""
+    if shared is None:
+        return "relay (one IBKR socket per client)"
+    subscribers = shared.get("subscribers")
+    topics = ", ".join(f"{k} {v}" for k, v in subscribers.items()) if isinstance(subscribers, dict) else ""
+    socket = "open" if shared.get("upstream_connected") else "closed"
+    return (
+        f"shared: {shared.get('clients', 0)} client(s), IBKR socket {socket}, "
+        f"{shared.get('upstream_subscriptions', 0)} upstream subscription(s)" + (f" ({topics})" if topics else "")
+    )
+
+
 def _pacing_summary(pacing: dict[str, Any]) -> str:
     """One line for the status page: breaker state, queue, refusals and IBKR 429s."""
     if not pacing.get("enabled"):
@@ -138,6 +151,7 @@ def snapshot(source: StatusSource) -> dict[str, Any]:
     """
     now = time.time()
     manager = source.manager
+    shared = source.shared() if source.shared is not None else None
     stats = manager.stats
     pacing = source.pacer.snapshot()
     session = manager.live  # ready or read-only: the LST works
@@ -173,7 +187,8 @@ def snapshot(source: StatusSource) -> dict[str, Any]:
             {"at": _iso(e.at), "message": e.message, "hint": _hint(e.hint)} for e in reversed(stats.recent_errors)
         ],
         "websocket_mode": "relay" if source.shared is None else "shared",
-        "shared": source.shared() if source.shared is not None else None,
+        "shared": shared,
+        "websocket_summary": _websocket_summary(shared),
         "relays": {
             "open": source.relays.open,
             "opening": source.relays.slots - source.relays.open,
