@@ -18,14 +18,17 @@
 "use strict";
 
 const FIELDS = {last: "31", bid: "84", ask: "86"};
-// Behind a reverse proxy that serves the gateway below a prefix (/paper/examples/dashboard/), call it there too.
-const BASE = location.pathname.replace(/\/examples\/dashboard\/[^/]*$/, "");
-const SEARCH_PATH = BASE + "/v1/api/iserver/secdef/search";
-const HEALTH_PATH = BASE + "/health";    // open to all: says whether the session is ready
-const SESSION_PATH = BASE + "/session";  // needs the key when keys are configured: tells a missing key apart
-const WS_URL = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + BASE + "/v1/api/ws";
-const KEY_STORAGE = "ibkr-gateway-example.api-key";
-const LIST_STORAGE = "ibkr-gateway-example.watchlist";
+// Every URL is relative to the page (/examples/dashboard/), so behind a reverse proxy that serves the gateway
+// below a prefix (/paper/examples/dashboard/) the calls stay below it too.
+const ROOT = new URL("../../", location.href);
+const SEARCH_URL = new URL("v1/api/iserver/secdef/search", ROOT).href;
+const HEALTH_URL = new URL("health", ROOT).href;    // open to all: says whether the session is ready
+const SESSION_URL = new URL("session", ROOT).href;  // needs the key when keys are configured: tells a missing key
+const WS_URL = new URL("v1/api/ws", ROOT).href.replace(/^http/, "ws");  // http: -> ws:, https: -> wss:
+// Two gateways on one host (/paper/, /live/) share the browser's storage: each prefix keeps its own key and list.
+const SUFFIX = ROOT.pathname === "/" ? "" : ":" + ROOT.pathname;
+const KEY_STORAGE = "ibkr-gateway-example.api-key" + SUFFIX;
+const LIST_STORAGE = "ibkr-gateway-example.watchlist" + SUFFIX;
 const MAX_WATCHED = 20;   // IBKR limits how many instruments stream at once
 const HISTORY = 60;       // last prices kept for each chart
 const FIRST_RETRY_MS = 1000, MAX_RETRY_MS = 30000, STABLE_MS = 30000;
@@ -382,7 +385,7 @@ function onClose(c, event) {
 async function checkKey() {
   let response;
   try {
-    response = await fetch(SESSION_PATH, {headers: authHeaders(), cache: "no-store"});
+    response = await fetch(SESSION_URL, {headers: authHeaders(), cache: "no-store"});
   } catch (e) {
     return;
   }
@@ -398,7 +401,7 @@ async function pollHealth() {
   const before = sessionEvents;
   let status = 0, body = null;
   try {
-    const response = await fetch(HEALTH_PATH, {cache: "no-store"});
+    const response = await fetch(HEALTH_URL, {cache: "no-store"});
     status = response.status;
     body = await response.json();
   } catch (e) { /* unreachable, or not JSON */ }
@@ -428,7 +431,7 @@ async function search(symbol) {
   $("results").replaceChildren();
   let response;
   try {
-    response = await fetch(SEARCH_PATH + "?symbol=" + encodeURIComponent(symbol),
+    response = await fetch(SEARCH_URL + "?symbol=" + encodeURIComponent(symbol),
                            {headers: authHeaders(), cache: "no-store"});
   } catch (e) {
     setMessage("The gateway did not answer.", true);
