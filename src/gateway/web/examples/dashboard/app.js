@@ -1,44 +1,81 @@
-// ibkr-oauth-gateway example dashboard: plain JavaScript, no build step, no dependencies.
+// ibkr-oauth-gateway example dashboard: a watchlist with live prices. Plain JavaScript, no build step, no
+// dependencies.
 //
-// 1. Search a symbol:   GET /v1/api/iserver/secdef/search?symbol=AAPL   (through the gateway, which signs it)
-// 2. Stream its prices: WebSocket ws(s)://<this host>/v1/api/ws, then  smd+<conid>+{"fields":["31","84","86"]}
-//    (31 = last, 84 = bid, 86 = ask); updates carry only the fields that changed.
-// 3. When the gateway restarts its IBKR session it closes the WebSocket with 1012: reconnect after a back-off
-//    (1 s doubling to 30 s, with jitter) and subscribe again.
+// 1. Search a symbol:  GET /v1/api/iserver/secdef/search?symbol=AAPL  (through the gateway, which signs it), and
+//    add a match to the watchlist, which is kept in localStorage.
+// 2. Stream prices:    one WebSocket ws(s)://<this host>/v1/api/ws for the whole list, and for each symbol
+//    smd+<conid>+{"fields":["31","84","86"]}  (31 = last, 84 = bid, 86 = ask);  umd+<conid>+{}  when it is removed.
+//    The first message of a subscription carries every field, later ones only the fields that changed: each
+//    symbol keeps its latest values and every message is merged into them.
+// 3. Session restarts:
+//    - relay mode: the gateway closes the WebSocket with 1012. Reconnect after a back-off (1 s doubling to 30 s,
+//      with jitter) and subscribe every symbol again on the new socket.
+//    - shared mode: the socket stays open; the gateway sends {"topic":"gateway","state":"restarting"} and later
+//      {"topic":"gateway","state":"ready"}, and renews the subscriptions upstream itself, so nothing is re-sent.
+//    IBKR's own {"topic":"sts","args":{"authenticated":…}} and a /health poll also feed the "Session" badge.
 // With API keys configured on the gateway, the key pasted below goes in "Authorization: Bearer" for fetch and in
 // the "access_key.<key>" WebSocket subprotocol (browsers cannot set headers on a WebSocket).
 "use strict";
 
 const FIELDS = {last: "31", bid: "84", ask: "86"};
-const SEARCH_PATH = "/v1/api/iserver/secdef/search";
-const WS_URL = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/v1/api/ws";
-const KEY_STORAGE = "ibkr-gateway-example.api-key";
-const FIRST_RETRY_MS = 1000, MAX_RETRY_MS = 30000, STABLE_MS = 30000, KEEPALIVE_MS = 30000;
+// Every URL is relative to the page (/examples/dashboard/), so behind a reverse proxy that serves the gateway
+// below a prefix (/paper/examples/dashboard/) the calls stay below it too.
+const ROOT = new URL("../../", location.href);
+const SEARCH_URL = new URL("v1/api/iserver/secdef/search", ROOT).href;
+const HEALTH_URL = new URL("health", ROOT).href;    // open to all: says whether the session is ready
+const SESSION_URL = new URL("session", ROOT).href;  // needs the key when keys are configured: tells a missing key
+const WS_URL = new URL("v1/api/ws", ROOT).href.replace(/^http/, "ws");  // http: -> ws:, https: -> wss:
+// Two gateways on one host (/paper/, /live/) share the browser's storage: each prefix keeps its own key and list.
+const SUFFIX = ROOT.pathname === "/" ? "" : ":" + ROOT.pathname;
+const KEY_STORAGE = "ibkr-gateway-example.api-key" + SUFFIX;
+const LIST_STORAGE = "ibkr-gateway-example.watchlist" + SUFFIX;
+const MAX_WATCHED = 20;   // IBKR limits how many instruments stream at once
+const HISTORY = 60;       // last prices kept for each chart
+const FIRST_RETRY_MS = 1000, MAX_RETRY_MS = 30000, STABLE_MS = 30000;
+const KEEPALIVE_MS = 50000;  // "tic" keeps IBKR's side of the socket alive (the gateway sends its own as well)
+const STS_WAIT_MS = 3000;    // subscribe anyway if no session status arrives this long after the socket opens
+const HEALTH_MS = 5000;
 const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;  // what a WebSocket subprotocol may contain
+const FLAGS = {C: "closing price: the market is closed", H: "trading halted"};
+const SUBSCRIBE_ARGS = JSON.stringify({fields: Object.values(FIELDS)});
 
 const $ = (id) => document.getElementById(id);
+const decoder = new TextDecoder();
+const watched = new Map();  // conid -> {conid, symbol, name, values: {field: text}, history: [number], card}
 let apiKey = sessionStorage.getItem(KEY_STORAGE) || "";
-let chosen = null;        // {conid, symbol, name} being watched
-let socket = null;        // the open (or opening) WebSocket
+let conn = null;            // the current WebSocket and what was sent on it, see connect()
+let connects = 0;           // WebSockets opened so far (shown as data-connects, handy for tests)
 let retryMs = FIRST_RETRY_MS;
 let retryTimer = null;
-let openedAt = 0;
-let connects = 0;         // WebSockets opened so far (shown as data-connects, handy for tests)
-let keepalive = null;
-let subscribed = null;    // conid subscribed on the current socket
-const decoder = new TextDecoder();
+let sessionEvents = 0;      // session news from the WebSocket so far: a /health answer older than one is stale
 
-function setState(kind, text) {
-  const el = $("connection");
+// ---------------------------------------------------------------- small helpers
+
+function setBadge(el, state, kind, text) {
   el.className = "state " + kind;
-  el.textContent = text;
-  el.dataset.connects = String(connects);
+  el.dataset.state = state;
+  if (el.textContent !== text) el.textContent = text;  // unchanged text is not announced again
+}
+
+function setConnection(state, text) {
+  const kind = {open: "ok", connecting: "info", closed: "warn", failed: "bad"}[state] || "idle";
+  setBadge($("connection"), state, kind, text);
+  $("connection").dataset.connects = String(connects);
+}
+
+// state: ready | restarting | not-authenticated | read-only | unavailable | unreachable; source: where it came from
+function setSession(state, text, source, detail = "") {
+  const kind = state === "ready" ? "ok" : state === "unavailable" || state === "unreachable" ? "bad" : "warn";
+  const el = $("session");
+  setBadge(el, state, kind, text);
+  el.dataset.source = source;
+  if ($("session-detail").textContent !== detail) $("session-detail").textContent = detail;
+  $("session-detail").hidden = !detail;
 }
 
 function setMessage(text, isError = false) {
-  const el = $("message");
-  el.textContent = text;
-  el.classList.toggle("error", isError);
+  $("message").textContent = text;
+  $("message").classList.toggle("error", isError);
 }
 
 function authHeaders() {
@@ -63,89 +100,216 @@ async function errorText(response) {
   return "HTTP " + response.status;
 }
 
-// ---------------------------------------------------------------- search (REST through the gateway)
+// IBKR sends prices as text and may put a letter in front ("C227.50": the closing price); commas group thousands.
+function splitPrice(text) {
+  const match = /^\s*([^\d.+-]*)(.*?)\s*$/.exec(String(text));
+  return {flag: match[1], number: match[2], value: parseFloat(match[2].replace(/,/g, ""))};
+}
 
-async function search(symbol) {
-  setMessage("Searching " + symbol + "…");
-  $("results").replaceChildren();
-  let response;
+// ---------------------------------------------------------------- the watchlist (localStorage)
+
+function loadList() {
+  let saved;
   try {
-    response = await fetch(SEARCH_PATH + "?symbol=" + encodeURIComponent(symbol),
-                           {headers: authHeaders(), cache: "no-store"});
+    saved = JSON.parse(localStorage.getItem(LIST_STORAGE) || "[]");
   } catch (e) {
-    setMessage("The gateway did not answer.", true);
+    return [];  // unreadable: start empty
+  }
+  if (!Array.isArray(saved)) return [];
+  return saved
+    .filter((item) => item && /^\d{1,12}$/.test(String(item.conid)))
+    .slice(0, MAX_WATCHED)
+    .map((item) => ({
+      conid: String(item.conid),
+      symbol: String(item.symbol || item.conid).slice(0, 32),
+      name: String(item.name || "").slice(0, 120),
+    }));
+}
+
+function saveList() {
+  const list = [...watched.values()].map(({conid, symbol, name}) => ({conid, symbol, name}));
+  try {
+    localStorage.setItem(LIST_STORAGE, JSON.stringify(list));
+  } catch (e) {
+    setMessage("This browser did not save the watchlist: it lasts until the page is reloaded.", true);
+  }
+}
+
+function showCount() {
+  $("watch-count").textContent = String(watched.size);
+  $("empty").hidden = watched.size > 0;
+}
+
+function track(instrument) {
+  const entry = {...instrument, values: {}, history: [], card: makeCard(instrument)};
+  watched.set(entry.conid, entry);
+  $("watchlist").append(entry.card);
+  return entry;
+}
+
+function add(instrument) {
+  if (watched.has(instrument.conid)) {
+    setMessage(instrument.symbol + " is already on the watchlist.");
     return;
   }
-  if (response.status === 401) { needKey(); return; }
-  if (!response.ok) { setMessage("Search failed: " + await errorText(response), true); return; }
-  const found = await response.json();
-  const items = Array.isArray(found) ? found.filter((item) => item && item.conid) : [];
-  if (!items.length) { setMessage("Nothing found for " + symbol + "."); return; }
-  setMessage(items.length === 1 ? "1 match: pick it to stream prices." : items.length + " matches: pick one.");
-  for (const item of items) {
-    const button = document.createElement("button");
-    button.type = "button";
-    button.dataset.conid = String(item.conid);
-    button.textContent = [item.symbol, item.companyHeader || item.companyName, "conid " + item.conid]
-      .filter(Boolean).join(" · ");
-    button.addEventListener("click", () => watch({
-      conid: String(item.conid), symbol: String(item.symbol || symbol), name: String(item.companyName || ""),
-    }, button));
-    const li = document.createElement("li");
-    li.append(button);
-    $("results").append(li);
+  if (watched.size >= MAX_WATCHED) {
+    setMessage("The watchlist holds at most " + MAX_WATCHED + " symbols: remove one first.", true);
+    return;
   }
+  track(instrument);
+  saveList();
+  showCount();
+  $("results").replaceChildren();
+  $("symbol").value = "";
+  $("symbol").focus();
+  setMessage("Added " + instrument.symbol + ".");
+  if (conn) subscribeMissing(); else connect();
 }
 
-// ---------------------------------------------------------------- streaming (the gateway's WebSocket)
-
-function watch(instrument, button) {
-  for (const other of document.querySelectorAll("#results button")) other.setAttribute("aria-pressed", "false");
-  button.setAttribute("aria-pressed", "true");
-  chosen = instrument;
-  $("quote").hidden = false;
-  $("quote-symbol").textContent = instrument.symbol;
-  $("quote-name").textContent = instrument.name;
-  $("quote-conid").textContent = instrument.conid;
-  for (const name of Object.keys(FIELDS)) { $(name).textContent = "—"; $(name).className = ""; }
-  $("updated").textContent = "—";
-  if (socket && socket.readyState === WebSocket.OPEN) subscribe();
-  else connect();
+function remove(conid) {
+  const entry = watched.get(conid);
+  if (!entry) return;
+  watched.delete(conid);
+  if (conn && conn.sent.delete(conid) && conn.ws.readyState === WebSocket.OPEN) conn.ws.send("umd+" + conid + "+{}");
+  const next = entry.card.nextElementSibling || entry.card.previousElementSibling;
+  entry.card.remove();
+  saveList();
+  showCount();
+  (next ? next.querySelector(".remove") : $("symbol")).focus();
+  setMessage("Removed " + entry.symbol + ".");
 }
+
+function makeCard(instrument) {
+  const card = $("card-template").content.firstElementChild.cloneNode(true);
+  card.dataset.conid = instrument.conid;
+  card.querySelector(".symbol").textContent = instrument.symbol;
+  card.querySelector(".name").textContent = instrument.name;
+  card.querySelector(".conid").textContent = instrument.conid;
+  const button = card.querySelector(".remove");
+  button.setAttribute("aria-label", "Remove " + instrument.symbol);
+  button.addEventListener("click", () => remove(instrument.conid));
+  return card;
+}
+
+function markStale() {
+  for (const entry of watched.values()) entry.card.classList.add("stale");
+}
+
+// ---------------------------------------------------------------- prices and the chart
+
+function update(entry, message) {
+  let changed = false;
+  for (const [name, field] of Object.entries(FIELDS)) {
+    if (!(field in message)) continue;
+    const before = entry.values[field] === undefined ? NaN : splitPrice(entry.values[field]).value;
+    entry.values[field] = String(message[field]);
+    const after = splitPrice(entry.values[field]);
+    showField(entry.card.querySelector("dd." + name), after, before);
+    if (name === "last" && !isNaN(after.value) && after.value !== entry.history[entry.history.length - 1]) {
+      entry.history.push(after.value);
+      if (entry.history.length > HISTORY) entry.history.shift();
+      drawChart(entry);
+    }
+    changed = true;
+  }
+  if (!changed) return;
+  entry.card.classList.remove("stale");
+  entry.card.querySelector(".when").textContent = "updated " + new Date().toLocaleTimeString();
+  if (conn && Date.now() - conn.openedAt > STABLE_MS) retryMs = FIRST_RETRY_MS;  // a lasting socket resets it
+}
+
+function showField(dd, price, before) {
+  dd.querySelector(".num").textContent = price.number || "—";
+  let flag = dd.querySelector(".flag");
+  if (price.flag && !flag) {
+    flag = document.createElement("abbr");
+    flag.className = "flag";
+    dd.append(flag);
+  }
+  if (price.flag) {
+    flag.textContent = price.flag;
+    flag.title = FLAGS[price.flag] || "marked " + price.flag + " by IBKR";
+  } else if (flag) {
+    flag.remove();
+  }
+  if (isNaN(before) || isNaN(price.value) || before === price.value) return;  // the last move's colour stays
+  dd.classList.remove("up", "down", "flash");
+  void dd.offsetWidth;  // restart the flash animation
+  dd.classList.add(price.value > before ? "up" : "down", "flash");
+  dd.dataset.changes = String(Number(dd.dataset.changes || 0) + 1);
+}
+
+function drawChart(entry) {
+  const svg = entry.card.querySelector(".spark");
+  const box = svg.getBoundingClientRect();
+  const width = Math.max(40, Math.round(box.width)) || 300, height = Math.max(16, Math.round(box.height)) || 48;
+  const pad = 4, points = entry.history;
+  const low = Math.min(...points), high = Math.max(...points);
+  const step = (width - 2 * pad) / (HISTORY - 1);
+  const xy = points.map((value, i) => [
+    width - pad - (points.length - 1 - i) * step,  // the newest point on the right edge
+    high === low ? height / 2 : height - pad - ((value - low) / (high - low)) * (height - 2 * pad),
+  ]);
+  svg.setAttribute("viewBox", "0 0 " + width + " " + height);
+  svg.querySelector("polyline").setAttribute("points", xy.map(([x, y]) => x.toFixed(1) + "," + y.toFixed(1)).join(" "));
+  const dot = svg.querySelector("circle"), [x, y] = xy[xy.length - 1];
+  dot.setAttribute("cx", x.toFixed(1));
+  dot.setAttribute("cy", y.toFixed(1));
+  dot.setAttribute("visibility", "visible");
+  svg.classList.toggle("down", points[points.length - 1] < points[0]);
+  svg.dataset.points = String(points.length);
+  svg.setAttribute("aria-label", "Last price, " + points.length + " changes: low " + low + ", high " + high +
+                   ", now " + points[points.length - 1]);
+}
+
+// ---------------------------------------------------------------- the WebSocket
 
 function connect() {
   clearTimeout(retryTimer);
   retryTimer = null;
-  if (socket) return;  // already open or opening; it subscribes when ready
+  if (conn || !watched.size) return;  // one socket for the whole list, and none for an empty one
   const protocols = apiKey && TOKEN.test(apiKey) ? ["access_key." + apiKey] : [];
   // A key that is not a valid subprotocol token goes in the query instead (the gateway accepts both).
   const url = apiKey && !TOKEN.test(apiKey) ? WS_URL + "?access_key=" + encodeURIComponent(apiKey) : WS_URL;
-  setState("connecting", "connecting…");
+  setConnection("connecting", "connecting…");
   const ws = new WebSocket(url, protocols);
   ws.binaryType = "arraybuffer";  // IBKR may send its JSON in binary frames
-  socket = ws;
-  subscribed = null;
+  // sent: conids subscribed on this socket; ready: whether to subscribe now (IBKR's session is authenticated);
+  // heard: whether any session status came, else subscribe after STS_WAIT_MS anyway; restarting: the gateway said
+  // "restarting" and not yet "ready".
+  const c = {ws, sent: new Set(), ready: false, heard: false, restarting: false, opened: false, openedAt: 0,
+             timers: []};
+  conn = c;
   ws.addEventListener("open", () => {
     connects += 1;
-    openedAt = Date.now();
-    setState("connected", "connected, waiting for the session");
-    setTimeout(() => ws === socket && subscribed === null && subscribe(), 3000);  // in case no "sts" arrives
-    keepalive = setInterval(() => ws.readyState === WebSocket.OPEN && ws.send("tic"), KEEPALIVE_MS);
+    c.opened = true;
+    c.openedAt = Date.now();
+    setConnection("open", "open, waiting for the session");
+    c.timers.push(setTimeout(() => c === conn && !c.heard && upstreamReady(c), STS_WAIT_MS));
+    c.timers.push(setInterval(() => ws.readyState === WebSocket.OPEN && ws.send("tic"), KEEPALIVE_MS));
   });
-  ws.addEventListener("message", (event) => onMessage(ws, event.data));
-  ws.addEventListener("close", (event) => onClose(ws, event));
+  ws.addEventListener("message", (event) => onMessage(c, event.data));
+  ws.addEventListener("close", (event) => onClose(c, event));
 }
 
-function subscribe() {
-  if (!chosen || !socket || socket.readyState !== WebSocket.OPEN) return;
-  if (subscribed && subscribed !== chosen.conid) socket.send("umd+" + subscribed + "+{}");
-  socket.send("smd+" + chosen.conid + "+" + JSON.stringify({fields: Object.values(FIELDS)}));
-  subscribed = chosen.conid;
-  setState("connected", "subscribed to " + chosen.symbol);
+function upstreamReady(c) {
+  c.ready = true;
+  setConnection("open", "open");
+  subscribeMissing();
 }
 
-function onMessage(ws, data) {
-  if (ws !== socket) return;
+function subscribeMissing() {
+  const c = conn;
+  if (!c || !c.ready || c.ws.readyState !== WebSocket.OPEN) return;
+  for (const conid of watched.keys()) {
+    if (c.sent.has(conid)) continue;
+    c.ws.send("smd+" + conid + "+" + SUBSCRIBE_ARGS);
+    c.sent.add(conid);
+  }
+}
+
+function onMessage(c, data) {
+  if (c !== conn) return;
   let message;
   try {
     message = JSON.parse(typeof data === "string" ? data : decoder.decode(data));
@@ -153,47 +317,153 @@ function onMessage(ws, data) {
     return;  // e.g. the raw "ech+hb" echo
   }
   if (!message || typeof message !== "object") return;
-  if (message.topic === "sts" && message.args && message.args.authenticated === true) {
-    subscribe();  // the brokerage session is ready for market data
-  } else if (message.topic === "sts" && message.args && message.args.authenticated === false) {
-    setState("retrying", "IBKR session not authenticated");
-  } else if (chosen && message.topic === "smd+" + chosen.conid) {
-    if (message.error) { setMessage("Market data: " + message.error, true); return; }
-    showPrices(message);
+  const topic = typeof message.topic === "string" ? message.topic : "";
+  if (topic === "sts" && message.args && typeof message.args.authenticated === "boolean") {
+    c.heard = true;
+    sessionEvents += 1;
+    if (message.args.authenticated) {
+      setSession("ready", "ready", "sts");
+      upstreamReady(c);
+    } else {
+      // IBKR's brokerage session is down: subscribe again once it is back.
+      c.ready = false;
+      c.sent.clear();
+      setSession("not-authenticated", "IBKR session not authenticated", "sts");
+      setConnection("open", "open, waiting for the session");
+      markStale();
+    }
+  } else if (topic === "gateway") {
+    c.heard = true;
+    sessionEvents += 1;
+    onGatewayNotice(c, String(message.state || "").slice(0, 40));
+  } else if (topic.startsWith("smd+")) {
+    const entry = watched.get(topic.slice(4));
+    if (!entry) return;  // e.g. a late update for a symbol just removed
+    if (message.error) { setMessage(entry.symbol + ": " + message.error, true); return; }
+    update(entry, message);
   }
 }
 
-function showPrices(update) {
-  let changed = false;
-  for (const [name, field] of Object.entries(FIELDS)) {
-    if (!(field in update)) continue;
-    const el = $(name);
-    const before = parseFloat(el.textContent);
-    const after = parseFloat(String(update[field]).replace(/^[A-Z]/, ""));  // IBKR may prefix C (close), H (halted)
-    el.textContent = String(update[field]);
-    el.className = isNaN(before) || isNaN(after) || before === after ? "" : (after > before ? "up" : "down");
-    changed = true;
+// Shared mode: the gateway keeps the socket open across a session restart and renews the subscriptions itself.
+function onGatewayNotice(c, state) {
+  if (state === "restarting") {
+    c.ready = false;  // hold symbols added meanwhile until "ready"; those already sent stay subscribed
+    c.restarting = true;
+    setSession("restarting", "restarting: the gateway is opening a new IBKR session", "gateway");
+    setConnection("open", "open, waiting for the session");
+    markStale();
+  } else if (state === "ready") {
+    c.restarting = false;
+    setSession("ready", "ready", "gateway");
+    upstreamReady(c);  // sends only what was added during the restart
+  } else if (state) {
+    setSession(state, "gateway: " + state, "gateway");
   }
-  if (!changed) return;
-  $("updated").textContent = new Date().toLocaleTimeString();
-  setState("live", "live");
-  if (Date.now() - openedAt > STABLE_MS) retryMs = FIRST_RETRY_MS;  // a connection that lasted resets the back-off
 }
 
-function onClose(ws, event) {
-  if (ws !== socket) return;
-  socket = null;
-  subscribed = null;
-  clearInterval(keepalive);
-  if (!chosen) { setState("idle", "not connected"); return; }
+function onClose(c, event) {
+  for (const timer of c.timers) { clearTimeout(timer); clearInterval(timer); }
+  if (c !== conn) return;
+  conn = null;
+  markStale();
+  if (!watched.size) { setConnection("idle", "not connected"); return; }
+  if (event.code === 1012) {
+    sessionEvents += 1;
+    setSession("restarting", "restarting: the gateway is opening a new IBKR session", "close");
+  }
+  if (!c.opened) checkKey();  // a refused upgrade shows as 1006 only: ask the gateway whether a key is missing
   const why = event.code === 1012 ? "the gateway restarted its IBKR session"
     : event.code === 1001 ? "the gateway is shutting down or restarting"
     : event.code === 1013 ? "the gateway has too many WebSockets open"
     : event.code === 1006 ? "connection lost" : "closed with code " + event.code;
   const delay = Math.round(retryMs * (0.5 + Math.random() / 2));
   retryMs = Math.min(retryMs * 2, MAX_RETRY_MS);
-  setState("retrying", "reconnecting in " + Math.max(1, Math.round(delay / 1000)) + " s (" + why + ")");
+  setConnection("closed", "closed, reconnecting in " + Math.max(1, Math.round(delay / 1000)) + " s (" + why + ")");
   retryTimer = setTimeout(connect, delay);
+}
+
+async function checkKey() {
+  let response;
+  try {
+    response = await fetch(SESSION_URL, {headers: authHeaders(), cache: "no-store"});
+  } catch (e) {
+    return;
+  }
+  if (response.status !== 401 || conn) return;
+  clearTimeout(retryTimer);  // no use retrying until there is a key
+  setConnection("failed", "closed: the gateway wants an API key");
+  needKey();
+}
+
+// ---------------------------------------------------------------- /health
+
+async function pollHealth() {
+  const before = sessionEvents;
+  let status = 0, body = null;
+  try {
+    const response = await fetch(HEALTH_URL, {cache: "no-store"});
+    status = response.status;
+    body = await response.json();
+  } catch (e) { /* unreachable, or not JSON */ }
+  if (sessionEvents === before) {  // else the WebSocket said something newer meanwhile
+    if (!status) {
+      setSession("unreachable", "gateway unreachable", "health");
+    } else if (body && body.status === "ok") {
+      // A new session is up, but in shared mode the stream is back only when the gateway says "ready".
+      if (!(conn && conn.restarting)) setSession("ready", "ready", "health");
+    } else {
+      const error = body && typeof body.last_error === "string" ? "Last error: " + body.last_error : "";
+      if (body && body.status === "read-only") {
+        setSession("read-only", "read-only: IBKR's brokerage session is down", "health", error);
+      } else {
+        const state = body && typeof body.state === "string" ? " (" + body.state + ")" : "";
+        setSession("unavailable", "not ready" + state, "health", error);
+      }
+    }
+  }
+  setTimeout(pollHealth, HEALTH_MS);
+}
+
+// ---------------------------------------------------------------- search (REST through the gateway)
+
+async function search(symbol) {
+  setMessage("Searching " + symbol + "…");
+  $("results").replaceChildren();
+  let response;
+  try {
+    response = await fetch(SEARCH_URL + "?symbol=" + encodeURIComponent(symbol),
+                           {headers: authHeaders(), cache: "no-store"});
+  } catch (e) {
+    setMessage("The gateway did not answer.", true);
+    return;
+  }
+  if (response.status === 401) { needKey(); return; }
+  if (!response.ok) { setMessage("Search failed: " + await errorText(response), true); return; }
+  let found;
+  try {
+    found = await response.json();
+  } catch (e) {
+    setMessage("Search failed: the answer was not JSON.", true);
+    return;
+  }
+  const items = Array.isArray(found) ? found.filter((item) => item && /^\d{1,12}$/.test(String(item.conid))) : [];
+  if (!items.length) { setMessage("Nothing found for " + symbol + "."); return; }
+  setMessage(items.length === 1 ? "1 match: add it to the watchlist." : items.length + " matches: add one.");
+  for (const item of items) {
+    const conid = String(item.conid);
+    const button = document.createElement("button");
+    button.type = "button";
+    button.dataset.conid = conid;
+    const label = [item.symbol, item.companyHeader || item.companyName, "conid " + conid].filter(Boolean).join(" · ");
+    button.textContent = (watched.has(conid) ? "Watching: " : "Add ") + label;
+    button.disabled = watched.has(conid);
+    button.addEventListener("click", () => add({
+      conid, symbol: String(item.symbol || symbol).slice(0, 32), name: String(item.companyName || "").slice(0, 120),
+    }));
+    const li = document.createElement("li");
+    li.append(button);
+    $("results").append(li);
+  }
 }
 
 // ---------------------------------------------------------------- wiring
@@ -211,8 +481,9 @@ $("key-form").addEventListener("submit", (event) => {
   if (apiKey) sessionStorage.setItem(KEY_STORAGE, apiKey); else sessionStorage.removeItem(KEY_STORAGE);
   showKeyState();
   $("key-box").open = false;
-  setMessage(apiKey ? "Key set. Search again." : "");
-  if (socket) socket.close(1000);  // reconnect with the new key
+  setMessage(apiKey ? (watched.size ? "Key set." : "Key set. Search again.") : "");
+  retryMs = FIRST_RETRY_MS;
+  if (conn) conn.ws.close(1000); else connect();  // (re)connect with the new key
 });
 
 $("forget-key").addEventListener("click", () => {
@@ -222,3 +493,7 @@ $("forget-key").addEventListener("click", () => {
 });
 
 showKeyState();
+for (const instrument of loadList()) track(instrument);
+showCount();
+connect();
+pollHealth();
