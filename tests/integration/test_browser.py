@@ -327,3 +327,50 @@ async def test_dashboard_watchlist_streams_persists_and_survives_a_session_resta
     figure("dashboard_live_again_after_1012", round(back_after, 2), "s", "<=20", back_after <= 20)
     figure("dashboard_phone_scroll_width", scroll_width, "px", "<=390", scroll_width <= PHONE[0])
     assert scroll_width <= PHONE[0]
+
+
+async def test_dashboard_in_shared_mode_keeps_its_socket_through_a_session_restart(
+    browser: Browser, ibkr_sim_credentials: SimulatorCredentials, figure: Figure
+) -> None:
+    """Shared WebSocket mode: the page's socket stays open across a session restart; the page shows the gateway's
+    ``restarting`` and ``ready`` notices, and prices move again once the gateway has re-subscribed by itself."""
+    with trio.fail_after(90):
+        async with open_test_gateway(
+            {"server": {"examples": True}, "websocket": {"mode": "shared"}, "session": {"tickle_interval_s": 1}},
+            credentials=ibkr_sim_credentials,
+            simulator_options={"tick_interval_s": 0.2},
+        ) as gw:
+            page = await browser.new_page()
+            await page.navigate(gw.url + "/examples/dashboard/")
+            await page.evaluate("document.getElementById('symbol').focus()")
+            await page.insert_text("aapl")
+            await page.evaluate("document.querySelector('#search-form button').click()")
+            button = json.dumps(f'#results button[data-conid="{AAPL}"]')
+            await page.wait_for(f"!!document.querySelector({button})")
+            await page.evaluate(f"document.querySelector({button}).click()")
+            values, _ = await sample_prices(page, in_card(AAPL, "dd.last .num"), 2, timeout_s=5)
+            assert len(values) >= 3, values
+            await page.evaluate(
+                "window.notReloaded = true; window.seen = []; const badge = document.getElementById('session');"
+                "new MutationObserver(() => window.seen.push(badge.dataset.state + '/' + badge.dataset.source))"
+                ".observe(badge, {attributes: true})"
+            )
+            generation = (await gw.manager.wait_ready(5)).generation
+            gw.simulator.faults.fail_next(1, 500, path_prefix="/v1/api/tickle")  # a failed tickle: a new session
+            restarted_at = trio.current_time()
+            await gw.wait_new_session(generation)
+            seen = await page.wait_for(
+                "window.seen.indexOf('ready/gateway') > window.seen.indexOf('restarting/gateway') && "
+                "window.seen.includes('restarting/gateway') && window.seen.join()",
+                timeout_s=20,
+            )
+            assert "restarting/close" not in seen, seen  # no close: the socket stayed open
+            values, _ = await sample_prices(page, in_card(AAPL, "dd.last .num"), 2, timeout_s=10)
+            back_after = trio.current_time() - restarted_at
+            assert len(values) >= 3, values
+            assert await page.evaluate("document.getElementById('connection').dataset.connects") == "1"
+            assert await page.evaluate("window.notReloaded === true")
+            upstream_smd = [text for _, text in sent_texts(gw) if text.startswith(f"smd+{AAPL}")]
+            assert len(upstream_smd) == 2  # once per IBKR socket: the gateway re-subscribed by itself
+            assert page.errors == []
+    figure("dashboard_shared_live_again_after_restart", round(back_after, 2), "s", "<=20", back_after <= 20)
