@@ -253,6 +253,7 @@ async def serve_gateway(
                         feed=FeedSettings(
                             unsubscribe_delay_s=config.websocket.unsubscribe_delay_s,
                             renew_s=config.websocket.renew_subscriptions_s,
+                            batch_interval_s=config.websocket.batch_interval_ms / 1000,
                         ),
                     ),
                 )

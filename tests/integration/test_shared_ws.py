@@ -217,3 +217,21 @@ async def test_relay_mode_is_unchanged_by_default(ibkr_sim_credentials: Simulato
             assert gw.simulator.websocket_count == 2
         async with gw.client() as http:
             assert (await http.get("/session")).json()["websocket_mode"] == "relay"
+
+
+async def test_batching_sends_one_merged_message_per_interval(ibkr_sim_credentials: SimulatorCredentials) -> None:
+    async with open_test_gateway(
+        {"websocket": {"mode": "shared", "batch_interval_ms": 250}},
+        credentials=ibkr_sim_credentials,
+        simulator_options={"tick_interval_s": 0.01},  # IBKR: ~100 ticks a second
+    ) as gw:
+        async with open_websocket(gw.ws_url + WS_PATH) as ws:
+            await ws.send_message(smd(AAPL, "31", "84", "86"))
+            await next_json(ws, f"smd+{AAPL}")
+            started = trio.current_time()
+            count = 0
+            while trio.current_time() - started < 1.0:
+                message = await next_json(ws, f"smd+{AAPL}", timeout_s=1)
+                count += 1
+                assert set(message) & {"31", "84", "86"}
+        assert 2 <= count <= 6, count  # one per 250 ms, not ~100

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -323,3 +324,15 @@ def check(upstream: dict[int, tuple[str, ...]], wanted: dict[int, dict[int, tupl
         assert set(upstream) == set(expected)
     for conid, union in expected.items():
         assert set(upstream[conid]) == (set() if conid in empty else union)
+
+
+def test_batching_merges_a_conids_ticks_per_interval() -> None:
+    feed = ready_feed(batch_interval_s=0.1)
+    feed.join(1)
+    feed.from_client(1, smd(100, "31", "84"), 0)
+    assert feed.from_upstream(tick(100, **{"31": "1"}), 1.0) == []
+    assert feed.from_upstream(tick(100, **{"31": "2", "84": "1.9"}), 1.05) == []
+    assert feed.next_deadline() == pytest.approx(1.1)
+    out = feed.due(1.1)
+    assert to(out, 1) == [{"topic": "smd+100", "conid": 100, "_updated": 1, "31": "2", "84": "1.9"}]
+    assert feed.due(1.3) == []  # nothing new: nothing sent

@@ -117,6 +117,7 @@ class WebSocketConfig:
     unsubscribe_delay_s: float = 5.0
     client_buffer: int = 1000
     renew_subscriptions_s: float = 600.0
+    batch_interval_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)

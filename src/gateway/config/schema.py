@@ -425,6 +425,11 @@ SECTIONS: Mapping[str, Mapping[str, Key]] = {
             1000,
             "shared mode: messages queued for one client; a client that lets this many pile up is closed (1008)",
         ),
+        "batch_interval_ms": Key(
+            integer(0, 1000),
+            0,
+            "shared mode: merge each conid's ticks for this long and send one message (0 = every tick as it comes)",
+        ),
         "renew_subscriptions_s": Key(
             seconds(1.0, 890.0),
             600,

@@ -85,11 +85,14 @@ Action = ToUpstream | ToClients
 @dataclass(frozen=True, slots=True)
 class FeedSettings:
     """``unsubscribe_delay_s``: grace before the last unsubscribe goes up; ``renew_s``: market-data re-subscription
-    period; ``max_subscriptions``: subscriptions one client may hold."""
+    period; ``max_subscriptions``: subscriptions one client may hold; ``batch_interval_s``: when above 0, a conid's
+    ticks are merged for this long and delivered as one message (latest value of each field), else each tick goes
+    out as it comes."""
 
     unsubscribe_delay_s: float = 5.0
     renew_s: float = 600.0
     max_subscriptions: int = 200
+    batch_interval_s: float = 0.0
 
 
 @dataclass(slots=True)
@@ -166,6 +169,8 @@ class Feed:
         self._last: dict[str, str] = {}  # topic → the latest system greeting / act / sts text
         self._upstream_open = False
         self._ready = False  # IBKR's sts said authenticated on the current socket
+        self._batch: dict[int, dict[str, Any]] = {}  # conid → ticks merged since the last flush (batching on)
+        self._flush_at: float | None = None
         self._waiting = "connecting"  # what a client is told while not ready: "connecting", then "restarting"
         self._told_waiting = False  # some client was told the upstream is not ready: it hears "ready" next
 
@@ -199,6 +204,8 @@ class Feed:
     def next_deadline(self) -> float | None:
         """The earliest time :meth:`due` has work (a grace period ending, a renewal), or ``None``."""
         times = [t for md in self._md.values() for t in (md.unsubscribe_at, md.renew_at) if t is not None]
+        if self._flush_at is not None:
+            times.append(self._flush_at)
         return min(times) if times else None
 
     # ------------------------------------------------------------------ clients
@@ -293,7 +300,7 @@ class Feed:
         if topic == "tic":
             return []  # the answer to the gateway's own keep-alive (clients' tics are answered here)
         if topic.startswith("smd+"):
-            return self._tick(topic, message, text)
+            return self._tick(topic, message, text, now)
         if topic in _BROADCAST_TOPICS:
             return self._unsolicited(topic, message, text, now)
         key = self._route_key(topic)
@@ -303,8 +310,16 @@ class Feed:
         return self._to_all(text)
 
     def due(self, now: float) -> list[Action]:
-        """Grace periods that ended (unsubscribe upstream) and renewals that are due (subscribe again)."""
+        """Grace periods that ended (unsubscribe upstream), renewals that are due (subscribe again), and the batch
+        of merged ticks when its interval is over."""
         out: list[Action] = []
+        if self._flush_at is not None and self._flush_at <= now:
+            self._flush_at = None
+            batch, self._batch = self._batch, {}
+            for conid, merged in batch.items():
+                md = self._md.get(conid)
+                if md is not None and md.wanted:
+                    out += self._deliver(md, {"topic": f"smd+{conid}", **merged}, None)
         for conid, md in list(self._md.items()):
             if md.unsubscribe_at is not None and md.unsubscribe_at <= now and not md.wanted:
                 if md.upstream is not None and self._ready:
@@ -378,19 +393,31 @@ class Feed:
         meta = {k: v for k, v in md.values.items() if k in _TICK_META}
         return _encode({**meta, "topic": f"smd+{conid}", "conid": conid, **values})
 
-    def _tick(self, topic: str, message: dict[str, Any], text: str) -> list[Action]:
+    def _tick(self, topic: str, message: dict[str, Any], text: str, now: float) -> list[Action]:
         conid_text = topic[4:].partition("+")[0]
         md = self._md.get(int(conid_text)) if _CONID.fullmatch(conid_text) else None
         if md is None or not md.wanted:
             return []
-        md.values.update({k: v for k, v in message.items() if k != "topic"})
+        update = {k: v for k, v in message.items() if k != "topic"}
+        md.values.update(update)
+        if self.settings.batch_interval_s > 0:
+            self._batch.setdefault(int(conid_text), {}).update(update)
+            if self._flush_at is None:
+                self._flush_at = now + self.settings.batch_interval_s
+            return []
+        return self._deliver(md, message, text)
+
+    def _deliver(self, md: _MarketData, message: dict[str, Any], text: str | None) -> list[Action]:
+        """``message`` (a tick; ``text`` is its encoding when it came from IBKR as is) to each subscriber group with
+        the fields the group asked for, encoded once per group."""
         groups: dict[tuple[str, ...], list[ClientId]] = {}
         for client, fields in md.wanted.items():
             groups.setdefault(fields, []).append(client)
         out: list[Action] = []
         for fields, clients in groups.items():
             if not fields or set(message) - _TICK_META <= set(fields):
-                out.append(ToClients(tuple(sorted(clients)), text))  # the tick as IBKR sent it: nothing to take out
+                whole = text if text is not None else _encode(message)  # nothing to take out
+                out.append(ToClients(tuple(sorted(clients)), whole))
                 continue
             mine = {k: v for k, v in message.items() if k in _TICK_META or k in fields}
             if set(mine) - _TICK_META:

@@ -307,12 +307,13 @@ class SharedHub:
                 self._drain_upstream_queue()
                 log.info("shared WebSocket: IBKR's socket is open (generation %d)", session.generation)
                 self._apply(self.feed.upstream_opened())
+                batching = settings.feed.batch_interval_s > 0  # a first tick starts the batch's timer
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._upstream_writer, upstream)
                     while True:
                         payload = await upstream.receive()
                         text = payload if isinstance(payload, str) else payload.decode("utf-8", "replace")
-                        self._apply(self.feed.from_upstream(text, trio.current_time()), reschedule=False)
+                        self._apply(self.feed.from_upstream(text, trio.current_time()), reschedule=batching)
         except WebSocketRejected as exc:
             log.warning("shared WebSocket: IBKR refused the upgrade (HTTP %d)", exc.status)
         except WebSocketClosed as exc:
