@@ -107,6 +107,7 @@ class GatewayReadings:
     breaker_open: bool
     shared_upstream_subscriptions: int | None = None  # None: relay mode (no shared socket)
     shared_upstream_connected: bool = False
+    shared_subscribers: Mapping[str, int] = field(default_factory=dict)  # topic → subscribers (shared mode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +268,12 @@ def families(requests: RequestMetrics, r: GatewayReadings) -> list[Family]:
                     "gateway_websocket_shared_upstream_connected",
                     "Shared mode: 1 while IBKR's socket is open.",
                     int(r.shared_upstream_connected),
+                ),
+                Family(
+                    "gateway_websocket_shared_subscribers",
+                    "gauge",
+                    "Shared mode: clients subscribed to each topic (smd+CONID, sor, ...).",
+                    [("", (("topic", topic),), count) for topic, count in sorted(r.shared_subscribers.items())],
                 ),
             ]
         ),

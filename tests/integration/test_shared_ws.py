@@ -51,15 +51,21 @@ async def gw(ibkr_sim_credentials: SimulatorCredentials) -> AsyncIterator[TestGa
 
 
 async def test_many_clients_one_socket_one_subscription(gw: TestGateway) -> None:
+    """Forty dashboards on the same symbol: one IBKR socket, one subscription."""
     async with AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(open_websocket(gw.ws_url + WS_PATH)) for _ in range(10)]
+        clients = [await stack.enter_async_context(open_websocket(gw.ws_url + WS_PATH)) for _ in range(40)]
         for ws in clients:
             assert (await next_json(ws))["topic"] == "system"  # IBKR's greeting, replayed to each
             await ws.send_message(smd(AAPL, "31", "84"))
         for ws in clients:
             tick = await next_json(ws, f"smd+{AAPL}")
             assert "31" in tick or "84" in tick
-    assert gw.simulator.websocket_count <= 1
+        assert gw.simulator.websocket_count == 1
+        async with gw.client() as http:
+            metrics = (await http.get("/metrics")).text
+        assert f'gateway_websocket_shared_subscribers{{topic="smd+{AAPL}"}} 40' in metrics
+        assert "gateway_websocket_shared_upstream_subscriptions 1" in metrics
+        assert "gateway_websocket_relays_open 40" in metrics
     assert len(upstream_sent(gw, f"smd+{AAPL}")) == 1
 
 
@@ -235,3 +241,39 @@ async def test_batching_sends_one_merged_message_per_interval(ibkr_sim_credentia
                 count += 1
                 assert set(message) & {"31", "84", "86"}
         assert 2 <= count <= 6, count  # one per 250 ms, not ~100
+
+
+async def test_a_hostile_client_gets_errors_and_disturbs_nobody(gw: TestGateway) -> None:
+    junk = [
+        "",
+        "smd",
+        "smd+",
+        "smd+-1+{}",
+        "smd+99999999999999+{}",
+        'smd+265598+{"fields":"31"}',
+        'smd+265598+{"fields":[' + ",".join(['"31"'] * 500) + "]}",
+        "smd+265598+" + "[" * 10000,
+        "umd+abc",
+        "sor+" + "x" * 5000,
+        "\x00\xff",
+        "{" * 3000,
+        "tic" * 1000,
+    ]
+    async with open_websocket(gw.ws_url + WS_PATH) as watcher, open_websocket(gw.ws_url + WS_PATH) as hostile:
+        await watcher.send_message(smd(AAPL, "31"))
+        await next_json(watcher, f"smd+{AAPL}")
+        for _ in range(20):
+            for text in junk:
+                await hostile.send_message(text)
+            await hostile.send_message(b"\xff\xfe binary junk")
+        for _ in range(200):  # each command is answered by an error, never a close
+            message = await next_json(hostile)
+            assert message["topic"] in ("system", "act", "sts", "gateway"), message
+        for _ in range(5):  # the watcher streams on, unaware
+            await next_json(watcher, f"smd+{AAPL}", timeout_s=2)
+        for _ in range(300):  # one client may hold only so many subscriptions
+            await hostile.send_message(smd(8314 + _, "31"))
+        assert gw.simulator.websocket_count == 1
+    async with gw.client() as http:
+        shared = (await http.get("/session")).json()["shared"]
+    assert shared["subscribers"].get(f"smd+{AAPL}") in (None, 1)

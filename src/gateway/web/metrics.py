@@ -65,9 +65,11 @@ def _shared_readings(source: StatusSource) -> dict[str, Any]:
     if source.shared is None:
         return {}
     snapshot = source.shared()
+    subscribers = snapshot["subscribers"]
     return {
         "shared_upstream_subscriptions": int(cast(int, snapshot["upstream_subscriptions"])),
         "shared_upstream_connected": bool(snapshot["upstream_connected"]),
+        "shared_subscribers": dict(cast(dict[str, int], subscribers)),
     }
 
 
