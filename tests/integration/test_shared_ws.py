@@ -277,3 +277,22 @@ async def test_a_hostile_client_gets_errors_and_disturbs_nobody(gw: TestGateway)
     async with gw.client() as http:
         shared = (await http.get("/session")).json()["shared"]
     assert shared["subscribers"].get(f"smd+{AAPL}") in (None, 1)
+
+
+async def test_max_websockets_caps_shared_clients_with_1013(ibkr_sim_credentials: SimulatorCredentials) -> None:
+    async with (
+        open_test_gateway(
+            {"websocket": {"mode": "shared"}, "server": {"max_websockets": 2}}, credentials=ibkr_sim_credentials
+        ) as gw,
+        open_websocket(gw.ws_url + WS_PATH) as a,
+        open_websocket(gw.ws_url + WS_PATH) as b,
+    ):
+        await next_json(a, "sts")
+        await next_json(b, "sts")
+        async with open_websocket(gw.ws_url + WS_PATH) as third:
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await third.get_message()
+        assert closed.value.reason is not None and closed.value.reason.code == 1013
+        assert "server.max_websockets" in (closed.value.reason.reason or "")
+        await a.send_message("tic")
+        assert (await next_json(a, "tic"))["alive"] is True
