@@ -353,8 +353,9 @@ def fanout_markdown(results: dict[str, Any]) -> str | None:
         lines += [
             "",
             "Goals (issue 14), shared mode:",
-            f"- one upstream frame to every client: {yes[bool(goals['one_upstream_frame_to_n_clients'])]} "
-            "(one upstream socket and subscription; each tick reached every client)",
+            f"- each frame encoded once, written to N clients: {yes[bool(goals['one_upstream_frame_to_n_clients'])]} "
+            "(one upstream socket and subscription; every tick reached every client as the text IBKR sent, not "
+            "re-encoded; the WebSocket framing around it is still done per client, by hypercorn's wsproto)",
             f"- ≥ {GOAL_RATE:,.0f} client-messages/s: {yes[bool(goals['rate_goal_met'])]} — "
             f"{fmt(goals['max_sustained_per_s'])}/s kept up; {fmt(goals['messages_per_gateway_cpu_second'])} "
             "messages per gateway CPU-second",
@@ -366,4 +367,10 @@ def fanout_markdown(results: dict[str, Any]) -> str | None:
             behind = view(mode, "fell_behind_at")
             if behind:
                 lines.append(f"- {mode}: fell behind at {fmt(behind.get('due_per_s'))}/s: {behind.get('fell_behind')}")
+    lines += [
+        "",
+        "Delay: the client's receive time minus the ticker's send stamp (CLOCK_MONOTONIC, same machine). Direct has "
+        "the ticker write one frame per client per tick (as IBKR would for 100 relays), so its delay includes that "
+        "serialisation; shared mode's includes the gateway writing the tick to its clients one after the other.",
+    ]
     return "\n".join(lines)
