@@ -320,6 +320,9 @@ class Bench:
                     str(creds),
                     "--log-level",
                     "warning",
+                    # Five gateways log in one after the other in a full run (the main one, then two per WebSocket
+                    # mode for the fan-out): IBKR's limits on the login calls would put the fifth in the penalty box.
+                    "--no-pacing",
                 ],
             )
             procs.wait_file("start simulator", sim, creds / "gateway.toml", 30)
@@ -789,10 +792,20 @@ class Bench:
             with step("stop the main gateway (the fan-out gateways use the same brokerage session)", self.gateway):
                 self.gateway.stop(timeout_s=25)
 
+    def _stop_fanout_gateway(self, ws_mode: str, gateway: Proc) -> dict[str, Any]:
+        """Read the fan-out gateway's /session (its end state), then stop it."""
+        with step(f"fan-out {ws_mode}: stop the gateway", gateway):
+            end = self.session(self.ports[f"gateway_{ws_mode}"])
+            gateway.stop(timeout_s=25)
+        if end.get("sessions_ended") or end.get("handshakes") != 1:
+            self.notes.append(f"fan-out {ws_mode}: the gateway's session restarted during the run")
+        keys = ("handshakes", "sessions_ended", "relays", "shared", "websocket_mode")
+        return {key: end.get(key) for key in keys}
+
     def shared_fanout(self) -> None:
         """One upstream tick delivered to ``fanout_clients`` clients: straight to the ticker (the floor), through a
         relay-mode gateway (a socket and a subscription per client) and a shared-mode one (one of each); a fixed
-        rate, then a ramp until delivery falls behind; then RSS per idle client in each mode."""
+        rate, then a ramp until delivery falls behind; then, on a fresh gateway, RSS per idle client in each mode."""
         plan = self.plan
         self.stop_main_gateway()
         targets = [plan.fanout_rate, *plan.fanout_ramp]
@@ -805,7 +818,17 @@ class Bench:
                 )
             }
         for ws_mode in ("relay", "shared"):
+            # Each part on a freshly started gateway: the ramp's figures do not depend on what the idle clients
+            # left in the heap, nor RSS per idle client on what the ramp did.
             with step(f"fan-out {ws_mode}: start a gateway in {ws_mode} mode"):
+                gateway = self.start_fanout_gateway(ws_mode)
+            port = self.ports[f"gateway_{ws_mode}"]
+            with step(f"fan-out {ws_mode}: {plan.fanout_clients} clients, {len(targets)} steps at most", gateway):
+                fanout = self._fanout_run(
+                    f"fanout_{ws_mode}", port, self._fanout_pids(gateway), targets, plan.fanout_fixed_s
+                )
+            end = self._stop_fanout_gateway(ws_mode, gateway)
+            with step(f"fan-out {ws_mode}: start a gateway in {ws_mode} mode (idle clients)"):
                 gateway = self.start_fanout_gateway(ws_mode)
             port = self.ports[f"gateway_{ws_mode}"]
             with step(f"fan-out {ws_mode}: {plan.fanout_idle} idle clients", gateway):
@@ -813,22 +836,8 @@ class Bench:
                         "--rss-pid", str(gateway.pid), "--session-port", str(port),
                         "--settle", str(plan.settle_s)]  # fmt: skip
                 idle = self._fanout_process(f"fanout_idle_{ws_mode}", argv, timeout_s=180)
-            with step(f"fan-out {ws_mode}: {plan.fanout_clients} clients, {len(targets)} steps at most", gateway):
-                fanout = self._fanout_run(
-                    f"fanout_{ws_mode}", port, self._fanout_pids(gateway), targets, plan.fanout_fixed_s
-                )
-            with step(f"fan-out {ws_mode}: stop the gateway", gateway):
-                end = self.session(port)
-                gateway.stop(timeout_s=25)
-            out[ws_mode] = {
-                "idle": idle,
-                "fanout": fanout,
-                "gateway_end": {
-                    key: end.get(key) for key in ("handshakes", "sessions_ended", "relays", "shared", "websocket_mode")
-                },
-            }
-            if end.get("sessions_ended") or end.get("handshakes") != 1:
-                self.notes.append(f"fan-out {ws_mode}: the gateway's session restarted during the run")
+            self._stop_fanout_gateway(ws_mode, gateway)
+            out[ws_mode] = {"fanout": fanout, "idle": idle, "gateway_end": end}
         self.results["shared_fanout"] = {
             "load": f"{plan.fanout_clients} WebSocket clients in one process (bench/fanout.py, one epoll loop), "
             "each subscribed to the same conid with smd+CONID+{}; bench/ticker.py stamps each tick with "
