@@ -269,6 +269,14 @@ def _pct(values: list[int], q: float) -> float:
     return values[min(len(values) - 1, max(0, math.ceil(q / 100 * len(values)) - 1))] / 1000
 
 
+def _machine_ticks() -> tuple[int, int, int]:
+    """The machine's (busy, steal, total) jiffies from /proc/stat's ``cpu`` line: steal is time the hypervisor gave
+    this VM's CPUs to someone else."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return user + nice + system + irq + softirq, steal, sum(fields)
+
+
 def _cpu(pids: dict[str, int]) -> dict[str, float]:
     out = {name: procs.cpu_ms(pid) for name, pid in pids.items()}
     out["clients"] = procs.cpu_ms(os.getpid())
@@ -285,11 +293,13 @@ def _step(
     before = control.stats()
     ticks0 = [c.ticks for c in clients.all]
     cpu0 = _cpu(pids)
+    machine0 = _machine_ticks()
     clients.window = Window()
     began = time.monotonic()
     clients.pump(seconds)
     duration = time.monotonic() - began
     cpu1 = _cpu(pids)
+    machine1 = _machine_ticks()
     after = control.stats()
     window = clients.window
     clients.window = Window()
@@ -323,6 +333,9 @@ def _step(
         "cpu_ms": cpu,
         "cpu_share_of_one_core": {name: ms / 1000 / duration for name, ms in cpu.items()},
         "cpu_ms_per_message": {name: ms / max(delivered, 1) for name, ms in cpu.items()},
+        # Of all the machine's CPU time in the step: busy (every process) and stolen by the hypervisor.
+        "machine_busy_share": (machine1[0] - machine0[0]) / max(machine1[2] - machine0[2], 1),
+        "machine_steal_share": (machine1[1] - machine0[1]) / max(machine1[2] - machine0[2], 1),
     }
 
 

@@ -222,6 +222,7 @@ def _step_view(step: dict[str, Any]) -> dict[str, Any]:
             cpu["nginx_a"] + cpu["ticker"] if "nginx_a" in cpu and "ticker" in cpu else None
         ),
         "clients_cpu_ms_per_message": cpu.get("clients"),
+        "machine_steal_share": step.get("machine_steal_share"),
         "fell_behind": step.get("fell_behind", ""),
     }
 
@@ -329,10 +330,14 @@ def fanout_markdown(results: dict[str, Any]) -> str | None:
         row(f"{at}: gateway CPU (share of one core)", "fixed", "gateway_cpu_share"),
         row(f"{at}: nginx A + ticker CPU per message (µs)", "fixed", "upstream_cpu_ms_per_message", 1000),
         row(f"{at}: clients' CPU per message (µs)", "fixed", "clients_cpu_ms_per_message", 1000),
+        row(f"{at}: CPU time stolen by the hypervisor (share)", "fixed", "machine_steal_share", ratio_ok=False),
         row("ramp: most client-messages/s delivered, kept up", "max_sustained", "delivered_per_s"),
         row("ramp: … its delay p99 (ms)", "max_sustained", "p99_ms"),
         row("ramp: … gateway CPU per message (µs)", "max_sustained", "gateway_cpu_ms_per_message", 1000),
         row("ramp: … gateway CPU (share of one core)", "max_sustained", "gateway_cpu_share"),
+        row(
+            "ramp: … CPU time stolen by the hypervisor (share)", "max_sustained", "machine_steal_share", ratio_ok=False
+        ),
         text_row(
             "ramp: first step that fell behind (due → delivered/s)",
             [
