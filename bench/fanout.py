@@ -3,12 +3,13 @@
 ``fanout``: open ``--clients`` WebSockets to ``--url`` (through the gateway, or straight to the ticker for the
 floor), have each subscribe with ``smd+CONID+{}``, wait until every one has had a tick, then run steps: for each,
 set the ticker's rate (over its control socket) so that ``target`` client-messages/s are due, let ``warmup``
-seconds pass, and measure ``seconds``: messages delivered, each tick's delay (receive time minus the ``t`` the
-ticker stamped on it, both CLOCK_MONOTONIC), and the CPU of the processes named with ``--pid`` (/proc utime+stime)
-and of this one. Steps after the first form a ramp that stops at the first step where delivery fell behind (fewer
-than ``--min-delivered`` of the messages due arrived, the ticker had to drop ticks, a client was closed, or the
-median delay went over ``--max-p50-ms``: a queue growing inside the proxy; the p99 is reported, not judged, since
-one pause of the proxy's process — a garbage collection — moves it without the proxy falling behind).
+seconds pass, and measure ``seconds``: the ticks stamped meanwhile that arrive by ``--grace`` seconds after it,
+each one's delay (receive time minus the ``t`` the ticker stamped on it, both CLOCK_MONOTONIC), and the CPU of the
+processes named with ``--pid`` (/proc utime+stime) and of this one. Steps after the first form a ramp that stops at
+the first step where delivery fell behind (fewer than ``--min-delivered`` of the messages due arrived, the ticker
+had to drop ticks, a client was closed, or the median delay went over ``--max-p50-ms``: a queue growing inside the
+proxy; the p99 is reported, not judged, since one pause of the proxy's process — a garbage collection — moves it
+without the proxy falling behind).
 
 ``idle``: open ``--count`` WebSockets, hold them, send ``tic`` on each and wait for every answer, close them all;
 the RSS and fds of ``--pid`` before, while open, after the tics and after closing.
@@ -68,6 +69,7 @@ class Client:
     sock: socket.socket
     buf: bytearray
     ticks: int = 0
+    counted: int = 0  # ticks that fell in a measurement window
     tics: int = 0
     close_code: int | None = None
     close_reason: str = ""
@@ -75,8 +77,11 @@ class Client:
 
 @dataclass(slots=True)
 class Window:
-    """What arrives while one step's measurement runs."""
+    """The ticks the ticker stamped between ``start_ns`` and ``end_ns`` (its send time, not their arrival: a pause
+    of the proxy delays them into the next moment but does not lose them), and the other messages."""
 
+    start_ns: int = 0
+    end_ns: int = sys.maxsize
     delays_us: array[int] = field(default_factory=lambda: array("q"))
     delivered: int = 0
     other: int = 0
@@ -204,9 +209,12 @@ class Clients:
                 if buf.startswith(_SMD, start):
                     at = buf.rfind(_T, start, end)
                     if at >= 0:
-                        window.delays_us.append((now - int(buf[at + 4 : end - 1])) // 1000)
-                        window.delivered += 1
+                        sent = int(buf[at + 4 : end - 1])
                         client.ticks += 1
+                        if window.start_ns <= sent < window.end_ns:
+                            window.delays_us.append((now - sent) // 1000)
+                            window.delivered += 1
+                            client.counted += 1
                         continue
                 elif buf.find(b'"topic":"tic"', start, end) >= 0:
                     client.tics += 1
@@ -284,29 +292,35 @@ def _cpu(pids: dict[str, int]) -> dict[str, float]:
 
 
 def _step(
-    clients: Clients, control: Control, pids: dict[str, int], target: float, warmup_s: float, seconds: float
+    clients: Clients,
+    control: Control,
+    pids: dict[str, int],
+    target: float,
+    timing: tuple[float, float, float],
 ) -> dict[str, Any]:
-    """One rate: ``target`` client-messages/s due (tick rate = target / clients)."""
+    """One rate: ``target`` client-messages/s due (tick rate = target / clients); ``timing`` is (warm-up, measured
+    seconds, grace): ticks sent while measuring count if they arrive within the grace after it."""
+    warmup_s, seconds, grace_s = timing
     rate = target / len(clients.all)
     control.ask(f"rate {rate:g}")
     clients.pump(warmup_s)
     before = control.stats()
-    ticks0 = [c.ticks for c in clients.all]
+    counted0 = [c.counted for c in clients.all]
     cpu0 = _cpu(pids)
     machine0 = _machine_ticks()
-    clients.window = Window()
-    began = time.monotonic()
+    window = clients.window = Window(start_ns=time.monotonic_ns())
     clients.pump(seconds)
-    duration = time.monotonic() - began
+    window.end_ns = time.monotonic_ns()
+    duration = (window.end_ns - window.start_ns) / 1e9
     cpu1 = _cpu(pids)
     machine1 = _machine_ticks()
     after = control.stats()
-    window = clients.window
+    clients.pump(grace_s)
     clients.window = Window()
     delays = sorted(window.delays_us)
     fanout = len(clients.all) / max(after["subscriptions"], 1)
     due = (after["frames"] - before["frames"]) * fanout
-    per_client = [c.ticks - t for c, t in zip(clients.all, ticks0, strict=True)]
+    per_client = [c.counted - n for c, n in zip(clients.all, counted0, strict=True)]
     cpu = {name: cpu1[name] - cpu0[name] for name in cpu1}
     delivered = window.delivered
     return {
@@ -374,7 +388,7 @@ def fanout(args: argparse.Namespace) -> dict[str, Any]:
         steps: list[dict[str, Any]] = []
         for index, target in enumerate(args.targets):
             seconds = args.fixed_seconds if index == 0 else args.seconds
-            step = _step(clients, control, pid_map, target, args.warmup, seconds)
+            step = _step(clients, control, pid_map, target, (args.warmup, seconds, args.grace))
             step["fell_behind"] = _judge(step, args.min_delivered, args.max_p50_ms)
             steps.append(step)
             print(
@@ -447,6 +461,7 @@ def main() -> int:
     run.add_argument("--fixed-seconds", type=float, default=10.0)
     run.add_argument("--seconds", type=float, default=3.0, help="measured seconds of each ramp step")
     run.add_argument("--warmup", type=float, default=1.0)
+    run.add_argument("--grace", type=float, default=0.5, help="seconds a tick sent while measuring may take to arrive")
     run.add_argument("--min-delivered", type=float, default=0.98)
     run.add_argument("--max-p50-ms", type=float, default=50.0)
     run.add_argument("--pid", action="append", help="NAME=PID whose CPU is read per step (repeatable)")

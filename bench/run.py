@@ -765,6 +765,7 @@ class Bench:
     ) -> dict[str, Any]:
         plan = self.plan
         seconds = plan.fanout_warmup_s + fixed_s + (len(targets) - 1) * (plan.fanout_warmup_s + plan.fanout_step_s)
+        seconds += len(targets) * 0.5  # bench/fanout.py's --grace
         argv = [
             "fanout",
             "--url", f"ws://127.0.0.1:{port}{WS}",
@@ -846,7 +847,8 @@ class Bench:
             "clients → gateway (relay mode) → nginx A → ticker (the same), shared: clients → gateway (shared mode) "
             f"→ one socket with one subscription; first step {plan.fanout_rate:g}/s for {plan.fanout_fixed_s:g} s, "
             f"then a ramp ({plan.fanout_step_s:g} s per step after {plan.fanout_warmup_s:g} s warm-up) that stops at "
-            "the first step that fell behind (<98 % of the messages due delivered, ticks dropped at the ticker, a "
+            "the first step that fell behind (<98 % of the ticks sent during the step delivered by 0.5 s after it, "
+            "ticks dropped at the ticker, a "
             "client closed, or the median delay > 50 ms); idle: clients held open, one tic each, RSS of the gateway",
             **out,
             "summary": report.fanout_summary(out),
