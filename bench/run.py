@@ -2,10 +2,10 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/run.py            # full run, ~5 minutes on 2 cores
-    .venv/bin/python bench/run.py --quick    # short durations, 64 MiB transfers, ~1 minute
+    .venv/bin/python bench/run.py            # full run, ~8 minutes on 2 cores
+    .venv/bin/python bench/run.py --quick    # short durations, 64 MiB transfers, ~2 minutes
     .venv/bin/python bench/run.py --out /tmp/results.json --keep
-    .venv/bin/python bench/run.py --only shared-fanout [--quick]   # only the fan-out measurement (~3 minutes)
+    .venv/bin/python bench/run.py --only shared-fanout [--quick]   # only the fan-out (~4 minutes; ~1 quick)
 
 What it starts (each a subprocess in its own process group, on a free 127.0.0.1 port, all stopped at the end):
 
@@ -1160,7 +1160,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog=(__doc__ or "").split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="short durations and 64 MiB transfers (~1 minute)")
+    parser.add_argument("--quick", action="store_true", help="short durations and 64 MiB transfers (~2 minutes)")
     parser.add_argument(
         "--out", type=Path, default=HERE / "results.json", help="JSON output (default bench/results.json)"
     )
