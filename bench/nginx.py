@@ -17,6 +17,8 @@ class UpstreamPorts:
     simulator: int
     wsecho: int
     sink: int
+    ticker_listen: int  # a second server: /v1/api/ws → bench/ticker.py (the fan-out measurement), / → simulator
+    ticker: int
 
 
 def _preamble(workdir: Path, name: str, nofile: int) -> str:
@@ -65,9 +67,19 @@ _WS_PROXY = """\
             proxy_buffering off;
 """
 
+_TO_SIMULATOR = """\
+        location / {
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;  # the simulator checks signatures against the Host it was sent to
+            proxy_pass http://simulator;
+        }
+"""
+
 
 def render_upstream(workdir: Path, ports: UpstreamPorts, big_file: Path, nofile: int) -> str:
-    """nginx A: the fast upstream (small JSON, 1 GiB file by sendfile, upload sink, WS echo, simulator)."""
+    """nginx A: the fast upstream (small JSON, 1 GiB file by sendfile, upload sink, WS echo, simulator), and on a
+    second port the IBKR-like ticker's WebSocket with the simulator behind everything else."""
     return (
         _preamble(workdir, "a", nofile)
         + "http {\n"
@@ -85,6 +97,9 @@ def render_upstream(workdir: Path, ports: UpstreamPorts, big_file: Path, nofile:
     }}
     upstream wsecho {{
         server 127.0.0.1:{ports.wsecho};
+    }}
+    upstream ticker {{
+        server 127.0.0.1:{ports.ticker};
     }}
     server {{
         listen 127.0.0.1:{ports.listen} backlog=4096;
@@ -107,13 +122,13 @@ def render_upstream(workdir: Path, ports: UpstreamPorts, big_file: Path, nofile:
         location /v1/api/ws {{
 {_WS_PROXY}            proxy_pass http://wsecho;
         }}
-        location / {{
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header Host $http_host;  # the simulator checks signatures against the Host it was sent to
-            proxy_pass http://simulator;
+{_TO_SIMULATOR}    }}
+    server {{
+        listen 127.0.0.1:{ports.ticker_listen} backlog=4096;
+        location /v1/api/ws {{
+{_WS_PROXY}            proxy_pass http://ticker;
         }}
-    }}
+{_TO_SIMULATOR}    }}
 }}
 """
     )

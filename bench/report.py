@@ -43,7 +43,8 @@ def rows(results: dict[str, Any], *, size_label: str, rate: float, idle_count: i
 
     def added(group: str, figure: str, section: str, key: str) -> Row:
         deltas = results.get(section, {}).get("added_vs_direct", {})
-        return Row(group, figure, 0.0, get(deltas, "nginx", key), get(deltas, "gateway", key), ratios=False)
+        zero = 0.0 if deltas else None  # direct's own row, only where the section was measured
+        return Row(group, figure, zero, get(deltas, "nginx", key), get(deltas, "gateway", key), ratios=False)
 
     def relays(figure: str, key: str, *, ratios: bool = True) -> Row:
         idle = results.get("idle_websockets", {})
@@ -192,4 +193,189 @@ def floor_markdown(results: dict[str, Any]) -> str | None:
     for figure, alone, keys in pairs:
         gateway = get(results, *keys)
         lines.append(f"| {figure} | {fmt(alone)} | {fmt(gateway)} | {ratio(gateway, alone)} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- fan-out: one upstream tick to many clients
+
+FANOUT_MODES = ("direct", "relay", "shared")
+GOAL_RATE = 30_000.0  # client-messages/s on one core (issue 14)
+GOAL_ADDED_P99_MS = 5.0
+
+
+def _step_view(step: dict[str, Any]) -> dict[str, Any]:
+    """The figures of one fan-out step that the summary keeps."""
+    cpu = step.get("cpu_ms_per_message", {})
+    share = step.get("cpu_share_of_one_core", {})
+    return {
+        "due_per_s": step.get("target_per_s"),
+        "delivered_per_s": step.get("delivered_per_s"),
+        "delivered_ratio": step.get("delivered_ratio"),
+        "p50_ms": step.get("p50_ms"),
+        "p99_ms": step.get("p99_ms"),
+        "upstream_sockets": step.get("upstream_sockets"),
+        "upstream_subscriptions": step.get("upstream_subscriptions"),
+        "upstream_frames_per_s": step.get("upstream_frames_per_s"),
+        "gateway_cpu_ms_per_message": cpu.get("gateway"),
+        "gateway_cpu_share": share.get("gateway"),
+        "upstream_cpu_ms_per_message": (
+            cpu["nginx_a"] + cpu["ticker"] if "nginx_a" in cpu and "ticker" in cpu else None
+        ),
+        "clients_cpu_ms_per_message": cpu.get("clients"),
+        "machine_steal_share": step.get("machine_steal_share"),
+        "fell_behind": step.get("fell_behind", ""),
+    }
+
+
+def fanout_summary(section: dict[str, Any]) -> dict[str, Any]:
+    """Per mode: the fixed-rate step, the fastest ramp step that kept up, the first that fell behind; the added
+    delay versus direct; RSS per idle client; and the issue's goals for shared mode."""
+    out: dict[str, Any] = {}
+    for mode in FANOUT_MODES:
+        steps = section.get(mode, {}).get("fanout", {}).get("steps", [])
+        if not steps:
+            continue
+        ramp = steps[1:]
+        kept = [s for s in ramp if not s["fell_behind"]]
+        behind = next((s for s in ramp if s["fell_behind"]), None)
+        idle = section.get(mode, {}).get("idle")
+        out[mode] = {
+            "fixed": _step_view(steps[0]),
+            "max_sustained": _step_view(max(kept, key=lambda s: s["delivered_per_s"])) if kept else None,
+            "fell_behind_at": _step_view(behind) if behind else None,
+            "idle": None
+            if not idle
+            else {
+                "clients": idle["opened"],
+                "live": idle["live"],
+                "kib_per_client_idle": idle["kib_per_client_idle"],
+                "kib_per_client_after_tic": idle["kib_per_client_after_tic"],
+                "fds_per_client": idle["fds_per_client"],
+            },
+        }
+    direct = out.get("direct", {}).get("fixed")
+    for mode in ("relay", "shared"):
+        if mode in out and direct:
+            fixed = out[mode]["fixed"]
+            out[mode]["added_vs_direct"] = {
+                key: fixed[key] - direct[key] for key in ("p50_ms", "p99_ms") if fixed[key] is not None
+            }
+    shared = out.get("shared")
+    if shared:
+        fixed = shared["fixed"]
+        best = shared["max_sustained"]
+        cpu = best["gateway_cpu_ms_per_message"] if best else fixed["gateway_cpu_ms_per_message"]
+        added_p99 = shared.get("added_vs_direct", {}).get("p99_ms")
+        out["goals"] = {
+            "one_upstream_frame_to_n_clients": fixed["upstream_sockets"] == 1
+            and fixed["upstream_subscriptions"] == 1
+            and fixed["delivered_ratio"] is not None
+            and fixed["delivered_ratio"] >= 0.98,
+            "max_sustained_per_s": best["delivered_per_s"] if best else None,
+            "messages_per_gateway_cpu_second": 1000 / cpu if cpu else None,
+            "rate_goal_met": bool(best and best["delivered_per_s"] >= GOAL_RATE),
+            "added_p99_ms_at_fixed_rate": added_p99,
+            "added_p99_ms_at_max_sustained": best["p99_ms"] - direct["p99_ms"] if best and direct else None,
+            "added_p99_goal_met": added_p99 is not None and added_p99 <= GOAL_ADDED_P99_MS,
+        }
+    return out
+
+
+def _cell(value: float | None, scale: float = 1.0) -> str:
+    return fmt(value * scale if value is not None else None)
+
+
+def fanout_markdown(results: dict[str, Any]) -> str | None:
+    """The fan-out table (direct / relay / shared / shared÷relay) and the goals, or None when not measured."""
+    section = results.get("shared_fanout")
+    if not isinstance(section, dict) or not section.get("summary"):
+        return None
+    summary: dict[str, Any] = section["summary"]
+    empty: dict[str, Any] = {}
+
+    def view(mode: str, part: str) -> dict[str, Any]:
+        found = summary.get(mode, empty).get(part)
+        return found if isinstance(found, dict) else empty
+
+    def row(figure: str, part: str, key: str, scale: float = 1.0, ratio_ok: bool = True) -> str:
+        values = [view(mode, part).get(key) for mode in FANOUT_MODES]
+        cells = [_cell(v, scale) for v in values]
+        by_relay = ratio(values[2], values[1]) if ratio_ok else "—"
+        return f"| {figure} | {' | '.join(cells)} | {by_relay} |"
+
+    def text_row(figure: str, cells: list[str]) -> str:
+        return f"| {figure} | {' | '.join(cells)} | — |"
+
+    subs = "upstream_subscriptions"
+    fixed = view("direct", "fixed").get("due_per_s") or view("shared", "fixed").get("due_per_s")
+    at = f"at {fmt(fixed)}/s"
+    idle_count = fmt(view("shared", "idle").get("clients"))
+    lines = [
+        "| figure | direct | relay | shared | shared÷relay |",
+        "|---|---:|---:|---:|---:|",
+        text_row(
+            "upstream sockets / subscriptions",
+            [
+                f"{view(m, 'fixed').get('upstream_sockets', '—')} / {view(m, 'fixed').get(subs, '—')}"
+                for m in FANOUT_MODES
+            ],
+        ),
+        row(f"{at}: upstream tick frames/s", "fixed", "upstream_frames_per_s"),
+        row(f"{at}: client-messages/s delivered", "fixed", "delivered_per_s"),
+        row(f"{at}: delay p50 (ms)", "fixed", "p50_ms"),
+        row(f"{at}: delay p99 (ms)", "fixed", "p99_ms"),
+        row(f"{at}: added p50 vs direct (ms)", "added_vs_direct", "p50_ms", ratio_ok=False),
+        row(f"{at}: added p99 vs direct (ms)", "added_vs_direct", "p99_ms", ratio_ok=False),
+        row(f"{at}: gateway CPU per message (µs)", "fixed", "gateway_cpu_ms_per_message", 1000),
+        row(f"{at}: gateway CPU (share of one core)", "fixed", "gateway_cpu_share"),
+        row(f"{at}: nginx A + ticker CPU per message (µs)", "fixed", "upstream_cpu_ms_per_message", 1000),
+        row(f"{at}: clients' CPU per message (µs)", "fixed", "clients_cpu_ms_per_message", 1000),
+        row(f"{at}: CPU time stolen by the hypervisor (share)", "fixed", "machine_steal_share", ratio_ok=False),
+        row("ramp: most client-messages/s delivered, kept up", "max_sustained", "delivered_per_s"),
+        row("ramp: … its delay p99 (ms)", "max_sustained", "p99_ms"),
+        row("ramp: … gateway CPU per message (µs)", "max_sustained", "gateway_cpu_ms_per_message", 1000),
+        row("ramp: … gateway CPU (share of one core)", "max_sustained", "gateway_cpu_share"),
+        row(
+            "ramp: … CPU time stolen by the hypervisor (share)", "max_sustained", "machine_steal_share", ratio_ok=False
+        ),
+        text_row(
+            "ramp: first step that fell behind (due → delivered/s)",
+            [
+                f"{fmt(view(m, 'fell_behind_at').get('due_per_s'))} → "
+                f"{fmt(view(m, 'fell_behind_at').get('delivered_per_s'))}"
+                if view(m, "fell_behind_at")
+                else "none"
+                for m in FANOUT_MODES
+            ],
+        ),
+        row(f"{idle_count} idle clients: KiB of gateway RSS per client", "idle", "kib_per_client_idle"),
+        row("idle clients: KiB per client after one tic each", "idle", "kib_per_client_after_tic"),
+        row("idle clients: fds per client", "idle", "fds_per_client"),
+    ]
+    goals = summary.get("goals")
+    if goals:
+        yes = {True: "met", False: "NOT met"}
+        lines += [
+            "",
+            "Goals (issue 14), shared mode:",
+            f"- each frame encoded once, written to N clients: {yes[bool(goals['one_upstream_frame_to_n_clients'])]} "
+            "(one upstream socket and subscription; every tick reached every client as the text IBKR sent, not "
+            "re-encoded; the WebSocket framing around it is still done per client, by hypercorn's wsproto)",
+            f"- ≥ {GOAL_RATE:,.0f} client-messages/s: {yes[bool(goals['rate_goal_met'])]} — "
+            f"{fmt(goals['max_sustained_per_s'])}/s kept up; {fmt(goals['messages_per_gateway_cpu_second'])} "
+            "messages per gateway CPU-second",
+            f"- p99 added ≤ {GOAL_ADDED_P99_MS:g} ms: {yes[bool(goals['added_p99_goal_met'])]} — "
+            f"{fmt(goals['added_p99_ms_at_fixed_rate'])} ms {at}, "
+            f"{fmt(goals['added_p99_ms_at_max_sustained'])} ms at the ramp's fastest kept-up step",
+        ]
+        for mode in FANOUT_MODES:
+            behind = view(mode, "fell_behind_at")
+            if behind:
+                lines.append(f"- {mode}: fell behind at {fmt(behind.get('due_per_s'))}/s: {behind.get('fell_behind')}")
+    lines += [
+        "",
+        "Delay: the client's receive time minus the ticker's send stamp (CLOCK_MONOTONIC, same machine). Direct has "
+        "the ticker write one frame per client per tick (as IBKR would for 100 relays), so its delay includes that "
+        "serialisation; shared mode's includes the gateway writing the tick to its clients one after the other.",
+    ]
     return "\n".join(lines)

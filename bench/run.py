@@ -2,17 +2,21 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/run.py            # full run, ~5 minutes on 2 cores
-    .venv/bin/python bench/run.py --quick    # short durations, 64 MiB transfers, ~1 minute
+    .venv/bin/python bench/run.py            # full run, ~8 minutes on 2 cores
+    .venv/bin/python bench/run.py --quick    # short durations, 64 MiB transfers, ~2 minutes
     .venv/bin/python bench/run.py --out /tmp/results.json --keep
+    .venv/bin/python bench/run.py --only shared-fanout [--quick]   # only the fan-out (~4 minutes; ~1 quick)
 
 What it starts (each a subprocess in its own process group, on a free 127.0.0.1 port, all stopped at the end):
 
 - ``bench/sink.py``   an HTTP sink that reads upload bodies to the end and reports the byte count;
 - ``bench/wsecho.py`` a WebSocket echo/ticker server;
+- ``bench/ticker.py`` an IBKR-like market-data WebSocket (greeting, ``tic``, ``smd`` ticks stamped with their send
+  time at a rate set over its control socket);
 - the IBKR simulator  ``python -m gateway.simulator --write-credentials DIR``;
 - nginx "A"           the upstream: ``/v1/api/bench/small`` (``{"ok":true}``), ``/v1/api/bench/big`` (a sparse
-  1 GiB file by sendfile), ``/v1/api/bench/upload`` (→ sink), ``/v1/api/ws`` (→ echo), ``/`` (→ simulator);
+  1 GiB file by sendfile), ``/v1/api/bench/upload`` (→ sink), ``/v1/api/ws`` (→ echo), ``/`` (→ simulator); on a
+  second port ``/v1/api/ws`` (→ ticker) and ``/`` (→ simulator);
 - nginx "B"           a plain keep-alive reverse proxy to A (the comparison point);
 - the gateway         ``python -m gateway --config DIR/bench-gateway.toml``, upstream = nginx A.
 
@@ -23,6 +27,13 @@ warm-up (MB/s = 10^6 B/s; proxy peak RSS = VmHWM after a clear_refs reset, plus 
 one-way message rates and echo round trips; 1,000 idle WebSockets held open through nginx B and through the
 gateway, twice (RSS per relay, fds, RSS kept after closing and over a second cycle); the gateway's cold start
 (spawn → first ``/health`` 200, and its CPU until then).
+
+Shared fan-out (``shared-fanout``, last, as it stops the main gateway: the simulator has one brokerage session):
+one upstream tick delivered to 100 WebSocket clients (``bench/fanout.py``, one process) — straight to the ticker
+through nginx A (the floor: 100 upstream sockets and subscriptions), through a gateway in relay mode (the same 100)
+and through one in shared mode (one socket, one subscription); each a fixed rate, then a ramp that stops where
+delivery falls behind; delay = receive time − the tick's send time (CLOCK_MONOTONIC in both processes); CPU of the
+gateway, nginx A's worker, the ticker and the clients per delivered message; RSS per idle client in both modes.
 
 Output: JSON (``--out``, default ``bench/results.json``) with every figure and the machine, and a Markdown table
 on stdout. Missing nginx/wrk/curl are installed with apt-get (exit 2 if that fails). Any failed step prints its
@@ -99,10 +110,25 @@ class Plan:
     idle_cycles: int
     settle_s: float
     transfer_runs: int
+    fanout_clients: int  # the fan-out measurement: clients subscribed to one conid
+    fanout_rate: float  # client-messages/s of the fixed-rate step
+    fanout_fixed_s: float
+    fanout_ramp: tuple[float, ...]  # client-messages/s of the ramp's steps
+    fanout_step_s: float
+    fanout_warmup_s: float
+    fanout_idle: int  # idle clients held for RSS per client
 
 
-FULL = Plan("full", 2, 10, 50.0, 1500, GIB, 20_000, 2_000, 1_000, 2, 1.0, 2)
-QUICK = Plan("quick", 1, 3, 50.0, 250, 64 << 20, 3_000, 300, 1_000, 1, 0.5, 1)
+FULL = Plan(
+    "full", 2, 10, 50.0, 1500, GIB, 20_000, 2_000, 1_000, 2, 1.0, 2,
+    100, 2_000.0, 10.0,
+    (2e3, 2.5e3, 3e3, 4e3, 5e3, 6e3, 8e3, 10e3, 12.5e3, 15e3, 20e3, 25e3, 30e3, 35e3, 40e3, 50e3, 60e3, 80e3),
+    3.0, 1.0, 1_000,
+)  # fmt: skip
+QUICK = Plan(
+    "quick", 1, 3, 50.0, 250, 64 << 20, 3_000, 300, 1_000, 1, 0.5, 1,
+    100, 2_000.0, 3.0, (2e3, 4e3, 6e3, 8e3, 12e3, 16e3, 20e3, 25e3, 30e3, 40e3, 60e3), 1.5, 0.5, 300,
+)  # fmt: skip
 
 
 class Interrupted(Exception):
@@ -257,6 +283,7 @@ class Bench:
         self.nginx_b: Proc | None = None
         self.worker_a = 0
         self.worker_b = 0
+        self.ticker: Proc | None = None
         self.python = sys.executable
 
     # ------------------------------------------------------------ starting
@@ -266,7 +293,7 @@ class Bench:
 
     def start_backends(self) -> None:
         """Sink, echo server and simulator (with its credentials written)."""
-        for name in ("sink", "wsecho", "simulator", "nginx_a", "nginx_b", "gateway"):
+        for name in ("sink", "wsecho", "ticker", "simulator", "nginx_a", "nginx_a_ticker", "nginx_b", "gateway"):
             self.ports[name] = procs.free_port()
         with step("start upload sink"):
             sink = self._spawn("sink", [self.python, str(HERE / "sink.py"), "--port", str(self.ports["sink"])])
@@ -274,6 +301,11 @@ class Bench:
         with step("start WebSocket echo server"):
             echo = self._spawn("wsecho", [self.python, str(HERE / "wsecho.py"), "--port", str(self.ports["wsecho"])])
             procs.wait_port("start WebSocket echo server", echo, self.ports["wsecho"], 15)
+        with step("start IBKR-like ticker"):
+            self.ticker = self._spawn(
+                "ticker", [self.python, str(HERE / "ticker.py"), "--port", str(self.ports["ticker"])]
+            )
+            procs.wait_port("start IBKR-like ticker", self.ticker, self.ports["ticker"], 15)
         with step("start simulator"):
             creds = self.dir / "creds"
             sim = self._spawn(
@@ -288,6 +320,9 @@ class Bench:
                     str(creds),
                     "--log-level",
                     "warning",
+                    # Five gateways log in one after the other in a full run (the main one, then two per WebSocket
+                    # mode for the fan-out): IBKR's limits on the login calls would put the fifth in the penalty box.
+                    "--no-pacing",
                 ],
             )
             procs.wait_file("start simulator", sim, creds / "gateway.toml", 30)
@@ -323,6 +358,8 @@ class Bench:
                 simulator=self.ports["simulator"],
                 wsecho=self.ports["wsecho"],
                 sink=self.ports["sink"],
+                ticker_listen=self.ports["nginx_a_ticker"],
+                ticker=self.ports["ticker"],
             )
             self.nginx_a, self.worker_a = self._start_nginx(
                 "nginx_a", nginx.render_upstream(self.dir, ports, big_file, self.nofile)
@@ -331,18 +368,23 @@ class Bench:
             text = nginx.render_proxy(self.dir, self.ports["nginx_b"], self.ports["nginx_a"], self.nofile)
             self.nginx_b, self.worker_b = self._start_nginx("nginx_b", text)
 
-    def write_gateway_config(self) -> Path:
-        """The simulator's gateway.toml, pointed at nginx A, with the benchmark routes and warning-level logs."""
+    def write_gateway_config(self, name: str = "gateway", upstream: str = "nginx_a", ws_mode: str = "relay") -> Path:
+        """The simulator's gateway.toml, pointed at nginx A, with the benchmark routes and warning-level logs.
+        ``name`` is the port's key (and the file's name), ``upstream`` the key of nginx A's port the gateway uses
+        (``nginx_a_ticker``: WebSockets go to the ticker), ``ws_mode`` the ``[websocket] mode``."""
         creds = self.dir / "creds"
         with (creds / "gateway.toml").open("rb") as handle:
             document = tomllib.load(handle)
-        document["server"]["port"] = self.ports["gateway"]
-        document["ibkr"]["base_url"] = f"http://127.0.0.1:{self.ports['nginx_a']}"
+        document["server"]["port"] = self.ports[name]
+        document["ibkr"]["base_url"] = f"http://127.0.0.1:{self.ports[upstream]}"
+        if name != "gateway":  # a fan-out gateway: room for the idle clients, the mode under test
+            document["server"]["max_websockets"] = max(1000, self.plan.fanout_idle + 100)
+            document["websocket"] = {**document.get("websocket", {}), "mode": ws_mode}
         document["logging"] = {"level": "warning", "format": "text"}
         # The bench measures the hop itself: IBKR's pacing (10 requests/s) would be the only thing measured otherwise.
         document["pacing"] = {"enabled": False}
         document["routes"] = [{"path": "/v1/api/bench/*", "max_body_bytes": 2_000_000_000}, {"path": WS}]
-        path = creds / "bench-gateway.toml"
+        path = creds / f"bench-{name.replace('_', '-')}.toml"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out:
             tomli_w.dump(document, out)
@@ -387,9 +429,9 @@ class Bench:
         """The component whose log explains a failure on ``path``."""
         return {"direct": self.nginx_a, "nginx": self.nginx_b, "gateway": self.gateway}[path]
 
-    def session(self) -> dict[str, Any]:
-        """The gateway's /session document."""
-        status, body = procs.http_get(self.ports["gateway"], "/session")
+    def session(self, port: int | None = None) -> dict[str, Any]:
+        """The gateway's /session document (of the gateway on ``port``: the main one by default)."""
+        status, body = procs.http_get(port or self.ports["gateway"], "/session")
         if status != 200:
             raise RuntimeError(f"/session answered {status}")
         document: dict[str, Any] = json.loads(body)
@@ -683,6 +725,135 @@ class Bench:
             **out,
         }
 
+    # ------------------------------------------------------------ fan-out: one upstream tick to many clients
+
+    def start_fanout_gateway(self, ws_mode: str) -> Proc:
+        """A gateway in ``ws_mode`` whose upstream is nginx A's ticker server (REST → simulator, /v1/api/ws →
+        bench/ticker.py); returns once its session is ready and, in shared mode, IBKR's socket is authenticated."""
+        name = f"gateway_{ws_mode}"
+        self.ports[name] = procs.free_port()
+        config = self.write_gateway_config(name, "nginx_a_ticker", ws_mode)
+        proc = self._spawn(name, [self.python, "-m", "gateway", "--config", str(config)])
+        port = self.ports[name]
+        procs.wait_http_ok(f"start {name}", proc, port, "/health", 60)
+        deadline = time.monotonic() + 30
+        while True:
+            document = self.session(port)
+            shared = document.get("shared") or {}
+            if document.get("ready") and (ws_mode == "relay" or shared.get("ready")):
+                return proc
+            if time.monotonic() > deadline:
+                raise StepFailed(f"start {name}", f"not ready within 30 s: {document.get('state')}", proc)
+            time.sleep(0.05)
+
+    def _fanout_process(self, name: str, argv: list[str], timeout_s: float) -> dict[str, Any]:
+        """Run bench/fanout.py with ``argv`` as its own process; its JSON document."""
+        out = self.dir / f"{name}.json"
+        proc = self._spawn(name, [self.python, str(HERE / "fanout.py"), *argv, "--out", str(out)])
+        try:
+            status = proc.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.stop()
+            raise StepFailed(name, f"bench/fanout.py did not finish within {timeout_s:g} s", proc) from None
+        if status != 0:
+            raise StepFailed(name, f"bench/fanout.py exited with status {status}", proc)
+        document: dict[str, Any] = json.loads(out.read_text())
+        return document
+
+    def _fanout_run(
+        self, name: str, port: int, pids: dict[str, int], targets: list[float], fixed_s: float
+    ) -> dict[str, Any]:
+        plan = self.plan
+        seconds = plan.fanout_warmup_s + fixed_s + (len(targets) - 1) * (plan.fanout_warmup_s + plan.fanout_step_s)
+        seconds += len(targets) * 0.5  # bench/fanout.py's --grace
+        argv = [
+            "fanout",
+            "--url", f"ws://127.0.0.1:{port}{WS}",
+            "--control-port", str(self.ports["ticker"]),
+            "--clients", str(plan.fanout_clients),
+            "--targets", ",".join(f"{t:g}" for t in targets),
+            "--fixed-seconds", str(fixed_s),
+            "--seconds", str(plan.fanout_step_s),
+            "--warmup", str(plan.fanout_warmup_s),
+        ]  # fmt: skip
+        for key, pid in pids.items():
+            argv += ["--pid", f"{key}={pid}"]
+        return self._fanout_process(name, argv, timeout_s=120 + 2 * seconds)
+
+    def _fanout_pids(self, gateway: Proc | None) -> dict[str, int]:
+        assert self.ticker is not None
+        pids = {"nginx_a": self.worker_a, "ticker": self.ticker.pid}
+        if gateway is not None:
+            pids["gateway"] = gateway.pid
+        return pids
+
+    def stop_main_gateway(self) -> None:
+        """The fan-out gateways log in as the simulator's one user, so the main gateway logs out first."""
+        if self.gateway is not None and self.gateway.alive():
+            with step("stop the main gateway (the fan-out gateways use the same brokerage session)", self.gateway):
+                self.gateway.stop(timeout_s=25)
+
+    def _stop_fanout_gateway(self, ws_mode: str, gateway: Proc) -> dict[str, Any]:
+        """Read the fan-out gateway's /session (its end state), then stop it."""
+        with step(f"fan-out {ws_mode}: stop the gateway", gateway):
+            end = self.session(self.ports[f"gateway_{ws_mode}"])
+            gateway.stop(timeout_s=25)
+        if end.get("sessions_ended") or end.get("handshakes") != 1:
+            self.notes.append(f"fan-out {ws_mode}: the gateway's session restarted during the run")
+        keys = ("handshakes", "sessions_ended", "relays", "shared", "websocket_mode")
+        return {key: end.get(key) for key in keys}
+
+    def shared_fanout(self) -> None:
+        """One upstream tick delivered to ``fanout_clients`` clients: straight to the ticker (the floor), through a
+        relay-mode gateway (a socket and a subscription per client) and a shared-mode one (one of each); a fixed
+        rate, then a ramp until delivery falls behind; then, on a fresh gateway, RSS per idle client in each mode."""
+        plan = self.plan
+        self.stop_main_gateway()
+        targets = [plan.fanout_rate, *plan.fanout_ramp]
+        out: dict[str, Any] = {}
+        name = f"fan-out direct: {plan.fanout_clients} clients → nginx A → ticker, {len(targets)} steps at most"
+        with step(name, self.ticker):
+            out["direct"] = {
+                "fanout": self._fanout_run(
+                    "fanout_direct", self.ports["nginx_a_ticker"], self._fanout_pids(None), targets, plan.fanout_fixed_s
+                )
+            }
+        for ws_mode in ("relay", "shared"):
+            # Each part on a freshly started gateway: the ramp's figures do not depend on what the idle clients
+            # left in the heap, nor RSS per idle client on what the ramp did.
+            with step(f"fan-out {ws_mode}: start a gateway in {ws_mode} mode"):
+                gateway = self.start_fanout_gateway(ws_mode)
+            port = self.ports[f"gateway_{ws_mode}"]
+            with step(f"fan-out {ws_mode}: {plan.fanout_clients} clients, {len(targets)} steps at most", gateway):
+                fanout = self._fanout_run(
+                    f"fanout_{ws_mode}", port, self._fanout_pids(gateway), targets, plan.fanout_fixed_s
+                )
+            end = self._stop_fanout_gateway(ws_mode, gateway)
+            with step(f"fan-out {ws_mode}: start a gateway in {ws_mode} mode (idle clients)"):
+                gateway = self.start_fanout_gateway(ws_mode)
+            port = self.ports[f"gateway_{ws_mode}"]
+            with step(f"fan-out {ws_mode}: {plan.fanout_idle} idle clients", gateway):
+                argv = ["idle", "--url", f"ws://127.0.0.1:{port}{WS}", "--count", str(plan.fanout_idle),
+                        "--rss-pid", str(gateway.pid), "--session-port", str(port),
+                        "--settle", str(plan.settle_s)]  # fmt: skip
+                idle = self._fanout_process(f"fanout_idle_{ws_mode}", argv, timeout_s=180)
+            self._stop_fanout_gateway(ws_mode, gateway)
+            out[ws_mode] = {"fanout": fanout, "idle": idle, "gateway_end": end}
+        self.results["shared_fanout"] = {
+            "load": f"{plan.fanout_clients} WebSocket clients in one process (bench/fanout.py, one epoll loop), "
+            "each subscribed to the same conid with smd+CONID+{}; bench/ticker.py stamps each tick with "
+            "time.monotonic_ns() and sends it on every subscribed socket at R ticks/s, R = client-messages/s due "
+            f"/ {plan.fanout_clients}; direct: clients → nginx A → ticker (100 sockets and subscriptions), relay: "
+            "clients → gateway (relay mode) → nginx A → ticker (the same), shared: clients → gateway (shared mode) "
+            f"→ one socket with one subscription; first step {plan.fanout_rate:g}/s for {plan.fanout_fixed_s:g} s, "
+            f"then a ramp ({plan.fanout_step_s:g} s per step after {plan.fanout_warmup_s:g} s warm-up) that stops at "
+            "the first step that fell behind (<98 % of the ticks sent during the step delivered by 0.5 s after it, "
+            "ticks dropped at the ticker, a "
+            "client closed, or the median delay > 50 ms); idle: clients held open, one tic each, RSS of the gateway",
+            **out,
+            "summary": report.fanout_summary(out),
+        }
+
     def transfers(self, upload_file: Path) -> None:
         """Big download and upload through each path, with the proxy's peak RSS: one unmeasured direct warm-up,
         then ``plan.transfer_runs`` rounds over the three paths; the best MB/s and the highest peak RSS count."""
@@ -730,12 +901,17 @@ class Bench:
             raise RuntimeError(result.detail)
         return result
 
-    def profile(self, seconds: int, load: str, stem: Path) -> None:
+    def profile(self, seconds: int, load: str, stem: Path, fanout_rate: float) -> None:
         """py-spy the gateway for ``seconds`` under ``load`` ("small": wrk -t2 -c16 small GETs; "ws": one WebSocket
-        carrying message floods both ways; "download"/"upload": curl transfers of the big file); write ``stem``.folded
-        (collapsed stacks, for flamegraph.pl or speedscope) and ``stem``.txt (top functions), print the gateway's
-        CPU per request, message or MB."""
+        carrying message floods both ways; "download"/"upload": curl transfers of the big file; "shared-fanout" /
+        "relay-fanout": a gateway in that WebSocket mode delivering ticks to ``plan.fanout_clients`` clients at
+        ``fanout_rate`` client-messages/s); write ``stem``.folded (collapsed stacks, for flamegraph.pl or speedscope)
+        and ``stem``.txt (top functions), print the gateway's CPU per request, message or MB."""
         spy = profiling.ensure_py_spy(self.python)
+        if load.endswith("-fanout"):
+            self.stop_main_gateway()
+            with step(f"start a gateway in {load.removesuffix('-fanout')} mode"):
+                self.gateway = self.start_fanout_gateway(load.removesuffix("-fanout"))
         assert self.gateway is not None
         pid = self.gateway.pid
         url = f"http://127.0.0.1:{self.ports['gateway']}{SMALL}"
@@ -748,6 +924,8 @@ class Bench:
                 "ws": partial(self._ws_for, seconds + 1),
                 "download": partial(self._transfers_for, seconds + 1, None),
                 "upload": partial(self._transfers_for, seconds + 1, self.dir / "upload.bin"),
+                "shared-fanout": partial(self._fanout_for, "shared", seconds + 1, fanout_rate),
+                "relay-fanout": partial(self._fanout_for, "relay", seconds + 1, fanout_rate),
             }[load]
             (count, rate), folded = profiling.record(spy, pid, seconds, work)
             cpu1 = procs.cpu_ms(pid)
@@ -755,12 +933,25 @@ class Bench:
             summary = profiling.summarise(folded)
             stem.with_suffix(".txt").write_text(summary)
             print(summary)
-            unit = {"small": "request", "ws": "message", "download": "MB", "upload": "MB"}[load]
+            unit = {"small": "request", "download": "MB", "upload": "MB"}.get(load, "message")
             print(
                 f"gateway: {rate:,.0f} {unit}s/s, {(cpu1 - cpu0) / max(count, 1):.3f} ms CPU per {unit} while "
                 f"sampled (py-spy's sampling pauses add a little); {stem.with_suffix('.folded')}, "
                 f"{stem.with_suffix('.txt')}"
             )
+
+    def _fanout_for(self, ws_mode: str, seconds: int, rate: float) -> tuple[int, float]:
+        """The fan-out clients at ``rate`` client-messages/s for ``seconds``: messages delivered and messages/s."""
+        port = self.ports[f"gateway_{ws_mode}"]
+        assert self.gateway is not None
+        document = self._fanout_run("fanout_profile", port, self._fanout_pids(self.gateway), [rate], seconds)
+        fixed = document["steps"][0]
+        print(
+            f"fan-out: {fixed['delivered_per_s']:,.0f} of {rate:,.0f} client-messages/s delivered, delay p50 "
+            f"{fixed['p50_ms']:.2f} ms, p99 {fixed['p99_ms']:.2f} ms"
+            + (f"; closes {document['closes']}" if document["closes"] else "")
+        )
+        return int(fixed["delivered"]), float(fixed["delivered_per_s"])
 
     def _wrk_for(self, url: str, seconds: int) -> tuple[int, float]:
         result = loadgen.run_wrk(self.tools.wrk, url, threads=2, connections=16, duration_s=seconds)
@@ -869,7 +1060,7 @@ def run(args: argparse.Namespace) -> int:
         bench.start_gateway()
         bench.sanity()
         if args.profile:
-            bench.profile(args.profile, args.profile_load, HERE / "profile")
+            bench.profile(args.profile, args.profile_load, HERE / "profile", args.profile_rate)
         else:
             steps: dict[str, Callable[[], None]] = {
                 "small": bench.small_get,
@@ -883,6 +1074,8 @@ def run(args: argparse.Namespace) -> int:
                 if args.only is None or name in args.only:
                     measure()
             bench.finish()
+            if args.only is None or "shared-fanout" in args.only:
+                bench.shared_fanout()  # last: it stops the main gateway
         status = 0
     except StepFailed as exc:
         failed = exc
@@ -924,6 +1117,8 @@ def run(args: argparse.Namespace) -> int:
     document["table_markdown"] = text
     floor_text = report.floor_markdown(bench.results)
     document["floor_markdown"] = floor_text
+    fanout_text = report.fanout_markdown(bench.results)
+    document["shared_fanout_markdown"] = fanout_text
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2, default=str) + "\n")
     print(text)
@@ -931,6 +1126,10 @@ def run(args: argparse.Namespace) -> int:
     if floor_text:
         print("The server stack alone (bench/floor.py) next to the gateway:\n")
         print(floor_text)
+        print()
+    if fanout_text:
+        print(f"One upstream tick to {plan.fanout_clients} WebSocket clients, relay mode and shared mode:\n")
+        print(fanout_text)
         print()
     for note in (*bench.notes, *METHOD_NOTES):
         print(f"- {note}")
@@ -961,7 +1160,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog=(__doc__ or "").split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--quick", action="store_true", help="short durations and 64 MiB transfers (~1 minute)")
+    parser.add_argument("--quick", action="store_true", help="short durations and 64 MiB transfers (~2 minutes)")
     parser.add_argument(
         "--out", type=Path, default=HERE / "results.json", help="JSON output (default bench/results.json)"
     )
@@ -969,7 +1168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         type=lambda text: frozenset(text.split(",")),
-        help="comma-separated subset of small,rate,transfers,ws,idle,floor (the table then has gaps)",
+        help="comma-separated subset of small,rate,transfers,ws,idle,floor,shared-fanout (the table then has gaps)",
     )
     parser.add_argument(
         "--profile",
@@ -980,13 +1179,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--profile-load",
-        choices=("small", "ws", "download", "upload"),
+        choices=("small", "ws", "download", "upload", "shared-fanout", "relay-fanout"),
         default="small",
-        help="with --profile: small GETs under wrk (default), WebSocket message floods on one relay, or repeated "
-        "downloads / uploads of the big file",
+        help="with --profile: small GETs under wrk (default), WebSocket message floods on one relay, repeated "
+        "downloads / uploads of the big file, or ticks to 100 WebSocket clients through a gateway in shared or "
+        "relay mode (at --profile-rate)",
+    )
+    parser.add_argument(
+        "--profile-rate",
+        type=float,
+        default=5_000.0,
+        metavar="N",
+        help="with --profile-load shared-fanout / relay-fanout: client-messages/s due (default 5000)",
     )
     args = parser.parse_args(argv)
-    steps = {"small", "rate", "transfers", "ws", "idle", "floor"}
+    steps = {"small", "rate", "transfers", "ws", "idle", "floor", "shared-fanout"}
     if args.only is not None and not args.only <= steps:
         parser.error(f"--only: unknown step(s) {sorted(args.only - steps)}")
     signal.signal(signal.SIGTERM, _on_signal)

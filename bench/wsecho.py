@@ -5,6 +5,8 @@ Protocol, per connection, text frames (binary frames are echoed unchanged):
 - ``c...``   count it, no answer (one-way throughput);
 - ``?``      answer ``n=<count of c messages so far>`` (sent after everything before it was read, so it marks the end);
 - ``p<N>``   push N messages ``t<seq> <monotonic_ns>`` as fast as the connection takes them (N ≤ 10,000,000);
+- ``tic``    answer ``{"topic":"tic","alive":true}`` as IBKR does (the gateway's relay sends ``tic`` up as its
+  keep-alive and drops that one answer, so echoing it would put an unasked ``tic`` in front of the client's echoes);
 - anything else is echoed back verbatim, so a timestamp field inside it comes back intact.
 
 Answers keep the order of the messages that caused them: what arrives during a push is answered after it. Pings
@@ -63,6 +65,9 @@ def _frame(opcode: int, payload: bytes) -> bytes:
     if length < 1 << 16:
         return bytes((0x80 | opcode, 126)) + length.to_bytes(2, "big") + payload
     return bytes((0x80 | opcode, 127)) + length.to_bytes(8, "big") + payload
+
+
+_TIC_ANSWER = _frame(_TEXT, b'{"topic":"tic","alive":true}')
 
 
 def _close_frame(code: int) -> bytes:
@@ -248,6 +253,8 @@ class _Connection:
                     count += 1
                 elif payload == b"?":
                     out.append(_frame(_TEXT, b"n=%d" % count))
+                elif payload == b"tic":
+                    out.append(_TIC_ANSWER)
                 elif payload[:1] == b"p" and payload[1:].isdigit():  # bytes.isdigit: ASCII digits only
                     digits = payload[1:].lstrip(b"0")
                     await self._flush(out)

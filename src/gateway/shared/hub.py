@@ -224,10 +224,19 @@ class SharedHub:
 
     async def _client_writer(self, client: _Client) -> None:
         """The only task writing to ``client`` after the accept: its queue, then the Close if the gateway ends it."""
+        send, out = client.send, client.out
         try:
-            async with client.out:
-                async for text in client.out:
-                    await client.send({"type": "websocket.send", "text": text})
+            async with out:
+                async for text in out:
+                    await send({"type": "websocket.send", "text": text})
+                    # What queued up meanwhile goes out without a trip through the scheduler per message
+                    # (receive() checkpoints even when a message is waiting; each send has its own checkpoints).
+                    while True:
+                        try:
+                            text = out.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        await send({"type": "websocket.send", "text": text})
             if client.close_reason:  # the gateway ends it (a client that left has nothing more coming)
                 await client.send({"type": "websocket.close", "code": client.close_code, "reason": client.close_reason})
         except Exception as exc:  # the client may already be gone; nothing left to tell it
