@@ -360,7 +360,7 @@ def fanout_markdown(results: dict[str, Any]) -> str | None:
             "Goals (issue 14), shared mode:",
             f"- each frame encoded once, written to N clients: {yes[bool(goals['one_upstream_frame_to_n_clients'])]} "
             "(one upstream socket and subscription; every tick reached every client as the text IBKR sent, not "
-            "re-encoded; the WebSocket framing around it is still done per client, by hypercorn's wsproto)",
+            "re-encoded; the gateway builds each WebSocket frame once and writes the same bytes to every client)",
             f"- ≥ {GOAL_RATE:,.0f} client-messages/s: {yes[bool(goals['rate_goal_met'])]} — "
             f"{fmt(goals['max_sustained_per_s'])}/s kept up; {fmt(goals['messages_per_gateway_cpu_second'])} "
             "messages per gateway CPU-second",

@@ -23,6 +23,7 @@ and the session loop runs (not when IBKR is reachable: an IBKR outage must not m
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import signal
@@ -412,6 +413,10 @@ async def _main(loaded: LoadedConfig) -> None:
 async def _run_until_signalled(loaded: LoadedConfig, notifier: Notifier) -> None:
     async with trio.open_nursery() as nursery:
         gateway: Gateway = await nursery.start(partial(serve_gateway, loaded, notifier=notifier))
+        # Everything built at start (modules, the app, the config) lives for the whole run: moved out of the
+        # collector's way, full collections no longer walk it. They paused the shared WebSocket's deliveries for
+        # tens of milliseconds (bench: p99 added 68 ms before, single-digit milliseconds after).
+        gc.freeze()
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:

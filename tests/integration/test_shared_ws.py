@@ -296,3 +296,65 @@ async def test_max_websockets_caps_shared_clients_with_1013(ibkr_sim_credentials
         assert "server.max_websockets" in (closed.value.reason.reason or "")
         await a.send_message("tic")
         assert (await next_json(a, "tic"))["alive"] is True
+
+
+async def _read_frame(stream: trio.SocketStream, buffer: bytearray) -> tuple[int, bytes]:
+    """One unmasked server frame (opcode, payload), parsed by hand: a cut or interleaved frame fails here."""
+
+    async def need(n: int) -> None:
+        while len(buffer) < n:
+            data = await stream.receive_some(512)  # small reads: the socket stays nearly full
+            assert data, "connection closed"
+            buffer.extend(data)
+
+    await need(2)
+    first, second = buffer[0], buffer[1]
+    assert first & 0x70 == 0 and second & 0x80 == 0, buffer[:2]  # no RSV bits, unmasked
+    size, head = second & 0x7F, 2
+    if size == 126:
+        await need(4)
+        size, head = int.from_bytes(buffer[2:4], "big"), 4
+    elif size == 127:
+        await need(10)
+        size, head = int.from_bytes(buffer[2:10], "big"), 10
+    await need(head + size)
+    payload = bytes(buffer[head : head + size])
+    del buffer[: head + size]
+    return first & 0x0F, payload
+
+
+async def test_direct_frame_writes_never_cut_or_reorder_a_frame(ibkr_sim_credentials: SimulatorCredentials) -> None:
+    """A client with a tiny receive window that reads slowly while pinging: the frames the gateway writes straight to
+    the socket (partly, when the socket is nearly full) and hypercorn's pongs interleave, and every frame still
+    arrives whole and in order."""
+    async with open_test_gateway(
+        {"websocket": {"mode": "shared", "client_buffer": 100_000}}, credentials=ibkr_sim_credentials
+    ) as gw:
+        client = await FloodClient.connect(gw)
+        try:
+            count = 3000
+            pad = "x" * 40
+            for n in range(count):
+                await client.stream.send_all(masked_text_frame(f"bogus+{n}+{pad}"))
+            ping = bytes([0x89, 0x80 | 4]) + bytes(4) + b"ping"  # masked with a zero key
+            buffer = bytearray()
+            expected, pongs = 0, 0
+            with trio.fail_after(60):
+                while expected < count:
+                    opcode, payload = await _read_frame(client.stream, buffer)
+                    if opcode == 0xA:
+                        pongs += 1
+                        continue
+                    if opcode == 0x9:
+                        continue  # the server's own ping (websocket_ping_interval_s): a control frame, whole
+                    assert opcode == 0x1, opcode
+                    message = json.loads(payload)
+                    if message.get("topic") != "gateway" or "command" not in message:
+                        continue  # the greeting, accounts and status replayed on join
+                    assert message["command"] == f"bogus+{expected}+{pad}", (message, expected)
+                    expected += 1
+                    if expected % 100 == 0:
+                        await client.stream.send_all(ping)
+            assert pongs >= 1
+        finally:
+            client.close()

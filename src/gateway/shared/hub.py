@@ -37,6 +37,7 @@ from gateway.proxy.websocket import RelayCounters
 from gateway.session.supervisor import LiveSession, SessionManager
 from gateway.shared.feed import Action, ClientId, Feed, FeedSettings, ToClients, ToUpstream
 from gateway.upstream.wsclient import UpstreamWebSocket, WebSocketClosed, WebSocketRejected, connect_websocket
+from gateway.web.server import FrameWriter, frame_writer, text_frame
 
 log = logging.getLogger("gateway.websocket")
 
@@ -70,8 +71,10 @@ class _Client:
 
     id: ClientId
     send: Send
-    queue: trio.MemorySendChannel[str]
-    out: trio.MemoryReceiveChannel[str]
+    queue: trio.MemorySendChannel[str | bytes]  # str: a text for ASGI; bytes: a pre-built frame (or its rest)
+    out: trio.MemoryReceiveChannel[str | bytes]
+    frames: FrameWriter | None = None  # the server's direct frame writer (None: ASGI sends only)
+    writing: bool = False  # the writer holds a message it has not finished writing: nothing may overtake it
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # the handler's receive loop
     close_code: int | None = None  # set when the gateway ends the client: the writer's last frame
     close_reason: str = ""
@@ -134,12 +137,27 @@ class SharedHub:
                         log.warning("shared WebSocket: IBKR's outgoing queue is full; a message was dropped")
                 continue
             assert isinstance(action, ToClients)
+            frame: bytes | None = None
             for client_id in action.clients:
                 client = self._clients.get(client_id)
                 if client is None or client.close_code is not None:
                     continue
+                item: str | bytes = action.text
+                if client.frames is not None:
+                    if frame is None:
+                        frame = text_frame(action.text.encode("utf-8"))  # built once, written to every client
+                    item = frame
+                    if not client.writing and client.queue.statistics().current_buffer_used == 0:
+                        written = client.frames.try_write(frame)  # nothing queued: straight to the socket
+                        if written == len(frame):
+                            self.counters.messages_down += 1
+                            continue
+                        if written < 0:
+                            continue  # closing: its handler ends it
+                        if written:
+                            item = b""  # the connection keeps the rest; the writer flushes it
                 try:
-                    client.queue.send_nowait(action.text)
+                    client.queue.send_nowait(item)
                 except trio.WouldBlock:
                     self._too_slow(client)
                 except trio.ClosedResourceError:
@@ -180,8 +198,8 @@ class SharedHub:
         if len(self._clients) >= self._settings.max_clients:
             await self._refuse_over_limit(scope, send)
             return
-        queue, out = trio.open_memory_channel[str](self._settings.client_buffer)
-        client = _Client(id=next(self._ids), send=send, queue=queue, out=out)
+        queue, out = trio.open_memory_channel[str | bytes](self._settings.client_buffer)
+        client = _Client(id=next(self._ids), send=send, queue=queue, out=out, frames=frame_writer(send))
         self._clients[client.id] = client
         self._none_left = trio.Event()
         self.counters.open += 1
@@ -223,26 +241,38 @@ class SharedHub:
             self._apply(self.feed.from_client(client.id, text, trio.current_time()))
 
     async def _client_writer(self, client: _Client) -> None:
-        """The only task writing to ``client`` after the accept: its queue, then the Close if the gateway ends it."""
-        send, out = client.send, client.out
+        """Writes ``client``'s queue in order (with :meth:`_apply`'s direct writes, the only writer to it after the
+        accept), then the Close if the gateway ends it. ``client.writing`` is set from taking a message until it is
+        written, so a direct write never overtakes a queued one."""
+        out = client.out
         try:
             async with out:
-                async for text in out:
-                    await send({"type": "websocket.send", "text": text})
+                async for item in out:
+                    client.writing = True
+                    await self._write(client, item)
                     # What queued up meanwhile goes out without a trip through the scheduler per message
-                    # (receive() checkpoints even when a message is waiting; each send has its own checkpoints).
+                    # (receive() checkpoints even when a message is waiting; each write has its own checkpoints).
                     while True:
                         try:
-                            text = out.receive_nowait()
+                            item = out.receive_nowait()
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
-                        await send({"type": "websocket.send", "text": text})
+                        await self._write(client, item)
+                    client.writing = False
             if client.close_reason:  # the gateway ends it (a client that left has nothing more coming)
                 await client.send({"type": "websocket.close", "code": client.close_code, "reason": client.close_reason})
         except Exception as exc:  # the client may already be gone; nothing left to tell it
             log.debug("shared WebSocket client %d: write ended (%s)", client.id, type(exc).__name__)
         finally:
             client.writer_done.set()
+
+    @staticmethod
+    async def _write(client: _Client, item: str | bytes) -> None:
+        if isinstance(item, bytes):
+            assert client.frames is not None
+            await client.frames.write(item)
+        else:
+            await client.send({"type": "websocket.send", "text": item})
 
     async def _refuse_over_limit(self, scope: Scope, send: Send) -> None:
         limit = self._settings.max_clients

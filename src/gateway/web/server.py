@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -48,7 +49,7 @@ from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.events import Response, StreamClosed
 from hypercorn.protocol.h11 import H11Protocol
-from hypercorn.protocol.ws_stream import FrameTooLargeError, WSStream
+from hypercorn.protocol.ws_stream import ASGIWebsocketState, FrameTooLargeError, WSStream
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.task_group import TaskGroup, _handle
 from hypercorn.trio.tcp_server import TCPServer
@@ -99,10 +100,86 @@ class _WebSocketStream(WSStream):
                 break
 
 
+class FrameWriter:
+    """Pre-built WebSocket frames written to one client's connection without hypercorn's per-message path.
+
+    The shared WebSocket mode sends the same frame to many clients: it builds the bytes once
+    (:func:`text_frame`) and writes them with :meth:`try_write` (now, without waiting, when no other write to that
+    client is in flight) or :meth:`write` (the connection's usual write: its send lock and write deadline). Frames
+    are written only while the WebSocket is open in both directions — never after a Close was sent or received —
+    so they cannot break the protocol state hypercorn's wsproto keeps; the Close itself still goes through ASGI.
+    Unmasked, unfragmented, uncompressed frames are valid whatever extensions were negotiated.
+    """
+
+    __slots__ = ("_connection", "_stream")
+
+    def __init__(self, connection: Connection, stream: WSStream) -> None:
+        self._connection = connection
+        self._stream = stream
+
+    @property
+    def open(self) -> bool:
+        """True while frames may be written (handshake done, no Close either way, the connection not failed)."""
+        stream, connection = self._stream, self._connection
+        return (
+            stream.state is ASGIWebsocketState.CONNECTED
+            and not stream.closed
+            and stream.connection.state is WebSocketState.OPEN
+            and not connection._gone
+            and not connection._reading.cancel_called
+        )
+
+    def try_write(self, frame: bytes) -> int:
+        """Write ``frame`` now if nothing else is being written to this client: the number of bytes the socket took,
+        or ``-1`` when the connection is closing or failed (nothing more goes to it). ``0``: none, the caller queues
+        the frame for :meth:`write`. Between 0 and ``len(frame)``: the rest is kept by the connection and goes out
+        ahead of the next write of any kind (a pong included), so no frame is ever cut by another; the caller then
+        queues an empty :meth:`write` to flush it."""
+        if not self.open:
+            return -1
+        connection = self._connection
+        if connection.send_lock.locked() or connection._frame_rest:
+            return 0
+        try:
+            written = os.write(connection.stream.socket.fileno(), frame)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            connection._gone = True
+            return -1
+        connection._frame_rest = frame[written:]
+        return written
+
+    async def write(self, data: bytes) -> bool:
+        """Write ``data`` (whole frames; ``b""`` flushes what :meth:`try_write` left) as every write to this client
+        is written: after any write in flight, under the write deadline. False when the connection is closing."""
+        if not self.open:
+            return False
+        await self._connection.protocol_send(RawData(data=data))
+        return not self._connection._gone
+
+
+def frame_writer(send: object) -> FrameWriter | None:
+    """The :class:`FrameWriter` behind an ASGI ``send`` of a WebSocket this server accepted, else ``None``."""
+    writer = getattr(getattr(send, "__self__", None), "gateway_frames", None)
+    return writer if isinstance(writer, FrameWriter) else None
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One final, unmasked server-to-client text frame carrying ``payload`` (UTF-8) — RFC 6455 §5.2."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 1 << 16:
+        return bytes((0x81, 126)) + size.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + size.to_bytes(8, "big") + payload
+
+
 class HTTP11(H11Protocol):
     """hypercorn's HTTP/1.1 protocol, never switching to HTTP/2, with the WebSocket stream above."""
 
     _refused = False
+    gateway_connection: Connection | None = None  # set by the Connection that runs this protocol
 
     async def _check_protocol(self, event: h11.Request) -> None:
         """No protocol switch: ``Upgrade: h2c`` is ignored; the HTTP/2 preface is answered 505 and the connection
@@ -153,6 +230,8 @@ class HTTP11(H11Protocol):
             # hypercorn builds the stream and hands it the request in one method; frames arrive only after the
             # handshake, so the subclass is in place before its _handle_events can run.
             self.stream.__class__ = _WebSocketStream
+            if self.gateway_connection is not None:
+                self.stream.gateway_frames = FrameWriter(self.gateway_connection, self.stream)  # type: ignore[attr-defined]
 
 
 class _TaskGroup(TaskGroup):
@@ -214,6 +293,7 @@ class Connection(TCPServer):
         super().__init__(*args, **kwargs)
         self._reading = trio.CancelScope()
         self._gone = False  # the peer broke the connection (a write failed)
+        self._frame_rest = b""  # the unwritten end of a frame FrameWriter.try_write began: written before anything
         self._peer: tuple[str, int] | None = None
 
     async def run(self) -> None:
@@ -225,7 +305,7 @@ class Connection(TCPServer):
             local = parse_socket_addr(sock.family, sock.getsockname())
             async with _TaskGroup() as task_group:
                 self._task_group = task_group
-                self.protocol = self.protocol_class(  # type: ignore[assignment]  # TCPServer declares ProtocolWrapper
+                protocol = self.protocol_class(
                     self.app,
                     self.config,
                     self.context,
@@ -236,6 +316,8 @@ class Connection(TCPServer):
                     local,
                     self.protocol_send,
                 )
+                protocol.gateway_connection = self  # its WebSocket streams write frames through this connection
+                self.protocol = protocol  # type: ignore[assignment]  # TCPServer declares ProtocolWrapper
                 await self.protocol.initiate()
                 await self.idle_task.restart(task_group, self._idle_timeout)
                 with self._reading:  # cancelled by _close: a closed connection is not read any further
@@ -273,8 +355,9 @@ class Connection(TCPServer):
         if isinstance(event, RawData):
             with trio.CancelScope(shield=True), trio.move_on_after(self._write_deadline_s()) as deadline:
                 async with self.send_lock:
+                    data, self._frame_rest = self._frame_rest + event.data, b""
                     try:
-                        await self.stream.send_all(event.data)
+                        await self.stream.send_all(data)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         self._gone = True
                         deadline.cancel()  # gone: closed like a missed deadline, without the warning
