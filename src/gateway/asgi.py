@@ -103,6 +103,22 @@ def log_refusal(
     )
 
 
+async def refuse_over_limit(send: Send, scope: Scope, *, limit: int, holders: str, logger: logging.Logger) -> None:
+    """One upgrade over ``server.max_websockets``: logged, accepted and closed at once with 1013 and a reason naming
+    ``websocket_limit`` and the key (at most 123 bytes, as a Close reason must be). It is accepted first because a
+    browser learns nothing from a refused handshake but does see a Close's code and reason. ``holders`` says what
+    the limit counts (e.g. "relays are open or opening")."""
+    message = f"server.max_websockets ({limit}) reached: that many {holders}; try again later"
+    path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+    client = scope.get("gateway.client", "-")
+    log_refusal(
+        logger, "websocket_limit", message, level=logging.WARNING, path=path, client=client, headers=scope["headers"]
+    )
+    await send({"type": "websocket.accept"})
+    reason = f"websocket_limit: server.max_websockets ({limit}) reached; try again later"
+    await send({"type": "websocket.close", "code": 1013, "reason": reason})
+
+
 async def refuse_upgrade(
     send: Send,
     scope: Scope,

@@ -222,7 +222,7 @@ async def serve_gateway(
                     backoff=Backoff(config.session.reconnect_delay_s, config.session.reconnect_max_delay_s),
                 ),
             )
-            websocket: WebSocketRelay | SharedHub = WebSocketRelay(
+            relay: WebSocketRelay | SharedHub = WebSocketRelay(
                 manager=manager,
                 settings=RelaySettings(
                     ws_base_url="ws" + base_url.removeprefix("http"),
@@ -240,7 +240,7 @@ async def serve_gateway(
                 ),
             )
             if config.websocket.mode == "shared":
-                websocket = SharedHub(
+                relay = SharedHub(
                     manager=manager,
                     settings=SharedSettings(
                         ws_base_url="ws" + base_url.removeprefix("http"),
@@ -258,7 +258,6 @@ async def serve_gateway(
                         ),
                     ),
                 )
-            relay = websocket
             await root.start(relay.run)  # client writers and write deadlines: beside the server, not inside it
             upstream = Http1Pool(base_url, timeouts, tls=tls, max_connections=UPSTREAM_MAX_CONNECTIONS)
             root.start_soon(upstream.keep_tidy)  # idle connections IBKR closed do not linger in CLOSE-WAIT

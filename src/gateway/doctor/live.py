@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -30,7 +30,7 @@ from gateway.hints import Hint, hint_for
 from gateway.oauth.basestring import QueryRule
 from gateway.redact import Secret
 from gateway.session import calls
-from gateway.session.paths import WEBSOCKET_PATH
+from gateway.session.paths import websocket_request
 from gateway.upstream.client import RequestSigner, Timeouts, build_client
 from gateway.upstream.wsclient import WebSocketClosed, WebSocketRejected, connect_websocket
 
@@ -251,17 +251,12 @@ class _Walk:
     async def websocket(self) -> Step:
         assert self.cookie is not None
         target = self.target
-        url = (
-            "ws"
-            + target.base_url.removeprefix("http")
-            + WEBSOCKET_PATH
-            + "?oauth_token="
-            + quote(target.credentials.identity.access_token, safe="")
+        url, headers = websocket_request(
+            "ws" + target.base_url.removeprefix("http"),
+            access_token=target.credentials.identity.access_token,
+            cookie=self.cookie.reveal(),
+            user_agent=target.user_agent,
         )
-        headers = [
-            (b"cookie", b"api=" + self.cookie.reveal().encode("ascii")),
-            (b"user-agent", target.user_agent.encode("ascii")),
-        ]
         try:
             async with connect_websocket(
                 url, extra_headers=headers, ssl_context=target.tls, connect_timeout_s=target.timeouts.connect_s

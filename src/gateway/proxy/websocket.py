@@ -49,12 +49,12 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import quote
 
 import trio
 
-from gateway.asgi import Message, Receive, Scope, Send, UpgradeRefusal, log_refusal, refuse_upgrade
+from gateway.asgi import Message, Receive, Scope, Send, UpgradeRefusal, refuse_over_limit, refuse_upgrade
 from gateway.errors import SessionNotReady
+from gateway.session.paths import websocket_request
 from gateway.session.supervisor import LiveSession, SessionManager
 from gateway.upstream.wsclient import UpstreamWebSocket, WebSocketClosed, WebSocketRejected, connect_websocket
 
@@ -245,7 +245,9 @@ class WebSocketRelay:
             raise RuntimeError("WebSocketRelay.run() is not running")
         counters = self.counters
         if counters.slots >= self._settings.max_relays:
-            await self._refuse_over_limit(scope, send, path)
+            await refuse_over_limit(
+                send, scope, limit=self._settings.max_relays, holders="relays are open or opening", logger=log
+            )
             return
         # The slot is taken here, with no checkpoint since the check: concurrent upgrades cannot all pass it.
         counters.slots += 1
@@ -293,19 +295,6 @@ class WebSocketRelay:
                 await trio.lowlevel.checkpoint()
                 continue
             return session
-
-    async def _refuse_over_limit(self, scope: Scope, send: Send, path: str) -> None:
-        """One upgrade over ``max_relays``: logged, accepted and closed at once with 1013 and a reason that names
-        ``websocket_limit`` and ``server.max_websockets`` (at most 123 bytes, as a Close reason must be)."""
-        limit = self._settings.max_relays
-        message = f"server.max_websockets ({limit}) reached: that many relays are open or opening; try again later"
-        client = scope.get("gateway.client", "-")
-        log_refusal(
-            log, "websocket_limit", message, level=logging.WARNING, path=path, client=client, headers=scope["headers"]
-        )
-        await send({"type": "websocket.accept"})
-        reason = f"websocket_limit: server.max_websockets ({limit}) reached; try again later"
-        await send({"type": "websocket.close", "code": 1013, "reason": reason})  # try again later
 
     def _retry_after(self) -> tuple[bytes, bytes]:
         return b"retry-after", str(self._manager.retry_after_s()).encode()
@@ -435,11 +424,6 @@ class WebSocketRelay:
 
     # --- the relay task: in the session's nursery -------------------------------------------------------------
 
-    def _upstream_url(self, path: str, query: bytes) -> str:
-        token = "oauth_token=" + quote(self._settings.access_token, safe="")
-        url = self._settings.ws_base_url + path + "?" + token
-        return url + ("&" + query.decode("ascii") if query else "")
-
     async def _run(self, relay: _Relay, session: LiveSession, *, task_status: trio.TaskStatus[None]) -> None:
         """The relay task (in the session nursery): never raises; always closes IBKR's leg and gives the slot back."""
         relay.started = True
@@ -447,13 +431,16 @@ class WebSocketRelay:
         settings = self._settings
         try:
             with relay.cancel_scope:
-                headers = [
-                    (b"cookie", b"api=" + session.cookie.reveal().encode("ascii")),
-                    (b"user-agent", settings.user_agent.encode("ascii")),
-                ]
+                url, headers = websocket_request(
+                    settings.ws_base_url,
+                    access_token=settings.access_token,
+                    cookie=session.cookie.reveal(),
+                    user_agent=settings.user_agent,
+                    query=relay.scope.get("query_string", b""),
+                )
                 try:
                     async with connect_websocket(
-                        self._upstream_url(relay.path, relay.scope.get("query_string", b"")),
+                        url,
                         ssl_context=settings.tls,
                         extra_headers=headers,
                         max_message_bytes=settings.max_message_bytes,

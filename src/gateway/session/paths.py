@@ -19,6 +19,8 @@ WebSocket upgrades are relayed to :data:`WEBSOCKET_PATH` only.
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 LST_PATH = "/v1/api/oauth/live_session_token"
 SSODH_INIT_PATH = "/v1/api/iserver/auth/ssodh/init"
 TICKLE_PATH = "/v1/api/tickle"
@@ -29,6 +31,20 @@ ISERVER_ACCOUNTS_PATH = "/v1/api/iserver/accounts"  # read by the warm-up of eve
 PORTFOLIO_ACCOUNTS_PATH = "/v1/api/portfolio/accounts"
 """IBKR's one WebSocket endpoint. Upgrades are relayed here only: the relay presents the session's cookie, which
 must never reach another endpoint (a wildcard route would otherwise let ``GET /v1/api/logout`` carry it)."""
+
+
+def websocket_request(
+    ws_base_url: str, *, access_token: str, cookie: str, user_agent: str, query: bytes = b""
+) -> tuple[str, list[tuple[bytes, bytes]]]:
+    """URL and headers that open IBKR's WebSocket: ``?oauth_token=<access token>`` (then ``query``, already encoded),
+    ``Cookie: api=<session from tickle>`` and the User-Agent; no Authorization header. ``ws_base_url`` is ``ws://``
+    or ``wss://`` plus the host. The headers hold the session cookie: never log them."""
+    url = ws_base_url + WEBSOCKET_PATH + "?oauth_token=" + quote(access_token, safe="")
+    if query:
+        url += "&" + query.decode("ascii")
+    headers = [(b"cookie", b"api=" + cookie.encode("ascii")), (b"user-agent", user_agent.encode("ascii"))]
+    return url, headers
+
 
 _OWNED_EXACT = frozenset({LOGOUT_PATH, REAUTHENTICATE_PATH})
 _OWNED_PREFIXES = ("/v1/api/oauth/", "/v1/api/iserver/auth/ssodh/")

@@ -28,12 +28,12 @@ import logging
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from urllib.parse import quote
 
 import trio
 
-from gateway.asgi import Receive, Scope, Send, log_refusal
+from gateway.asgi import Receive, Scope, Send, refuse_over_limit
 from gateway.proxy.websocket import RelayCounters
+from gateway.session.paths import websocket_request
 from gateway.session.supervisor import LiveSession, SessionManager
 from gateway.shared.feed import Action, ClientId, Feed, FeedSettings, ToClients, ToUpstream
 from gateway.upstream.wsclient import UpstreamWebSocket, WebSocketClosed, WebSocketRejected, connect_websocket
@@ -75,6 +75,7 @@ class _Client:
     out: trio.MemoryReceiveChannel[str | bytes]
     frames: FrameWriter | None = None  # the server's direct frame writer (None: ASGI sends only)
     writing: bool = False  # the writer holds a message it has not finished writing: nothing may overtake it
+    queued: int = 0  # messages in ``queue`` the writer has not taken yet (no statistics object per delivery)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # the handler's receive loop
     close_code: int | None = None  # set when the gateway ends the client: the writer's last frame
     close_reason: str = ""
@@ -147,7 +148,7 @@ class SharedHub:
                     if frame is None:
                         frame = text_frame(action.text.encode("utf-8"))  # built once, written to every client
                     item = frame
-                    if not client.writing and client.queue.statistics().current_buffer_used == 0:
+                    if not client.writing and not client.queued:
                         written = client.frames.try_write(frame)  # nothing queued: straight to the socket
                         if written == len(frame):
                             self.counters.messages_down += 1
@@ -163,6 +164,7 @@ class SharedHub:
                 except trio.ClosedResourceError:
                     pass
                 else:
+                    client.queued += 1
                     self.counters.messages_down += 1
         if reschedule:
             self._changed.set()
@@ -196,7 +198,9 @@ class SharedHub:
         if writers is None:
             raise RuntimeError("SharedHub.run() is not running")
         if len(self._clients) >= self._settings.max_clients:
-            await self._refuse_over_limit(scope, send)
+            await refuse_over_limit(
+                send, scope, limit=self._settings.max_clients, holders="clients share the WebSocket", logger=log
+            )
             return
         queue, out = trio.open_memory_channel[str | bytes](self._settings.client_buffer)
         client = _Client(id=next(self._ids), send=send, queue=queue, out=out, frames=frame_writer(send))
@@ -249,6 +253,7 @@ class SharedHub:
             async with out:
                 async for item in out:
                     client.writing = True
+                    client.queued -= 1
                     await self._write(client, item)
                     # What queued up meanwhile goes out without a trip through the scheduler per message
                     # (receive() checkpoints even when a message is waiting; each write has its own checkpoints).
@@ -257,6 +262,7 @@ class SharedHub:
                             item = out.receive_nowait()
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
+                        client.queued -= 1
                         await self._write(client, item)
                     client.writing = False
             if client.close_reason:  # the gateway ends it (a client that left has nothing more coming)
@@ -273,23 +279,6 @@ class SharedHub:
             await client.frames.write(item)
         else:
             await client.send({"type": "websocket.send", "text": item})
-
-    async def _refuse_over_limit(self, scope: Scope, send: Send) -> None:
-        limit = self._settings.max_clients
-        message = f"server.max_websockets ({limit}) reached: that many clients share the WebSocket; try again later"
-        path = (scope.get("raw_path") or scope["path"].encode()).decode("ascii", "replace")
-        log_refusal(
-            log,
-            "websocket_limit",
-            message,
-            level=logging.WARNING,
-            path=path,
-            client=scope.get("gateway.client", "-"),
-            headers=scope["headers"],
-        )
-        await send({"type": "websocket.accept"})
-        reason = f"websocket_limit: server.max_websockets ({limit}) reached; try again later"
-        await send({"type": "websocket.close", "code": 1013, "reason": reason})
 
     # ------------------------------------------------------------------ IBKR's socket, one per session
 
@@ -319,22 +308,20 @@ class SharedHub:
             with trio.move_on_after(delay):
                 await session.ended.wait()
 
-    def _upstream_url(self) -> str:
-        token = "oauth_token=" + quote(self._settings.access_token, safe="")
-        return self._settings.ws_base_url + "/v1/api/ws?" + token
-
     async def _upstream(self, session: LiveSession, done: trio.Event, *, task_status: trio.TaskStatus[None]) -> None:
         """IBKR's socket for ``session`` (in the session's nursery): never raises; tells the feed when it ends."""
         task_status.started()
         settings = self._settings
-        headers = [
-            (b"cookie", b"api=" + session.cookie.reveal().encode("ascii")),
-            (b"user-agent", settings.user_agent.encode("ascii")),
-        ]
+        url, headers = websocket_request(
+            settings.ws_base_url,
+            access_token=settings.access_token,
+            cookie=session.cookie.reveal(),
+            user_agent=settings.user_agent,
+        )
         connected = False
         try:
             async with connect_websocket(
-                self._upstream_url(),
+                url,
                 ssl_context=settings.tls,
                 extra_headers=headers,
                 max_message_bytes=settings.max_message_bytes,
