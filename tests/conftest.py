@@ -1,6 +1,11 @@
-"""Suite-wide helpers: the FIGURE recorder that fault and load tests report their measured numbers through, and the
-ARTIFACT recorder that says where tests saved files worth looking at (browser screenshots); and the system-tool
-fixtures with their "missing tools" section (``tests/tools.py``)."""
+"""Suite-wide helpers: the test tiers' markers, the FIGURE recorder that fault and load tests report their measured
+numbers through, the ARTIFACT recorder that says where tests saved files worth looking at (browser screenshots), and
+the system-tool fixtures with their "missing tools" section (``tests/tools.py``).
+
+Tiers (CONTRIBUTING.md): ``pytest -m fast`` runs every unit test not marked ``slow``; ``pytest -m "not slow"`` also
+runs the integration tests but leaves out the few that take minutes; ``pytest`` runs everything (what CI runs).
+``fast`` and ``tool`` are added here at collection; ``slow`` is written on the test.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,22 @@ from pathlib import Path
 import pytest
 
 pytest_plugins = ["tests.tools"]  # the system-tool fixtures and the "missing tools" section
+
+UNIT_TESTS = Path(__file__).resolve().parent / "unit"
+TOOL_FIXTURES = frozenset(
+    {"nginx_path", "chromium_path", "systemd_analyze_path", "strace_path", "openssl_path", "curl_path"}
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the fast tier (unit tests not marked slow) and the tests that run a system tool."""
+    for item in items:
+        if item.path.is_relative_to(UNIT_TESTS) and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.fast)
+        if TOOL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.tool)
+
 
 _FIGURES: list[str] = []
 _ARTIFACTS: list[str] = []

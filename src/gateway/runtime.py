@@ -53,6 +53,7 @@ from gateway.pacing import Pacer
 from gateway.proxy.http import HttpProxy, ProxySettings
 from gateway.proxy.websocket import RelayCounters, RelaySettings, WebSocketRelay
 from gateway.redact import Secret
+from gateway.session.paths import WEBSOCKET_PATH
 from gateway.session.state import Backoff
 from gateway.session.supervisor import SessionManager, SessionSettings
 from gateway.shared.feed import FeedSettings
@@ -115,9 +116,14 @@ class Gateway:
         return plan
 
     @property
-    def ws_url(self) -> str:
-        """The gateway's own ``ws://`` base URL."""
+    def ws_base_url(self) -> str:
+        """The gateway's own ``ws://host:port`` (append a path: ``ws_base_url + "/v1/api/ws"``)."""
         return "ws" + self.url.removeprefix("http")
+
+    @property
+    def ws_url(self) -> str:
+        """The gateway's WebSocket endpoint, ``ws://host:port/v1/api/ws`` (IBKR's streaming API)."""
+        return self.ws_base_url + WEBSOCKET_PATH
 
 
 def simulator_credentials(creds: SimulatorCredentials, query_rule: QueryRule = QueryRule.INCLUDE) -> Credentials:

@@ -1,6 +1,6 @@
 """A testing API for trio test suites: the gateway and its IBKR simulator on loopback, inside the caller's task tree.
 
-Example (pytest-trio)::
+Example (pytest-trio; ``pip install 'ibkr-oauth-gateway[testing]'`` brings pytest and pytest-trio)::
 
     from gateway.testing import open_test_gateway
 
@@ -9,11 +9,18 @@ Example (pytest-trio)::
             async with gw.client() as http:
                 r = await http.get("/v1/api/iserver/accounts")
             assert r.status_code == 200
-            gw.simulator.faults.expire_lst()      # rehearse a failure: the gateway re-handshakes by itself
+            async with gw.websocket() as ws:     # the gateway's /v1/api/ws, as a trio-websocket connection
+                print(await ws.get_message())
+            gw.simulator.faults.expire_lst()     # rehearse a failure: the gateway re-handshakes by itself
+            await gw.restart_session()           # or end the session now and wait for the next one
 
 Contract: :func:`open_test_gateway` starts a simulator and a gateway bound to port 0 on 127.0.0.1, waits (bounded)
 until the session is ready unless ``wait_ready=False``, yields a :class:`TestGateway`, and on exit drains the gateway
 exactly like SIGTERM does (WebSockets closed 1001, logout upstream). Nothing listens beyond loopback.
+
+Faults (``gw.simulator.faults``, :class:`gateway.simulator.faults.Faults`) take effect at once and are plain calls,
+except three that wait for sockets and must be awaited: ``await faults.down()``, ``await faults.up()`` and
+``await faults.close_websockets(code, reason)``.
 """
 
 from __future__ import annotations
@@ -27,14 +34,17 @@ from typing import Any
 
 import httpx
 import trio
+from trio_websocket import WebSocketConnection
 
 from gateway.config.load import LoadedConfig
 from gateway.config.parse import parse_config
 from gateway.config.render import DEFAULT_ROUTES
 from gateway.errors import ConfigError
 from gateway.runtime import Gateway, serve_gateway
+from gateway.session.paths import WEBSOCKET_PATH
 from gateway.session.supervisor import SessionManager
 from gateway.simulator import Simulator, SimulatorCredentials, generate_credentials
+from gateway.testing_websocket import open_websocket
 
 TEST_ROUTES: tuple[Mapping[str, object], ...] = (*DEFAULT_ROUTES, {"path": "/v1/api/sim/*", "max_body_bytes": 1 << 34})
 """The default routes plus the simulator's echo/stream/upload routes (``/v1/api/sim/*``, large uploads allowed)."""
@@ -57,7 +67,7 @@ _TEST_DEFAULTS: dict[str, dict[str, object]] = {
 
 @dataclass(frozen=True, slots=True)
 class TestGateway:
-    """A running test gateway. ``url``/``ws_url`` are the gateway's; ``simulator`` exposes faults and records."""
+    """A running test gateway: its URLs, a client and a WebSocket to it, its ``simulator`` (faults and records)."""
 
     __test__ = False  # not a pytest test class
 
@@ -71,8 +81,13 @@ class TestGateway:
 
     @property
     def ws_url(self) -> str:
-        """``ws://127.0.0.1:PORT`` of the gateway."""
+        """The gateway's WebSocket endpoint, ``ws://127.0.0.1:PORT/v1/api/ws``."""
         return self.gateway.ws_url
+
+    @property
+    def ws_base_url(self) -> str:
+        """``ws://127.0.0.1:PORT`` of the gateway, for other paths (``ws_base_url + "/v1/api/other"``)."""
+        return self.gateway.ws_base_url
 
     @property
     def simulator_url(self) -> str:
@@ -88,6 +103,41 @@ class TestGateway:
         """An ``httpx.AsyncClient`` pointed at the gateway (caller closes it, e.g. ``async with``)."""
         kwargs.setdefault("timeout", 10.0)
         return httpx.AsyncClient(base_url=self.url, **kwargs)
+
+    @asynccontextmanager
+    async def websocket(
+        self,
+        path: str = WEBSOCKET_PATH,
+        *,
+        extra_headers: Sequence[tuple[bytes, bytes]] = (),
+        subprotocols: Sequence[str] = (),
+        max_message_size: int = 1 << 20,
+        timeout_s: float = 10.0,
+    ) -> AsyncIterator[WebSocketConnection]:
+        """``async with gw.websocket() as ws:`` — a trio-websocket connection to the gateway's ``path`` (default
+        :attr:`ws_url`'s ``/v1/api/ws``; a query string may follow the path).
+
+        The handshake is bounded by ``timeout_s`` (``trio.TooSlowError``); a refused upgrade raises trio-websocket's
+        ``ConnectionRejected`` (status and the gateway's JSON reason in ``body``). On exit the WebSocket is closed
+        and its TCP socket with it — also when the gateway closed first, which trio-websocket's
+        ``open_websocket_url`` leaves open (see :mod:`gateway.testing_websocket`).
+        """
+        async with open_websocket(
+            self.ws_base_url + path,
+            extra_headers=list(extra_headers),
+            subprotocols=subprotocols,
+            max_message_size=max_message_size,
+            connect_timeout_s=timeout_s,
+        ) as ws:
+            yield ws
+
+    async def restart_session(self, timeout_s: float = 10.0) -> int:
+        """End the gateway's IBKR session now, as a failure would, and wait for the next ready one (a full
+        handshake: live session token, brokerage session, warm-up); returns its generation. Relay-mode WebSockets
+        are closed with 1012, shared-mode clients hear the restart notices; HTTP requests in flight get 503."""
+        session = await self.manager.wait_ready(timeout_s)
+        session.end("restarted by the test (TestGateway.restart_session)", kind="other")
+        return await self.wait_new_session(session.generation, timeout_s)
 
     async def wait_ready(self, timeout_s: float = 10.0) -> None:
         """Wait until the gateway holds a ready session and its warm-up is done, the background

@@ -31,9 +31,9 @@ import trio_websocket
 
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
+from gateway.testing_websocket import open_websocket
 from tests.conftest import Figure
 from tests.processes import free_port
-from tests.twclient import open_websocket
 
 REPO = Path(__file__).resolve().parents[2]
 SITE = REPO / "deploy" / "nginx" / "ibkr-gateway.conf"
@@ -45,8 +45,6 @@ SERVER_NAME = "gateway.example.com"
 CLIENT_ADDRESS = "127.0.0.3"  # the test client's source address: not a trusted proxy
 ACCOUNTS = "/v1/api/iserver/accounts"
 WS_PATH = "/v1/api/ws"
-
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
 
 def render_site(

@@ -34,9 +34,9 @@ from gateway.config import load_config
 from gateway.runtime import GRACEFUL_TIMEOUT_S
 from gateway.session.supervisor import _LOGOUT_TIMEOUT_S
 from gateway.simulator import SimulatorCredentials, generate_credentials
+from gateway.testing_websocket import open_websocket
 from tests.conftest import Figure
 from tests.processes import free_port, gateway_popen, wait_healthy
-from tests.twclient import open_websocket
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = REPO / "deploy" / "systemd"

@@ -11,8 +11,8 @@ import trio_websocket
 
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
+from gateway.testing_websocket import open_websocket
 from tests.conftest import Figure
-from tests.twclient import open_websocket
 
 KEY = "k3y-for-tests-0123456789abcdef"
 
@@ -59,7 +59,7 @@ async def test_access_key_query_parameter_never_goes_upstream(secured: TestGatew
 
 
 async def test_websocket_keys_by_subprotocol_or_query(secured: TestGateway) -> None:
-    url = secured.ws_url + "/v1/api/ws"
+    url = secured.ws_base_url + "/v1/api/ws"
     with pytest.raises(trio_websocket.ConnectionRejected):
         async with open_websocket(url):
             pass
@@ -76,7 +76,7 @@ async def test_websocket_keys_by_subprotocol_or_query(secured: TestGateway) -> N
 
 
 async def test_websocket_cap_answers_1013(secured: TestGateway) -> None:
-    url = secured.ws_url + f"/v1/api/ws?access_key={KEY}"
+    url = secured.ws_base_url + f"/v1/api/ws?access_key={KEY}"
     async with open_websocket(url) as one, open_websocket(url) as two:
         await one.get_message()
         await two.get_message()
@@ -262,7 +262,7 @@ async def test_f10_slow_headers_are_cut_at_the_header_deadline(gw_short_timeouts
 
 async def test_idle_websocket_survives_read_timeout_thanks_to_pings(gw_short_timeouts: TestGateway) -> None:
     """A dashboard that only listens is not cut by read_timeout_s: the gateway's pings keep the socket talking."""
-    async with open_websocket(gw_short_timeouts.ws_url + "/v1/api/ws") as ws:
+    async with open_websocket(gw_short_timeouts.ws_url) as ws:
         await ws.get_message()
         await trio.sleep(3)  # longer than read_timeout_s (2 s); the client answers pings automatically
         await ws.send_message('smd+265598+{"fields":["31"]}')

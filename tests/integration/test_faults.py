@@ -23,10 +23,10 @@ from gateway.runtime import Gateway, serve_gateway
 from gateway.simulator import Simulator, SimulatorCredentials
 from gateway.simulator.credentials import write_credentials
 from gateway.testing import TestGateway, open_test_gateway
+from gateway.testing_websocket import open_websocket
 from tests.conftest import Figure
 from tests.probes import live_tasks
 from tests.processes import free_port, gateway_process, proc_fds, proc_status, wait_healthy
-from tests.twclient import open_websocket
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -141,7 +141,7 @@ async def test_f3_lst_expiry_under_steady_traffic(gw: TestGateway, figure: Figur
 
 async def test_f4_tickle_failure_closes_relays_1012_and_recovers(gw: TestGateway, figure: Figure) -> None:
     generation = (await gw.manager.wait_ready(5)).generation
-    async with open_websocket(gw.ws_url + "/v1/api/ws") as ws:
+    async with open_websocket(gw.ws_url) as ws:
         await ws.get_message()
         gw.simulator.faults.fail_next(1, 500, path_prefix="/v1/api/tickle")  # the LST's state is unknown: restart
         failed_at = trio.current_time()
@@ -152,12 +152,13 @@ async def test_f4_tickle_failure_closes_relays_1012_and_recovers(gw: TestGateway
     assert closed.value.reason is not None
     assert closed.value.reason.code == 1012
     await gw.wait_new_session(generation)
-    async with open_websocket(gw.ws_url + "/v1/api/ws") as ws:
+    async with open_websocket(gw.ws_url) as ws:
         assert '"topic":"system"' in await ws.get_message()
     figure("f4_relay_close_code", closed.value.reason.code, "code", "1012", True)
     figure("f4_time_to_close_after_tickle_fault", round(closed_after, 3), "s", "<=tickle_interval+1", closed_after <= 2)
 
 
+@pytest.mark.slow
 def test_f6_thousand_client_aborts_leave_nothing_behind(tmp_path: Path, figure: Figure) -> None:
     """1,000 clients hang up mid-request, mid-stream and mid-WebSocket; the gateway process returns to baseline."""
     with gateway_process(tmp_path, server__max_websockets="2000") as (pid, port):

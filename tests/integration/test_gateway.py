@@ -21,9 +21,7 @@ from gateway.runtime import Gateway, serve_gateway
 from gateway.session.state import State
 from gateway.simulator import Record, Simulator, SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
-from tests.twclient import open_websocket
-
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+from gateway.testing_websocket import open_websocket
 
 
 @pytest.fixture
@@ -143,7 +141,7 @@ async def _subscribe(ws: trio_websocket.WebSocketConnection, conid: int = 265598
 
 
 async def test_websocket_relay_streams_ticks(gw: TestGateway) -> None:
-    async with open_websocket(gw.ws_url + "/v1/api/ws") as ws:
+    async with open_websocket(gw.ws_url) as ws:
         first = await _subscribe(ws)
         assert first["conid"] == 265598
         second = await _subscribe(ws)
@@ -158,7 +156,7 @@ async def test_websocket_burst_from_the_client_reaches_upstream_whole_and_in_ord
     """A client that writes faster than the relay forwards: what queued up goes upstream in batches (one write
     each), and nothing is lost, reordered or merged; text and binary keep their kind."""
     sent = [f"burst-{index}" for index in range(500)]
-    async with open_websocket(gw.ws_url + "/v1/api/ws") as ws:
+    async with open_websocket(gw.ws_url) as ws:
         for index, text in enumerate(sent):
             await ws.send_message(text.encode() if index % 7 == 0 else text)
         with trio.fail_after(10):
@@ -174,7 +172,7 @@ async def test_websocket_burst_from_the_client_reaches_upstream_whole_and_in_ord
 async def test_ibkr_close_code_and_reason_reach_the_client(gw: TestGateway, client_sending: bool) -> None:
     """IBKR closes the WebSocket with its own code: the client gets that code (also while it is writing, when the
     relay's write toward IBKR is what finds the leg closed), and the relay ends."""
-    async with trio.open_nursery() as nursery, open_websocket(gw.ws_url + "/v1/api/ws") as ws:
+    async with trio.open_nursery() as nursery, open_websocket(gw.ws_url) as ws:
         await _subscribe(ws)
         if client_sending:
 
@@ -200,7 +198,7 @@ async def test_ibkr_close_code_and_reason_reach_the_client(gw: TestGateway, clie
 
 async def test_session_failure_closes_relays_1012_and_new_relays_work(gw: TestGateway) -> None:
     generation = (await gw.manager.wait_ready(5)).generation
-    async with open_websocket(gw.ws_url + "/v1/api/ws") as ws:
+    async with open_websocket(gw.ws_url) as ws:
         await _subscribe(ws)
         gw.simulator.faults.fail_next(1, 500, path_prefix="/v1/api/tickle")  # a failed tickle: the LST is unknown
         with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as closed:
@@ -209,7 +207,7 @@ async def test_session_failure_closes_relays_1012_and_new_relays_work(gw: TestGa
         assert closed.value.reason is not None
         assert closed.value.reason.code == 1012
     assert await gw.wait_new_session(generation) > generation
-    async with open_websocket(gw.ws_url + "/v1/api/ws") as ws:
+    async with open_websocket(gw.ws_url) as ws:
         await _subscribe(ws)
 
 
@@ -327,7 +325,7 @@ async def test_health_503_while_upstream_down(ibkr_sim_credentials: SimulatorCre
 async def test_clean_shutdown_logs_out(ibkr_sim_credentials: SimulatorCredentials) -> None:
     async with open_test_gateway(credentials=ibkr_sim_credentials) as gw:
         simulator = gw.simulator
-        async with open_websocket(gw.ws_url + "/v1/api/ws") as ws:
+        async with open_websocket(gw.ws_url) as ws:
             await _subscribe(ws)
             gw.gateway.request_shutdown()
             with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as closed:
@@ -385,7 +383,7 @@ async def test_an_unauthenticated_brokerage_session_is_reopened_and_relays_stay(
     generation whose warm-up read the accounts again."""
     session = await gw.manager.wait_ready(5)
     handshakes, generation = gw.manager.stats.handshakes, session.generation
-    async with open_websocket(gw.ws_url + "/v1/api/ws") as ws, gw.client() as http:
+    async with open_websocket(gw.ws_url) as ws, gw.client() as http:
         await _subscribe(ws)
         mark = len(gw.simulator.records)
         gw.simulator.faults.set_tickle_unauthenticated(True)

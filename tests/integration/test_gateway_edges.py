@@ -18,7 +18,7 @@ from gateway.logs import configure_logging
 from gateway.session import calls
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
-from tests.twclient import open_websocket
+from gateway.testing_websocket import open_websocket
 
 
 async def test_lst_is_refreshed_before_expiry_without_dropping_traffic(
@@ -153,11 +153,13 @@ async def test_cors_preflight_and_headers_for_allowed_origin_only(gw_fast: TestG
 async def test_websocket_from_foreign_origin_is_refused(gw_fast: TestGateway) -> None:
     before = gw_fast.gateway.relays.opened_total
     with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
-        async with open_websocket(gw_fast.ws_url + "/v1/api/ws", extra_headers=[(b"Origin", b"https://evil.test")]):
+        async with open_websocket(
+            gw_fast.ws_base_url + "/v1/api/ws", extra_headers=[(b"Origin", b"https://evil.test")]
+        ):
             pass
     assert rejected.value.status_code == 403
     async with open_websocket(
-        gw_fast.ws_url + "/v1/api/ws", extra_headers=[(b"Origin", b"https://dash.example.com")]
+        gw_fast.ws_base_url + "/v1/api/ws", extra_headers=[(b"Origin", b"https://dash.example.com")]
     ) as ws:
         await ws.get_message()
     assert gw_fast.gateway.relays.opened_total == before + 1
@@ -165,7 +167,7 @@ async def test_websocket_from_foreign_origin_is_refused(gw_fast: TestGateway) ->
 
 async def test_websocket_on_unrouted_path_is_refused(gw_fast: TestGateway) -> None:
     with pytest.raises(trio_websocket.ConnectionRejected):
-        async with open_websocket(gw_fast.ws_url + "/v1/api/other"):
+        async with open_websocket(gw_fast.ws_base_url + "/v1/api/other"):
             pass
 
 
@@ -192,7 +194,7 @@ async def test_no_secret_in_debug_logs_responses_or_status(ibkr_sim_credentials:
                 for path in ("/session", "/", "/health", "/v1/api/nope", "/v1/api/x/../y"):
                     bodies.append((await http.get(path)).text)
                 assert (await http.get("/v1/api/iserver/accounts")).status_code == 200
-                async with open_websocket(gw.ws_url + "/v1/api/ws") as ws:
+                async with open_websocket(gw.ws_url) as ws:
                     await ws.send_message('smd+265598+{"fields":["31"]}')
                     for _ in range(4):
                         await ws.get_message()

@@ -24,7 +24,7 @@ import trio
 from gateway.proxy.http import HttpProxy
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TEST_ROUTES, TestGateway, open_test_gateway
-from tests.twclient import open_websocket
+from gateway.testing_websocket import open_websocket
 
 KEY = "k3y-for-hostile-tests-0123456789"
 
@@ -360,7 +360,7 @@ async def test_the_session_value_a_client_sends_on_its_websocket_reaches_ibkr_as
     async with wide.client() as http:
         opaque = (await http.post("/v1/api/tickle")).json()["session"]
     real = wide.manager.active.cookie.reveal() if wide.manager.active else ""
-    async with open_websocket(wide.ws_url + "/v1/api/ws") as ws:
+    async with open_websocket(wide.ws_url) as ws:
         await ws.get_message()
         await ws.send_message(json.dumps({"session": opaque}))
         await ws.send_message('{"session": 5}')  # not a session value: passed on as sent

@@ -11,7 +11,7 @@ import trio
 from gateway.session.state import State
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
-from tests.twclient import open_websocket
+from gateway.testing_websocket import open_websocket
 
 
 @pytest.fixture
@@ -312,7 +312,7 @@ async def test_the_nightly_reset_costs_a_re_init_not_a_handshake(quick: TestGate
     snapshot works again right after (the warm-up read the accounts in the new brokerage session)."""
     session = await quick.manager.wait_ready(5)
     handshakes, generation = quick.manager.stats.handshakes, session.generation
-    async with open_websocket(quick.ws_url + "/v1/api/ws") as ws, quick.client() as http:
+    async with open_websocket(quick.ws_url) as ws, quick.client() as http:
         await ws.get_message()
         quick.simulator.faults.nightly_reset()
         assert await quick.wait_new_session(generation) == generation + 1

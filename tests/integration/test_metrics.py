@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import math
 
-import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.logs import scrub
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
-from tests.twclient import open_websocket
-
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+from gateway.testing_websocket import open_websocket
 
 API_KEY = "metrics-test-key-0123456789"
 ACCOUNTS = "/v1/api/iserver/accounts"
@@ -35,7 +32,7 @@ def value(parsed: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str
 
 
 async def _relay_some_messages(gw: TestGateway) -> None:
-    async with open_websocket(gw.ws_url + "/v1/api/ws") as ws:
+    async with open_websocket(gw.ws_url) as ws:
         await ws.send_message('smd+265598+{"fields":["31"]}')
         with trio.fail_after(5):
             while json.loads(await ws.get_message()).get("topic") != "smd+265598":

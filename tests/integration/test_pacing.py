@@ -44,6 +44,7 @@ def max_per_window(times: list[float], window_s: float = 1.0) -> int:
     return best
 
 
+@pytest.mark.slow
 def test_f8_burst_is_paced_answered_and_health_stays_fast(tmp_path: Path, figure: Figure) -> None:
     """10,000 requests, 100 at a time, against a gateway process paced at 50/s toward a simulator process."""
     with gateway_process(

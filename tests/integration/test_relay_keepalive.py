@@ -16,6 +16,7 @@ import trio_websocket
 
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
+from gateway.testing_websocket import open_websocket
 from tests.integration.sim_client import (
     next_json,
     ready_client,
@@ -25,7 +26,6 @@ from tests.integration.sim_client import (
     ws_headers,
     ws_url,
 )
-from tests.twclient import open_websocket
 
 WS_PATH = "/v1/api/ws"
 IDLE_S = 2.0  # the simulator's idle limit in these tests
@@ -69,7 +69,7 @@ async def test_listen_only_client_stays_connected_past_the_idle_limit(
             credentials=ibkr_sim_credentials,
             simulator_options={"ws_idle_close_s": IDLE_S, "heartbeat_s": 0.5},
         ) as gw,
-        open_websocket(gw.ws_url + WS_PATH) as ws,
+        open_websocket(gw.ws_base_url + WS_PATH) as ws,
     ):
         received = await listen(ws, 2.5 * IDLE_S)  # ConnectionClosed here fails the test
         assert ws.closed is None
@@ -91,7 +91,7 @@ async def test_keepalive_answers_never_reach_the_client_but_its_own_tic_is_answe
             credentials=ibkr_sim_credentials,
             simulator_options={"ws_idle_close_s": IDLE_S, "heartbeat_s": 0.5, "ws_binary": ws_binary},
         ) as gw,
-        open_websocket(gw.ws_url + WS_PATH) as ws,
+        open_websocket(gw.ws_base_url + WS_PATH) as ws,
     ):
         received = await listen(ws, 3.5 * KEEPALIVE_S)
         assert len(upstream_tics(gw)) >= 3, "keep-alives went up"
@@ -114,7 +114,7 @@ async def test_keepalive_goes_up_right_after_the_upstream_handshake(
     message, and its answer is not relayed."""
     async with (
         open_test_gateway(credentials=ibkr_sim_credentials) as gw,
-        open_websocket(gw.ws_url + WS_PATH) as ws,
+        open_websocket(gw.ws_base_url + WS_PATH) as ws,
     ):
         await ws.send_message("ech+hb")
         with trio.fail_after(5):

@@ -11,7 +11,7 @@ import trio_websocket
 
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
-from tests.twclient import open_websocket
+from gateway.testing_websocket import open_websocket
 
 WS_PATH = "/v1/api/ws"
 
@@ -45,7 +45,7 @@ async def hold_relays(
 
     async def one() -> None:
         try:
-            async with open_websocket(gw.ws_url + WS_PATH) as ws:
+            async with open_websocket(gw.ws_base_url + WS_PATH) as ws:
                 await ws.get_message()
                 outcomes.append("open")
                 if len(outcomes) == count:
@@ -97,7 +97,7 @@ async def test_burst_of_upgrades_never_opens_more_upstream_sockets_than_the_cap(
 async def refused_upgrade(gw: TestGateway) -> int:
     """Open a WebSocket that the gateway refuses before accepting (HTTP status) or closes at once (close code)."""
     try:
-        async with open_websocket(gw.ws_url + WS_PATH) as ws:
+        async with open_websocket(gw.ws_base_url + WS_PATH) as ws:
             await ws.get_message()
     except trio_websocket.ConnectionRejected as exc:
         return exc.status_code

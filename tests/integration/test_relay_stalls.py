@@ -24,9 +24,9 @@ import trio_websocket
 from gateway.proxy.websocket import WebSocketRelay
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
+from gateway.testing_websocket import open_websocket
 from tests.probes import TCP_CLOSE_WAIT, TCP_ESTABLISHED, live_tasks, tcp_sockets
 from tests.rawserver import RawConnection, open_raw_server
-from tests.twclient import open_websocket
 
 WS_PATH = "/v1/api/ws"
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -243,7 +243,7 @@ async def test_relay_ends_when_ibkr_stops_reading(
             relay = gw.gateway.dispatcher._relay
             assert isinstance(relay, WebSocketRelay)
             relay._settings = replace(relay._settings, ws_base_url=f"ws://127.0.0.1:{upstream.port}")
-            async with open_websocket(gw.ws_url + WS_PATH) as ws:
+            async with open_websocket(gw.ws_base_url + WS_PATH) as ws:
 
                 async def write_until_closed() -> None:
                     payload = b"x" * 65536

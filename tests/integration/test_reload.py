@@ -21,8 +21,8 @@ import trio_websocket
 from gateway.runtime import reload_config_file
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import open_test_gateway
+from gateway.testing_websocket import open_websocket
 from tests.processes import gateway_process, wait_healthy
-from tests.twclient import open_websocket
 
 ECHO = "/v1/api/sim/echo"
 BELOW_ECHO = "/v1/api/sim/echo/below"

@@ -15,9 +15,7 @@ import trio_websocket
 from gateway.logs import JsonFormatter, RedactingFilter, RequestIdFilter
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
-from tests.twclient import open_websocket
-
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+from gateway.testing_websocket import open_websocket
 
 GENERATED = re.compile(r"^[a-z0-9]{6}-[0-9a-f]+$")
 
@@ -107,13 +105,13 @@ async def test_errors_and_internal_pages_carry_it(gw: TestGateway) -> None:
 
 
 async def test_websocket_upgrades_carry_it(gw: TestGateway) -> None:
-    async with open_websocket(gw.ws_url + "/v1/api/ws", extra_headers=[(b"x-request-id", b"ws-7")]) as ws:
+    async with open_websocket(gw.ws_base_url + "/v1/api/ws", extra_headers=[(b"x-request-id", b"ws-7")]) as ws:
         assert (b"x-request-id", b"ws-7") in ws.handshake_headers
-    async with open_websocket(gw.ws_url + "/v1/api/ws") as ws:
+    async with open_websocket(gw.ws_url) as ws:
         ids = [value for name, value in ws.handshake_headers if name == b"x-request-id"]
         assert len(ids) == 1 and GENERATED.match(ids[0].decode())
     with pytest.raises(trio_websocket.ConnectionRejected) as refused:
-        async with open_websocket(gw.ws_url + "/v1/api/not-listed", extra_headers=[(b"x-request-id", b"ws-8")]):
+        async with open_websocket(gw.ws_base_url + "/v1/api/not-listed", extra_headers=[(b"x-request-id", b"ws-8")]):
             pass
     assert refused.value.status_code == 403
     assert (b"x-request-id", b"ws-8") in (refused.value.headers or ())

@@ -15,8 +15,8 @@ import trio_websocket
 
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
+from gateway.testing_websocket import open_websocket
 from tests.integration.test_relay_stalls import FloodClient
-from tests.twclient import open_websocket
 
 WS_PATH = "/v1/api/ws"
 AAPL, MSFT = 265598, 272093
@@ -53,7 +53,7 @@ async def gw(ibkr_sim_credentials: SimulatorCredentials) -> AsyncIterator[TestGa
 async def test_many_clients_one_socket_one_subscription(gw: TestGateway) -> None:
     """Forty dashboards on the same symbol: one IBKR socket, one subscription."""
     async with AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(open_websocket(gw.ws_url + WS_PATH)) for _ in range(40)]
+        clients = [await stack.enter_async_context(open_websocket(gw.ws_base_url + WS_PATH)) for _ in range(40)]
         for ws in clients:
             assert (await next_json(ws))["topic"] == "system"  # IBKR's greeting, replayed to each
             await ws.send_message(smd(AAPL, "31", "84"))
@@ -70,7 +70,7 @@ async def test_many_clients_one_socket_one_subscription(gw: TestGateway) -> None
 
 
 async def test_routing_by_conid_and_fields(gw: TestGateway) -> None:
-    async with open_websocket(gw.ws_url + WS_PATH) as a, open_websocket(gw.ws_url + WS_PATH) as b:
+    async with open_websocket(gw.ws_base_url + WS_PATH) as a, open_websocket(gw.ws_base_url + WS_PATH) as b:
         await a.send_message(smd(AAPL, "31"))
         await b.send_message(smd(MSFT, "31", "84"))
         for _ in range(20):
@@ -81,12 +81,12 @@ async def test_routing_by_conid_and_fields(gw: TestGateway) -> None:
 
 
 async def test_late_subscriber_gets_all_fields_at_once(gw: TestGateway) -> None:
-    async with open_websocket(gw.ws_url + WS_PATH) as first:
+    async with open_websocket(gw.ws_base_url + WS_PATH) as first:
         await first.send_message(smd(AAPL, "31", "84", "86"))
         full = await next_json(first, f"smd+{AAPL}")
         assert {"31", "84", "86"} <= set(full)
         await trio.sleep(0.3)  # IBKR now sends only what changes
-        async with open_websocket(gw.ws_url + WS_PATH) as late:
+        async with open_websocket(gw.ws_base_url + WS_PATH) as late:
             await late.send_message(smd(AAPL, "31", "84", "86"))
             first_for_late = await next_json(late, f"smd+{AAPL}")
             assert {"31", "84", "86"} <= set(first_for_late)
@@ -94,10 +94,10 @@ async def test_late_subscriber_gets_all_fields_at_once(gw: TestGateway) -> None:
 
 
 async def test_union_grows_and_last_unsubscribe_waits_for_the_grace(gw: TestGateway) -> None:
-    async with open_websocket(gw.ws_url + WS_PATH) as a:
+    async with open_websocket(gw.ws_base_url + WS_PATH) as a:
         await a.send_message(smd(AAPL, "31"))
         await next_json(a, f"smd+{AAPL}")
-        async with open_websocket(gw.ws_url + WS_PATH) as b:
+        async with open_websocket(gw.ws_base_url + WS_PATH) as b:
             await b.send_message(smd(AAPL, "84"))
             await next_json(b, f"smd+{AAPL}")
             sent = [m.text for m in gw.simulator.ws_messages if m.text.startswith(("smd+", "umd+"))]
@@ -113,7 +113,7 @@ async def test_union_grows_and_last_unsubscribe_waits_for_the_grace(gw: TestGate
 
 
 async def test_session_restart_keeps_clients_and_resubscribes(gw: TestGateway) -> None:
-    async with open_websocket(gw.ws_url + WS_PATH) as ws:
+    async with open_websocket(gw.ws_base_url + WS_PATH) as ws:
         await ws.send_message(smd(AAPL, "31"))
         await next_json(ws, f"smd+{AAPL}")
         generation = gw.manager.active.generation if gw.manager.active else 0
@@ -126,7 +126,7 @@ async def test_session_restart_keeps_clients_and_resubscribes(gw: TestGateway) -
 
 
 async def test_keepalives_are_answered_by_the_gateway(gw: TestGateway) -> None:
-    async with open_websocket(gw.ws_url + WS_PATH) as ws:
+    async with open_websocket(gw.ws_base_url + WS_PATH) as ws:
         await ws.send_message("tic")
         assert (await next_json(ws, "tic"))["alive"] is True
         async with gw.client() as http:
@@ -157,7 +157,7 @@ async def test_a_client_that_stops_reading_is_closed_and_slows_nobody(
         simulator_options={"tick_interval_s": 0.002},
     ) as gw:
         stalled = await FloodClient.connect(gw)  # a receive window of a few KiB, and it never reads
-        async with open_websocket(gw.ws_url + WS_PATH) as healthy:
+        async with open_websocket(gw.ws_base_url + WS_PATH) as healthy:
             for conid in conids:
                 await stalled.stream.send_all(masked_text_frame(smd(conid, "31", "84", "86")))
                 await healthy.send_message(smd(conid, "31", "84", "86"))
@@ -184,7 +184,7 @@ async def test_subscriptions_are_renewed_before_ibkr_lets_them_lapse(
         credentials=ibkr_sim_credentials,
         simulator_options={"tick_interval_s": 0.05, "subscription_ttl_s": 1.5},  # IBKR: ~15 minutes
     ) as gw:
-        async with open_websocket(gw.ws_url + WS_PATH) as ws:
+        async with open_websocket(gw.ws_base_url + WS_PATH) as ws:
             await ws.send_message(smd(AAPL, "31", "84"))
             started = trio.current_time()
             while trio.current_time() - started < 4:  # well past the simulator's lapse
@@ -198,13 +198,13 @@ async def test_disconnect_releases_and_shutdown_closes_with_1001(ibkr_sim_creden
         credentials=ibkr_sim_credentials,
         simulator_options={"tick_interval_s": 0.05},
     ) as gw:
-        async with open_websocket(gw.ws_url + WS_PATH) as ws:
+        async with open_websocket(gw.ws_base_url + WS_PATH) as ws:
             await ws.send_message(smd(AAPL, "31"))
             await next_json(ws, f"smd+{AAPL}")
         with trio.fail_after(5):
             while not upstream_sent(gw, f"umd+{AAPL}"):  # noqa: ASYNC110 - the simulator's record
                 await trio.sleep(0.02)
-        async with open_websocket(gw.ws_url + WS_PATH) as ws:
+        async with open_websocket(gw.ws_base_url + WS_PATH) as ws:
             await next_json(ws, "sts")
             gw.gateway.request_shutdown()
             with pytest.raises(trio_websocket.ConnectionClosed) as closed:
@@ -217,7 +217,7 @@ async def test_disconnect_releases_and_shutdown_closes_with_1001(ibkr_sim_creden
 async def test_relay_mode_is_unchanged_by_default(ibkr_sim_credentials: SimulatorCredentials) -> None:
     """The default mode relays: IBKR's own tic answer comes through, and each client has its own IBKR socket."""
     async with open_test_gateway(credentials=ibkr_sim_credentials) as gw:
-        async with open_websocket(gw.ws_url + WS_PATH) as a, open_websocket(gw.ws_url + WS_PATH) as b:
+        async with open_websocket(gw.ws_base_url + WS_PATH) as a, open_websocket(gw.ws_base_url + WS_PATH) as b:
             await next_json(a, "sts")
             await next_json(b, "sts")
             assert gw.simulator.websocket_count == 2
@@ -231,7 +231,7 @@ async def test_batching_sends_one_merged_message_per_interval(ibkr_sim_credentia
         credentials=ibkr_sim_credentials,
         simulator_options={"tick_interval_s": 0.01},  # IBKR: ~100 ticks a second
     ) as gw:
-        async with open_websocket(gw.ws_url + WS_PATH) as ws:
+        async with open_websocket(gw.ws_base_url + WS_PATH) as ws:
             await ws.send_message(smd(AAPL, "31", "84", "86"))
             await next_json(ws, f"smd+{AAPL}")
             started = trio.current_time()
@@ -259,7 +259,7 @@ async def test_a_hostile_client_gets_errors_and_disturbs_nobody(gw: TestGateway)
         "{" * 3000,
         "tic" * 1000,
     ]
-    async with open_websocket(gw.ws_url + WS_PATH) as watcher, open_websocket(gw.ws_url + WS_PATH) as hostile:
+    async with open_websocket(gw.ws_base_url + WS_PATH) as watcher, open_websocket(gw.ws_base_url + WS_PATH) as hostile:
         await watcher.send_message(smd(AAPL, "31"))
         await next_json(watcher, f"smd+{AAPL}")
         for _ in range(20):
@@ -284,12 +284,12 @@ async def test_max_websockets_caps_shared_clients_with_1013(ibkr_sim_credentials
         open_test_gateway(
             {"websocket": {"mode": "shared"}, "server": {"max_websockets": 2}}, credentials=ibkr_sim_credentials
         ) as gw,
-        open_websocket(gw.ws_url + WS_PATH) as a,
-        open_websocket(gw.ws_url + WS_PATH) as b,
+        open_websocket(gw.ws_base_url + WS_PATH) as a,
+        open_websocket(gw.ws_base_url + WS_PATH) as b,
     ):
         await next_json(a, "sts")
         await next_json(b, "sts")
-        async with open_websocket(gw.ws_url + WS_PATH) as third:
+        async with open_websocket(gw.ws_base_url + WS_PATH) as third:
             with pytest.raises(trio_websocket.ConnectionClosed) as closed:
                 await third.get_message()
         assert closed.value.reason is not None and closed.value.reason.code == 1013

@@ -50,9 +50,9 @@ from gateway.logs import RedactingFilter, RequestIdFilter
 from gateway.session.state import State
 from gateway.simulator import SimulatorCredentials, stream_pattern
 from gateway.testing import TestGateway, open_test_gateway
+from gateway.testing_websocket import open_websocket
 from tests.conftest import Artifact, Figure
 from tests.probes import live_tasks, open_fds, rss_kib, sockets_on_port
-from tests.twclient import open_websocket
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))
 SEED = int(os.environ.get("SOAK_SEED", "20240611"))
@@ -380,7 +380,7 @@ class Soak:
 
     async def ws_client(self, index: int) -> None:
         rng = random.Random(f"{self.tally.seed}-ws-{index}")
-        url = self.gw.ws_url + "/v1/api/ws"
+        url = self.gw.ws_base_url + "/v1/api/ws"
         while not self.stop.is_set():
             phase = self.tally.phase
             request_id = f"soak-ws-{self.next_seq()}"  # the relay's log lines carry it
@@ -730,6 +730,7 @@ MAX_RSS_GROWTH_MIB = 24 + 12 * max(0.0, SOAK_SECONDS - 60) / 60
 MAX_GATEWAY_OBJECT_GROWTH = 40
 
 
+@pytest.mark.slow
 async def test_fault_soak(
     ibkr_sim_credentials: SimulatorCredentials,
     caplog: pytest.LogCaptureFixture,

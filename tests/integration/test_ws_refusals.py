@@ -15,7 +15,7 @@ import trio_websocket
 
 from gateway.simulator import SimulatorCredentials
 from gateway.testing import TestGateway, open_test_gateway
-from tests.twclient import open_websocket
+from gateway.testing_websocket import open_websocket
 
 KEY = "ws-refusal-key-0123456789abcdef"
 WRONG = "not-the-key-for-ws-0123456789abcdef"
@@ -85,7 +85,7 @@ def one_line(caplog: pytest.LogCaptureFixture, code: str, level: int = logging.W
 
 
 async def test_unrouted_path_names_the_websocket_endpoint(gw: TestGateway, caplog: pytest.LogCaptureFixture) -> None:
-    answer = await refused(gw.ws_url + f"/v1/api/other?access_key={KEY}")
+    answer = await refused(gw.ws_base_url + f"/v1/api/other?access_key={KEY}")
     assert (answer.status, answer.code) == (403, "websocket_not_routed")
     assert "/v1/api/other" in answer.message and WS_PATH in answer.message
     assert "x-request-id" in answer.headers
@@ -99,14 +99,14 @@ async def test_websocket_endpoint_missing_from_routes_names_routes(
 ) -> None:
     routes = [{"path": "/v1/api/iserver/*"}]
     async with open_test_gateway(SETTINGS, routes=routes, credentials=ibkr_sim_credentials) as gateway:
-        answer = await refused(gateway.ws_url + WS_PATH, subprotocols=[f"access_key.{KEY}"])
+        answer = await refused(gateway.ws_base_url + WS_PATH, subprotocols=[f"access_key.{KEY}"])
     assert (answer.status, answer.code) == (403, "websocket_not_routed")
     assert "[[routes]]" in answer.message and f'path = "{WS_PATH}"' in answer.message
     assert f"route={WS_PATH} " in one_line(caplog, "websocket_not_routed", logging.INFO)
 
 
 async def test_missing_key_is_401_naming_where_keys_go(gw: TestGateway, caplog: pytest.LogCaptureFixture) -> None:
-    answer = await refused(gw.ws_url + WS_PATH)
+    answer = await refused(gw.ws_base_url + WS_PATH)
     assert (answer.status, answer.code) == (401, "unauthorized")
     assert answer.headers["www-authenticate"].startswith("Bearer")
     assert answer.message.startswith("missing API key")
@@ -117,7 +117,7 @@ async def test_missing_key_is_401_naming_where_keys_go(gw: TestGateway, caplog: 
 
 @pytest.mark.parametrize("way", ["subprotocol", "query", "bearer"])
 async def test_wrong_key_is_401_and_never_echoed(gw: TestGateway, caplog: pytest.LogCaptureFixture, way: str) -> None:
-    url, headers, subprotocols = gw.ws_url + WS_PATH, None, None
+    url, headers, subprotocols = gw.ws_base_url + WS_PATH, None, None
     if way == "subprotocol":
         subprotocols = [f"access_key.{WRONG}"]
     elif way == "query":
@@ -139,7 +139,7 @@ async def test_foreign_origin_is_403_naming_it_and_allowed_origins(
 ) -> None:
     evil = "https://evil.test"
     answer = await refused(
-        gw.ws_url + WS_PATH, headers=[(b"Origin", evil.encode())], subprotocols=[f"access_key.{KEY}"]
+        gw.ws_base_url + WS_PATH, headers=[(b"Origin", evil.encode())], subprotocols=[f"access_key.{KEY}"]
     )
     assert (answer.status, answer.code) == (403, "origin_not_allowed")
     assert evil in answer.message and "server.allowed_origins" in answer.message  # an Origin is not a secret
@@ -148,7 +148,9 @@ async def test_foreign_origin_is_403_naming_it_and_allowed_origins(
     assert KEY not in answer.raw and KEY not in caplog.text
     # A log line shows an Origin escaped (nothing but printable ASCII) and cut short; so does the answer.
     long_origin = b"https://caf\xe9" + b"a" * 2000 + b".test"
-    answer = await refused(gw.ws_url + WS_PATH, headers=[(b"Origin", long_origin)], subprotocols=[f"access_key.{KEY}"])
+    answer = await refused(
+        gw.ws_base_url + WS_PATH, headers=[(b"Origin", long_origin)], subprotocols=[f"access_key.{KEY}"]
+    )
     assert "https://caf\\xe9aaa" in answer.message and len(answer.message) < 400
     last = refusal_lines(caplog, "origin_not_allowed")[-1].getMessage()
     assert "origin=https://caf\\xe9aaa" in last and len(last) < 800 and last.isascii()
@@ -167,7 +169,7 @@ async def test_foreign_origin_is_403_naming_it_and_allowed_origins(
 async def test_malformed_upgrade_says_what_is_wrong(
     gw: TestGateway, caplog: pytest.LogCaptureFixture, target: str, status: int, code: str
 ) -> None:
-    answer = await refused(gw.ws_url + target)
+    answer = await refused(gw.ws_base_url + target)
     assert (answer.status, answer.code) == (status, code)
     assert answer.message.endswith("upgrade refused")
     one_line(caplog, code, logging.INFO)
@@ -177,7 +179,7 @@ async def test_malformed_upgrade_says_what_is_wrong(
 async def test_limit_closes_1013_with_a_reason_naming_max_websockets(
     gw: TestGateway, caplog: pytest.LogCaptureFixture
 ) -> None:
-    url = gw.ws_url + WS_PATH
+    url = gw.ws_base_url + WS_PATH
     async with open_websocket(url, subprotocols=[f"access_key.{KEY}"]) as first:
         await first.get_message()
         async with open_websocket(url, subprotocols=[f"access_key.{KEY}"]) as second:
@@ -200,7 +202,7 @@ async def test_no_session_is_503_with_retry_after_and_the_last_error(
         with trio.fail_after(10):  # until every handshake fails the same way, so the last error stays put
             while "cannot connect" not in str((await http.get("/health")).json().get("last_error")):  # noqa: ASYNC110
                 await trio.sleep(0.05)
-        answer = await refused(gw.ws_url + WS_PATH, subprotocols=[f"access_key.{KEY}"])
+        answer = await refused(gw.ws_base_url + WS_PATH, subprotocols=[f"access_key.{KEY}"])
         health = (await http.get("/health")).json()
     assert (answer.status, answer.code) == (503, "session_not_ready")
     assert int(answer.headers["retry-after"]) >= 1
@@ -213,7 +215,7 @@ async def test_no_session_is_503_with_retry_after_and_the_last_error(
 
 async def test_ibkr_refusing_the_upgrade_is_502_saying_so(gw: TestGateway, caplog: pytest.LogCaptureFixture) -> None:
     gw.simulator.faults.fail_next(1, status=503, path_prefix=WS_PATH)
-    answer = await refused(gw.ws_url + WS_PATH, subprotocols=[f"access_key.{KEY}"])
+    answer = await refused(gw.ws_base_url + WS_PATH, subprotocols=[f"access_key.{KEY}"])
     assert (answer.status, answer.code) == (502, "upstream_websocket_failed")
     assert "IBKR refused the WebSocket upgrade: HTTP 503" in answer.message
     assert "HTTP 503" in one_line(caplog, "upstream_websocket_failed")

@@ -60,7 +60,11 @@ def _matches(prefix: str | None, path: str) -> bool:
 
 
 class Faults:
-    """The fault switchboard. All switches are off after construction and after :meth:`reset`."""
+    """The fault switchboard. All switches are off after construction and after :meth:`reset`.
+
+    Every switch is a plain call that takes effect at once, except the three that wait for sockets and must be
+    awaited: :meth:`down`, :meth:`up` and :meth:`close_websockets`.
+    """
 
     def __init__(self, hooks: FaultHooks) -> None:
         self._hooks = hooks

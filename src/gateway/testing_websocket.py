@@ -1,4 +1,5 @@
-"""A trio-websocket client for tests that owns its TCP/TLS stream, so the socket is always closed, whoever closes first.
+"""A trio-websocket client for test suites that owns its TCP/TLS stream, so the socket is always closed, whoever
+closes first (``TestGateway.websocket`` uses it; the gateway's own tests use it directly).
 
 trio-websocket 0.12.2's ``open_websocket_url`` leaves its socket open when the *server* closes first (its reader
 stops at EOF, and ``aclose`` returns early because a close reason is already set) or refuses the handshake; over a
