@@ -1,4 +1,5 @@
-"""Command line: ``python -m gateway [run] --config F``, ``check --config F``, ``doctor --config F`` and ``init …``.
+"""Command line: ``python -m gateway [run] --config F``, ``check --config F``, ``doctor --config F``, ``init …`` and
+``config-docs`` (writes the configuration reference, ``docs/configuration.md``, from the schema).
 
 Contract: :func:`main` takes the argument list and returns the process exit status; it never lets a traceback
 reach the user for an expected failure. Exit status 0 = success, 2 = bad configuration or bad arguments
@@ -22,7 +23,7 @@ EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 
-_SUBCOMMANDS = ("run", "check", "doctor", "init")
+_SUBCOMMANDS = ("run", "check", "doctor", "init", "config-docs")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
         description="IBKR Web API gateway: holds the OAuth session, serves IBKR as a plain local API.",
     )
     parser.add_argument("--version", action="version", version=f"ibkr-oauth-gateway {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="{run,check,doctor,init}")
+    commands = parser.add_subparsers(dest="command", metavar="{run,check,doctor,init,config-docs}")
 
     run = commands.add_parser("run", help="run the gateway (the default command)")
     run.add_argument("--config", required=True, help="path to the TOML config, e.g. gateway.toml")
@@ -64,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--dh-param", default="dhparam.pem", help="file name in --keys-dir")
     init.add_argument("--realm", default=None, help="default: test_realm for TESTCONS, else limited_poa")
     init.add_argument("--base-url", default="https://api.ibkr.com")
+
+    docs = commands.add_parser("config-docs", help="print the configuration reference (Markdown) made from the schema")
+    docs.add_argument("--output", help="write it to this file instead, e.g. docs/configuration.md")
     return parser
 
 
@@ -160,6 +164,18 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_config_docs(output: str | None) -> int:
+    from gateway.config.reference import render_reference
+
+    text = render_reference()
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        Path(output).write_text(text, encoding="utf-8")
+        print(f"wrote {output}")
+    return EXIT_OK
+
+
 def _cmd_run(config_path: str) -> int:
     from gateway.config import load_config
 
@@ -190,6 +206,8 @@ def main(argv: Sequence[str]) -> int:
         return _cmd_init(args)
     if args.command == "doctor":
         return _cmd_doctor(args)
+    if args.command == "config-docs":
+        return _cmd_config_docs(args.output)
     return _cmd_run(args.config)
 
 

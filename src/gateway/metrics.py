@@ -180,7 +180,7 @@ def _counter(name: str, help_text: str, value: float, labels: Labels = ()) -> Fa
 
 
 def families(requests: RequestMetrics, r: GatewayReadings) -> list[Family]:
-    """Every metric family the gateway exposes, in a stable order (README "Metrics" lists them)."""
+    """Every metric family the gateway exposes, in a stable order (docs/operations.md, "Metrics", lists them)."""
     http = Family(
         "gateway_http_requests_total",
         "counter",

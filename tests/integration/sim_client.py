@@ -1,4 +1,4 @@
-"""A small, independent IBKR OAuth 1.0a client for the simulator's tests, written only from protocol.md.
+"""A small, independent IBKR OAuth 1.0a client for the simulator's tests, written only from docs/protocol.md.
 
 It must not import ``gateway.oauth`` nor the simulator's verification code: it is the second, independent
 implementation the simulator is checked against (and it is itself checked against the vectors in
@@ -40,7 +40,7 @@ def shared_credentials() -> SimulatorCredentials:
 
 
 def pct(text: str) -> str:
-    """RFC 3986 percent-encoding (protocol.md §3.2): unreserved stay, everything else %XX."""
+    """RFC 3986 percent-encoding (docs/protocol.md §4.2): unreserved stay, everything else %XX."""
     return urllib.parse.quote(text, safe="~")
 
 

@@ -1,4 +1,4 @@
-"""Deployment.md is what the tests use: its file blocks are the files in deploy/, byte for byte, and the nginx
+"""docs/deployment.md is what the tests use: its file blocks are the files in deploy/, byte for byte, and the nginx
 site's limits and timeouts agree with the gateway's own defaults."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from gateway.config import schema
 from gateway.config.load import load_config
 
 REPO = Path(__file__).resolve().parents[2]
-DEPLOYMENT = REPO / "Deployment.md"
+DEPLOYMENT = REPO / "docs" / "deployment.md"
 SITE = REPO / "deploy" / "nginx" / "ibkr-gateway.conf"
 ACCOUNTS_SITE = REPO / "deploy" / "nginx" / "ibkr-gateways.conf"
 FILE_BLOCK = re.compile(r"<!-- file: (\S+) -->\n```[a-z]*\n(.*?)```\n", re.S)
@@ -27,12 +27,16 @@ def test_every_deploy_file_is_on_the_page_verbatim() -> None:
     files = sorted(str(p.relative_to(REPO)) for p in (REPO / "deploy").rglob("*") if p.is_file())
     assert sorted(blocks) == files
     for path, body in blocks.items():
-        assert body.encode() == (REPO / path).read_bytes(), f"Deployment.md's block for {path} differs from the file"
+        assert body.encode() == (REPO / path).read_bytes(), (
+            f"docs/deployment.md's block for {path} differs from the file"
+        )
 
 
-def test_readme_points_to_deployment() -> None:
+def test_readme_and_operations_point_to_deployment() -> None:
     readme = (REPO / "README.md").read_text()
-    assert "## Deploying" in readme and "Deployment.md" in readme
+    operations = (REPO / "docs" / "operations.md").read_text()
+    assert "](docs/deployment.md)" in readme
+    assert "## Deploying" in operations and "](deployment.md)" in operations
 
 
 def _size(value: str) -> int:

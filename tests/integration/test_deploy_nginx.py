@@ -2,7 +2,7 @@
 in front of real gateways and their simulators.
 
 The sites are ``deploy/nginx/ibkr-gateway.conf`` (one gateway) and ``deploy/nginx/ibkr-gateways.conf`` (one gateway
-per IBKR account, each under a path prefix), both included verbatim in Deployment.md, changed only by
+per IBKR account, each under a path prefix), both included verbatim in docs/deployment.md, changed only by
 :func:`render_site`: listen ports (production's 80/443 become free loopback ports), the two certificate paths and the
 upstream ports. Everything else — TLS, the redirect, the catch-all servers, headers, buffering, timeouts, the rate
 limit and the accounts' locations — is the documented text. The client connects from 127.0.0.3, so the address the

@@ -3,7 +3,7 @@ the gateway's code, their credential wiring loads real keys, two instances of th
 gateway runs under MemoryDenyWriteExecute.
 
 The units are ``deploy/systemd/ibkr-gateway.service`` and the template ``deploy/systemd/ibkr-gateway@.service`` (one
-instance per IBKR account), both included verbatim in Deployment.md. systemd cannot run as PID 1 here, so the units
+instance per IBKR account), both included verbatim in docs/deployment.md. systemd cannot run as PID 1 here, so the units
 are checked with ``systemd-analyze`` (the template as an instance, ``ibkr-gateway@paper.service``: systemd resolves
 ``%i`` from the file name) and their parts are exercised directly: the ``LoadCredential=`` lines and ExecStart's
 ``--config`` with a credentials directory the test fills as systemd would, and the kernel's own MDWE
@@ -209,7 +209,8 @@ def load_credentials(unit: Unit, tmp_path: Path, on_disk: Mapping[str, bytes]) -
 
 
 def etc_files(unit: Unit, config: bytes, creds: SimulatorCredentials) -> dict[str, bytes]:
-    """What the operator installs for ``unit`` (Deployment.md): the config and the three PEM files in its folder."""
+    """What the operator installs for ``unit`` (docs/deployment.md): the config and the three PEM files in its
+    folder."""
     pems = {
         "private_signature.pem": creds.signature_key_pem,
         "private_encryption.pem": creds.encryption_key_pem,

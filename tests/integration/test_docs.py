@@ -1,4 +1,7 @@
-"""The documentation is true: README's commands, its config reference, and every Test.md smoke command."""
+"""The documentation is true: README's commands, its bot-testing example, and every docs/smoke-tests.md command.
+
+The configuration reference is checked against the schema in tests/unit/test_config_reference.py.
+"""
 
 from __future__ import annotations
 
@@ -15,11 +18,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.config import schema
-
 REPO = Path(__file__).resolve().parents[2]
 README = (REPO / "README.md").read_text()
-TEST_MD = (REPO / "Test.md").read_text()
+SMOKE_TESTS = (REPO / "docs" / "smoke-tests.md").read_text()
+BOT_GUIDE = (REPO / "docs" / "testing-your-bot.md").read_text()
 
 
 def sh_blocks(markdown: str) -> list[str]:
@@ -37,13 +39,9 @@ def test_readme_first_command_runs_the_default_config() -> None:
     assert first.endswith("python -m gateway --config gateway.toml")
 
 
-def test_readme_documents_every_config_key() -> None:
-    for section, keys in schema.SECTIONS.items():
-        assert f"**`[{section}]`**" in README
-        for key in keys:
-            assert f"| `{key}` |" in README, f"{section}.{key} missing from README"
-    for key in schema.ROUTE_KEYS:
-        assert f"| `{key}` |" in README
+def test_readme_links_every_document_in_docs() -> None:
+    for document in sorted((REPO / "docs").glob("*.md")):
+        assert f"](docs/{document.name})" in README, f"README's table of contents does not link docs/{document.name}"
 
 
 def free_port() -> int:
@@ -84,15 +82,15 @@ def running_default_gateway() -> Iterator[tuple[int, subprocess.Popen[str]]]:
         proc.communicate()
 
 
-@pytest.mark.parametrize("block", sh_blocks(TEST_MD)[1:], ids=lambda b: b.strip().splitlines()[0][:60])
-def test_test_md_command(
+@pytest.mark.parametrize("block", sh_blocks(SMOKE_TESTS)[1:], ids=lambda b: b.strip().splitlines()[0][:60])
+def test_smoke_test_command(
     running_default_gateway: tuple[int, subprocess.Popen[str]], block: str, request: pytest.FixtureRequest
 ) -> None:
     if re.search(r"\bcurl\b", block):
         request.getfixturevalue("curl_path")  # skips (fails under CI) without curl; the Python blocks still run
     port, _ = running_default_gateway
     expect = re.search(r"^# expect: (.*)$", block, flags=re.M)
-    assert expect is not None, "every Test.md command states what it prints"
+    assert expect is not None, "every smoke-tests.md command states what it prints"
     script = block.replace("127.0.0.1:5000", f"127.0.0.1:{port}").replace(".venv/bin/python", sys.executable)
     result = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
@@ -111,11 +109,20 @@ def test_sigterm_drains_and_logs_out(running_default_gateway: tuple[int, subproc
     assert "this is NOT IBKR" in stderr
 
 
+def _bot_example(markdown: str) -> str:
+    example = re.search(r"```python\n(# test_my_bot\.py.*?)```", markdown, flags=re.S)
+    assert example is not None
+    return example.group(1)
+
+
+def test_bot_example_is_the_same_in_readme_and_guide() -> None:
+    assert _bot_example(README) == _bot_example(BOT_GUIDE)
+
+
 def test_readme_bot_example_passes_as_written(tmp_path: Path) -> None:
     """The README's example of a user's own test suite runs green with the installed pytest plugin."""
-    example = re.search(r"```python\n(# test_my_bot\.py.*?)```", README, flags=re.S)
-    assert example is not None
-    (tmp_path / "test_my_bot.py").write_text(example.group(1))
+    example = _bot_example(README)
+    (tmp_path / "test_my_bot.py").write_text(example)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY__", "PYTEST_"))}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-o", "trio_mode=true", "-p", "no:cacheprovider", "test_my_bot.py"],

@@ -176,8 +176,8 @@ async def test_two_different_content_lengths_are_refused(gw: TestGateway) -> Non
 
 
 async def test_identical_duplicate_content_lengths_are_merged_into_one(gw: TestGateway) -> None:
-    """What the README says: the HTTP parser merges identical duplicates (RFC 9110 §8.6 allows it); the request goes
-    upstream once, with one Content-Length."""
+    """What docs/security.md says: the HTTP parser merges identical duplicates (RFC 9110 §8.6 allows it); the
+    request goes upstream once, with one Content-Length."""
     request = (
         b"POST /v1/api/sim/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
         b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"

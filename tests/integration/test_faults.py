@@ -1,4 +1,4 @@
-"""Fault suite (reliability.md §2): each scenario runs against the simulator over loopback and reports FIGUREs."""
+"""Fault suite: each scenario (F1, F2, …) runs against the simulator over loopback and reports FIGUREs."""
 
 from __future__ import annotations
 

@@ -126,9 +126,9 @@ def test_synthetic_lst_case(case: dict[str, Any]) -> None:
     validate_live_session_token(lst, case["consumer_key"], case["live_session_token_signature"].upper())
 
 
-# protocol.md §8.4 table, columns "LST if minimal bytes" and "LST if fixed 256 bytes" (not in the JSON): the
-# wrong K encodings give these tokens, so the Java encoding above is what distinguishes them.
-SECTION_8_4_WRONG_ENCODINGS = {
+# docs/protocol.md §11.2 (not in the JSON): the tokens the two wrong K encodings (minimal bytes, fixed 256 bytes)
+# give, so the Java encoding above is what distinguishes them.
+WRONG_ENCODING_TOKENS = {
     "synthetic-1": ("p3toupxMT9SWuZMJpg6lOOHQ/dE=", "p3toupxMT9SWuZMJpg6lOOHQ/dE="),
     "synthetic-105": ("70djL+ywsFGqa4NlMPc4G7hx0dE=", None),  # fixed-256 equals Java there (coincidence)
     "synthetic-184": (None, "6fv0yVNHdirEzzFliRUJLC+Sgh0="),  # minimal equals Java there
@@ -146,16 +146,16 @@ def test_synthetic_wrong_encodings_per_protocol_table(case: dict[str, Any]) -> N
 
     minimal = token(k.to_bytes((k.bit_length() + 7) // 8, "big"))
     fixed = token(k.to_bytes(256, "big"))
-    want_minimal, want_fixed = SECTION_8_4_WRONG_ENCODINGS.get(case["name"], (None, None))
+    want_minimal, want_fixed = WRONG_ENCODING_TOKENS.get(case["name"], (None, None))
     assert minimal == (want_minimal or case["live_session_token"])
     assert fixed == (want_fixed or case["live_session_token"])
 
 
-# --- protocol.md §8.1 and §8.3 small checks ------------------------------------------------------------------
+# --- docs/protocol.md §11.3 small checks --------------------------------------------------------------------
 
 
 def test_guide_validation_vector() -> None:
-    # protocol.md §8.1: IBKR guide's worked example, validation step (consumer TESTCONS).
+    # docs/protocol.md §11.3: IBKR guide's worked example, validation step (consumer TESTCONS).
     lst = base64.b64decode("YBWbLw+9RYP2nWrPQHxHZkBb1aM=")
     assert live_session_token_signature(lst, "TESTCONS") == "543c55477d6cbb0e792d1e4f8111cec7305ba3f4"
     validate_live_session_token(lst, "TESTCONS", "543c55477d6cbb0e792d1e4f8111cec7305ba3f4")
@@ -164,7 +164,7 @@ def test_guide_validation_vector() -> None:
 @pytest.mark.parametrize(
     ("n", "expected"),
     [
-        # protocol.md §8.3 (ibind test_oauth1a_u.py to_byte_array) and §8.1 (guide: 0xff, 0x7f)
+        # docs/protocol.md §11.3 (ibind's to_byte_array tests; the guide's 0xff, 0x7f)
         (15, [15]),
         (255, [0, 255]),
         (256, [1, 0]),
@@ -179,7 +179,7 @@ def test_java_bytes_small_values(n: int, expected: list[int]) -> None:
 
 @pytest.mark.parametrize(
     ("p_hex", "a_hex", "g", "expected"),
-    # protocol.md §8.3: ibind generate_dh_challenge('ff', 'a', 2) == '4' and ('ff', '2', 3) == '9'
+    # docs/protocol.md §11.3: ibind's generate_dh_challenge('ff', 'a', 2) == '4' and ('ff', '2', 3) == '9'
     [("ff", "a", 2, "4"), ("ff", "2", 3, "9")],
 )
 def test_dh_challenge_small_values(p_hex: str, a_hex: str, g: int, expected: str) -> None:

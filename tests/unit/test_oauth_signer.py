@@ -1,4 +1,4 @@
-"""End-to-end signing: LST request and ordinary requests, against the published and protocol.md vectors."""
+"""End-to-end signing: LST request and ordinary requests, against the published and synthetic vectors."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ SYNTHETIC_1 = VECTORS["synthetic_lst"]["cases"][1]
 SIGNING_KEY = load_rsa_private_key(RSA_HEADER["private_key_pem"].encode("ascii"), what="signature key")
 LST_URL = "https://api.ibkr.com/v1/api/oauth/live_session_token"
 
-# The synthetic HMAC vectors' inputs, as stated in their "about" text (and protocol.md §8.4).
+# The synthetic HMAC vectors' inputs, as stated in their "about" text (and docs/protocol.md §11.1).
 HMAC_IDENTITY = OAuthIdentity(consumer_key="TESTKEY01", access_token="0123456789abcdef0123", realm="limited_poa")
 HMAC_NONCE = "abcdef0123456789"
 HMAC_TIMESTAMP = 1700000000
@@ -94,8 +94,8 @@ def test_prepend_case_does_not_change_the_lst_header() -> None:
     assert header == RSA_HEADER["authorization"]
 
 
-def test_synthetic_lst_request_per_protocol_section_8_4() -> None:
-    # protocol.md §8.4 (last bullet; these three values are not in the JSON): the LST request for synthetic case
+def test_synthetic_lst_request_known_answer() -> None:
+    # docs/protocol.md §11.2 (these three values are not in the JSON): the LST request for synthetic case
     # i=1 signed with the published 1024-bit key has an 847-character base string with this SHA-256 and this
     # signature.
     header = lst_request_authorization(
@@ -140,9 +140,9 @@ def test_synthetic_hmac_request_headers(case: dict[str, str]) -> None:
     assert header.startswith('OAuth realm="limited_poa", oauth_consumer_key="TESTKEY01", ')
 
 
-# protocol.md §8.4 (request-signing bullet): signatures of the GET snapshot vector under the other two query rules.
-# They appear only in protocol.md, and are the only ground truth for OMIT and IN_URL.
-SECTION_8_4_GET_SIGNATURES = {
+# docs/protocol.md §11.2: signatures of the GET snapshot vector under the other two query rules.
+# They are not in the JSON, and are the only ground truth for OMIT and IN_URL.
+GET_SIGNATURE_PER_QUERY_RULE = {
     QueryRule.INCLUDE: "lzYy+7K8yqMHsfLiFDHdIL6KzmX/LVPGtsuqGuvDcE4=",
     QueryRule.OMIT: "l6FRiXjXVZQIFfK720LX0OhVQin7Gl//YOY5ughDEmE=",
     QueryRule.IN_URL: "h2HZlRKWudLnIQPVS0Wb2BBE0ZWq0ec1NHw9jYK3pN4=",
@@ -162,9 +162,9 @@ def test_get_signature_under_each_query_rule(rule: QueryRule) -> None:
         timestamp=HMAC_TIMESTAMP,
         query_rule=rule,
     )
-    assert percent_decode(_header_params(header)["oauth_signature"]) == SECTION_8_4_GET_SIGNATURES[rule]
+    assert percent_decode(_header_params(header)["oauth_signature"]) == GET_SIGNATURE_PER_QUERY_RULE[rule]
     if rule is QueryRule.INCLUDE:
-        assert SECTION_8_4_GET_SIGNATURES[rule] == case["signature"]
+        assert GET_SIGNATURE_PER_QUERY_RULE[rule] == case["signature"]
 
 
 def test_form_params_change_the_signature() -> None:
@@ -183,7 +183,7 @@ def test_form_params_change_the_signature() -> None:
 
 
 def test_full_handshake_with_synthetic_case() -> None:
-    # The whole client side of protocol.md §4 on synthetic case i=1, ending in a signed request.
+    # The whole client side of docs/protocol.md §6 on synthetic case i=1, ending in a signed request.
     params = DHParams(p=int(SYNTHETIC_1["prime_hex"], 16), g=SYNTHETIC_1["generator"])
     a = int(SYNTHETIC_1["a_hex"], 16)
     assert dh_challenge(params, a) == SYNTHETIC_1["challenge_hex"]

@@ -67,7 +67,7 @@ def test_normalise_path(path: str, expected: str) -> None:
     assert normalise_path(path) == expected
 
 
-# protocol.md §10, written out independently: (method, path under /v1/api, requests, per_s, max_concurrent).
+# docs/protocol.md §10.5, written out independently: (method, path under /v1/api, requests, per_s, max_concurrent).
 IBKR_TABLE = [
     ("GET", "/iserver/marketdata/snapshot", 10, 1, None),
     ("GET", "/iserver/scanner/params", 1, 900, None),

@@ -240,7 +240,7 @@ def test_property_delay_never_exceeds_cap(base: float, cap: float, attempt: int,
 
 
 def test_recovery_is_in_proportion_to_the_failure() -> None:
-    """Written out from the README's ladder: only a dead or unknown token costs a new handshake."""
+    """Written out from docs/operations.md's recovery ladder: only a dead or unknown token costs a new handshake."""
     assert RECOVERY == {
         Trouble.PROXY_401: Remedy.CONFIRM,
         Trouble.UNAUTHENTICATED: Remedy.REOPEN,

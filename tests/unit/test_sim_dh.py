@@ -1,4 +1,4 @@
-"""The simulator's server-side DH/LST maths against the vectors (protocol.md §4.3, §8)."""
+"""The simulator's server-side DH/LST maths against the vectors (docs/protocol.md §6.3, §11)."""
 
 from __future__ import annotations
 

@@ -40,8 +40,8 @@ PUB = VECTORS["published"]
 SYN = VECTORS["synthetic_lst"]["cases"]
 HMAC = VECTORS["synthetic_hmac"]
 HMAC_LST = base64.b64decode(HMAC["live_session_token"])
-OMIT_SIG = "l6FRiXjXVZQIFfK720LX0OhVQin7Gl//YOY5ughDEmE="  # protocol.md §8.4, query omitted
-IN_URL_SIG = "h2HZlRKWudLnIQPVS0Wb2BBE0ZWq0ec1NHw9jYK3pN4="  # protocol.md §8.4, query kept in the URL part
+OMIT_SIG = "l6FRiXjXVZQIFfK720LX0OhVQin7Gl//YOY5ughDEmE="  # docs/protocol.md §11.2, query omitted
+IN_URL_SIG = "h2HZlRKWudLnIQPVS0Wb2BBE0ZWq0ec1NHw9jYK3pN4="  # docs/protocol.md §11.2, query in the URL part
 
 
 def _received(method: str, url: str, form: tuple[tuple[str, str], ...] = ()) -> ReceivedRequest:
@@ -186,7 +186,7 @@ def test_verifies_published_rsa_header_with_public_half() -> None:
 
 
 def test_verifies_synthetic_lst_request_vector() -> None:
-    """protocol.md §8.4: the i=1 challenge signed with the deno test key; base string 847 chars."""
+    """docs/protocol.md §11.2: the i=1 challenge signed with the deno test key; base string 847 chars."""
     params = {**_hmac_params("RSA-SHA256"), "diffie_hellman_challenge": SYN[1]["challenge_hex"]}
     signature = (
         "SXMZya06eeQHtf4pGAlttQ4Fw8luHggzmtcYO9c3PSml05AAF8XWPMR3bR0HftUjbaR1ZLRbAyZMfrWtVlPp+Xx9gE94JCcybuXDoH3mx8P"

@@ -1,4 +1,4 @@
-"""Build the OAuth 1.0a signature base string exactly as IBKR's variant defines it (protocol.md §3.2, §9.1).
+"""Build the OAuth 1.0a signature base string exactly as IBKR's variant defines it (docs/protocol.md §4.2, §8.1).
 
 ``[prepend] + METHOD + "&" + pct(base_url) + "&" + pct(param_list)`` where ``param_list`` is every
 parameter as ``key=value`` (values *raw*, not individually encoded), sorted by key then value and joined
@@ -34,7 +34,7 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class QueryRule(enum.StrEnum):
-    """How a URL's query string enters the base string; IBKR's implementations disagree (protocol.md §9.1).
+    """How a URL's query string enters the base string; IBKR's implementations disagree (docs/protocol.md §8.1).
 
     ``INCLUDE`` is IBKR's guide rule and the default: query parameters are URL-decoded and merged into the
     sorted parameter list, and the URL part carries no query. ``OMIT`` ignores the query entirely (ibind,
@@ -133,7 +133,7 @@ def signature_base_string(
         url: the absolute URL actually sent, query included. See :func:`normalized_url` for how it is
             normalised and :class:`QueryRule` for what happens to its query.
         oauth_params: the ``oauth_*`` parameters (and ``diffie_hellman_challenge`` for the LST request), raw.
-        query_rule: how the query string is treated (protocol.md §9.1); IBKR's guide rule by default.
+        query_rule: how the query string is treated (docs/protocol.md §8.1); IBKR's guide rule by default.
         form_params: decoded parameters of an ``application/x-www-form-urlencoded`` body. The caller decides
             whether the body is of that type; JSON and other bodies are never signed.
         prepend: text placed in front of the method with no separator; the lower-case hex of the decrypted

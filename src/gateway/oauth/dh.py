@@ -1,4 +1,4 @@
-"""Diffie-Hellman and live-session-token math of IBKR's OAuth variant (protocol.md §4), on plain ints.
+"""Diffie-Hellman and live-session-token math of IBKR's OAuth variant (docs/protocol.md §6), on plain ints.
 
 Also parses ``dhparam.pem`` (PKCS#3 ``DH PARAMETERS``) with a minimal DER reader of its own: cryptography's
 finite-field DH API is deprecated and is not used. Nothing here draws randomness; the secret exponent ``a`` is
@@ -182,7 +182,7 @@ def parse_dh_params_pem(pem: bytes) -> DHParams:
 def dh_challenge(params: DHParams, a: int) -> str:
     """Return the ``diffie_hellman_challenge``: lower-case hex of ``g**a mod p``, no prefix, no padding.
 
-    The result may have odd length (IBKR accepts that; protocol.md §4.1 step 3).
+    The result may have odd length (IBKR accepts that; docs/protocol.md §6.1 step 3).
 
     Raises:
         OAuthError: ``a < 2`` (a trivial or negative secret exponent).

@@ -1,7 +1,7 @@
 """The exact text encodings the OAuth core needs: RFC 3986 percent-encoding (and its inverse), strict base64.
 
 The unreserved set ``A-Z a-z 0-9 - . _ ~`` is kept as is; every other character is UTF-8 encoded and each
-byte is written as ``%XX`` with upper-case hex. This is the alphabet of protocol.md §3.2
+byte is written as ``%XX`` with upper-case hex. This is the alphabet of docs/protocol.md §4.2
 (``quote(s, safe='')``); it is written out here so that the exact rule does not depend on a library default.
 
 Base64 input (the access-token secret, a live session token, a PEM body) is decoded strictly: only the

@@ -1,6 +1,6 @@
-"""Render the ``Authorization: OAuth ...`` header value IBKR expects (protocol.md §3.3).
+"""Render the ``Authorization: OAuth ...`` header value IBKR expects (docs/protocol.md §4.3).
 
-Layout (the [IBIND]/[DENO] form, byte-exact with the published vector): ``OAuth realm="<realm>"``, then every
+Layout (the form ibind and deno-ibkr use, byte-exact with the published vector): ``OAuth realm="<realm>"``, then every
 parameter including ``oauth_signature`` sorted by name, each as ``name="value"``, separated by ``", "``. The
 signature is percent-encoded exactly once; every other value is sent raw.
 """

@@ -41,7 +41,7 @@ _MAX_TIMESTAMP = 9_999_999_999
 class OAuthIdentity:
     """Who signs: the consumer key, the access token (sent as ``oauth_token``) and the header realm.
 
-    ``realm`` is ``limited_poa`` for real consumers and ``test_realm`` for ``TESTCONS`` (protocol.md §1).
+    ``realm`` is ``limited_poa`` for real consumers and ``test_realm`` for ``TESTCONS`` (docs/protocol.md §2).
 
     Raises:
         OAuthError: any of the three is empty.
@@ -78,7 +78,7 @@ def _base_params(identity: OAuthIdentity, method: str, nonce: str, timestamp: in
 
 
 def lst_request_params(identity: OAuthIdentity, *, challenge_hex: str, nonce: str, timestamp: int) -> dict[str, str]:
-    """Return the signed parameters of the live-session-token request (protocol.md §4.1 step 4).
+    """Return the signed parameters of the live-session-token request (docs/protocol.md §6.1 step 4).
 
     Raises:
         OAuthError: the nonce is not unreserved characters, the timestamp is not 10-digit Unix seconds, or the
@@ -92,7 +92,7 @@ def lst_request_params(identity: OAuthIdentity, *, challenge_hex: str, nonce: st
 
 
 def request_params(identity: OAuthIdentity, *, nonce: str, timestamp: int) -> dict[str, str]:
-    """Return the signed ``oauth_*`` parameters of an ordinary HMAC-SHA256 request (protocol.md §5 step 1).
+    """Return the signed ``oauth_*`` parameters of an ordinary HMAC-SHA256 request (docs/protocol.md §5 step 1).
 
     Raises:
         OAuthError: the nonce is not unreserved characters or the timestamp is not 10-digit Unix seconds.
@@ -110,7 +110,7 @@ def lst_request_authorization(
     nonce: str,
     timestamp: int,
 ) -> str:
-    """Return the ``Authorization`` value for ``POST .../oauth/live_session_token`` (protocol.md §4.1).
+    """Return the ``Authorization`` value for ``POST .../oauth/live_session_token`` (docs/protocol.md §6.1).
 
     The base string is ``prepend + "POST&" + ...`` over the parameters of :func:`lst_request_params`, signed
     with RSASSA-PKCS1-v1_5 / SHA-256; ``diffie_hellman_challenge`` travels in the header. ``prepend_hex`` (hex
@@ -144,7 +144,7 @@ def request_authorization(
     Args:
         method, url: exactly what is sent (see :func:`~gateway.oauth.basestring.signature_base_string`).
         live_session_token: the 20 raw token bytes.
-        query_rule: how the URL's query enters the base string (protocol.md §9.1).
+        query_rule: how the URL's query enters the base string (docs/protocol.md §8.1).
         form_params: decoded fields of an ``application/x-www-form-urlencoded`` body; leave empty for JSON.
 
     Raises:

@@ -5,9 +5,10 @@ seconds, any origin, never decreasing; an earlier ``now`` is treated as the late
 
 Why the pacer uses :class:`SlidingWindow` and not :class:`TokenBucket`: a token bucket of capacity ``n`` refilled at
 ``n`` per second admits ``n`` requests at once and then one every ``1/n`` s, i.e. up to ``2n - 1`` requests in one
-second. IBKR documents its limits as "``n`` per second" and a fake counting per second (reliability.md G4) would
-see that as an overrun. A sliding window of ``n`` per ``window_s`` keeps the burst (``n`` at once) and never lets any
-window of ``window_s`` seconds hold more than ``n``; over any interval it admits no more than the bucket would.
+second. IBKR documents its limits as "``n`` per second", and the fault suite's fake IBKR, which counts every
+one-second window, would see that as an overrun. A sliding window of ``n`` per ``window_s`` keeps the burst (``n`` at
+once) and never lets any window of ``window_s`` seconds hold more than ``n``; over any interval it admits no more than
+the bucket would.
 """
 
 from __future__ import annotations

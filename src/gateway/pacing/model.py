@@ -99,8 +99,9 @@ def _api(*rows: tuple[str | None, str, float, float, int | None]) -> tuple[Limit
     return tuple(Limit(m, API + p, r, s, c) for m, p, r, s, c in rows)
 
 
-# protocol.md §10 (IBKR's documented per-endpoint pacing). /iserver/account/orders is the real path of what the table
-# calls /iserver/orders; both are listed. /tickle is listed for any method so GET and POST share one 1/s budget.
+# docs/protocol.md §10.5 (IBKR's documented per-endpoint pacing). /iserver/account/orders is the real path of what
+# IBKR's table calls /iserver/orders; both are listed. /tickle is listed for any method so GET and POST share one
+# 1/s budget.
 IBKR_DEFAULT_LIMITS: tuple[Limit, ...] = _api(
     ("GET", "/iserver/marketdata/snapshot", 10, 1, None),
     ("GET", "/iserver/scanner/params", 1, 900, None),

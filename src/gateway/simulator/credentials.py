@@ -2,7 +2,7 @@
 
 IBKR hands a first-party consumer: a 9-letter consumer key, a 20-hex access token, an access-token secret (base64
 of an RSAES-PKCS1-v1_5 ciphertext of 32 random bytes under the consumer's public encryption key), and the consumer
-keeps its private signature key, private encryption key and a ``dhparam.pem`` (protocol.md §1). The simulator's
+keeps its private signature key, private encryption key and a ``dhparam.pem`` (docs/protocol.md §2). The simulator's
 protocol code sees only :class:`ServerView` - what IBKR's server knows: the public signature key, the 32-byte
 prepend, the consumer key, the access token, the realm and the DH prime.
 """

@@ -3,7 +3,7 @@
 The server receives the client's challenge ``A``, picks a secret ``b`` (passed in by the caller), answers with
 ``B = g^b mod p`` and derives ``K = A^b mod p``. The live session token (LST) is ``HMAC-SHA1(key=java_bytes(K),
 msg=prepend)`` and IBKR proves it to the client with ``hex(HMAC-SHA1(key=LST, msg=consumer_key))``
-(protocol.md §4.2-§4.3).
+(docs/protocol.md §6.2-§6.3).
 """
 
 from __future__ import annotations

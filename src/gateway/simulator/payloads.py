@@ -1,6 +1,6 @@
 """IBKR-shaped JSON bodies and WebSocket messages (pure builders; values are arguments).
 
-Shapes follow protocol.md §4.2, §6.2-§6.5 and §7 (and the spellings IBKR really uses, e.g. ``collission``).
+Shapes follow docs/protocol.md §6.2, §7.2-§7.5 and §9 (and the spellings IBKR really uses, e.g. ``collission``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Written from the server's point of view and independent of the gateway's client code: parse the
 ``Authorization: OAuth ...`` header, rebuild the signature base string from the request *as received* (method,
 scheme, Host header, raw path, raw query, form body), then check the RSA-SHA256 (live session token request) or
-HMAC-SHA256 (every other request) signature (protocol.md §3-§5, §9.1, §9.4).
+HMAC-SHA256 (every other request) signature (docs/protocol.md §4-§6, §8.1, §8.4).
 
 Every function here either returns a value or a :class:`Rejection`; none raises on bad input.
 """
@@ -244,7 +244,7 @@ def request_base_url(scheme: str, host: str, raw_path: str) -> str:
 
 
 def base_string(method: str, base_url: str, params: Iterable[tuple[str, str]], prepend_hex: str = "") -> str:
-    """``[prepend]METHOD&pct(base_url)&pct(sorted k=v joined by &)`` - IBKR's rule (protocol.md §3.2).
+    """``[prepend]METHOD&pct(base_url)&pct(sorted k=v joined by &)`` - IBKR's rule (docs/protocol.md §4.2).
 
     Pairs are sorted by key then value (code-point order), joined raw, and the whole list is encoded once.
     """

@@ -1,5 +1,5 @@
 """The simulator's WebSocket endpoint ``/v1/api/ws`` (ASGI): handshake checks, session attach, heartbeats,
-``tic``/``ech+hb`` answers and ``smd``/``umd`` market-data streams (protocol.md §7).
+``tic``/``ech+hb`` answers and ``smd``/``umd`` market-data streams (docs/protocol.md §9).
 
 Handshake: ``oauth_token`` query = the access token and ``Cookie: api=<tickle session>``; a wrong or missing
 token, or a wrong ``api`` cookie, is refused with an HTTP 401 (IBKR-shaped JSON body) and recorded. Without an
@@ -8,8 +8,8 @@ token, or a wrong ``api`` cookie, is refused with an HTTP 401 (IBKR-shaped JSON 
 messages, then a ``system`` heartbeat every ``heartbeat_s``. Subscriptions stream only changed fields every
 ``tick_interval_s`` and end after ``subscription_ttl_s``.
 
-Idle rule (IBKR closes a socket whose client sends no ``tic``/``ech+hb`` for about a minute, protocol.md §7, §13): a
-connection on which the client sent no message for ``ws_idle_close_s`` (60 s; ``None`` = never) is closed with
+Idle rule (IBKR closes a socket whose client sends no ``tic``/``ech+hb`` for about a minute, docs/protocol.md §10.3):
+a connection on which the client sent no message for ``ws_idle_close_s`` (60 s; ``None`` = never) is closed with
 :data:`IDLE_CLOSE_CODE` and reason :data:`IDLE_CLOSE_REASON`, and recorded like any server close. Any message counts,
 not only keep-alives; WebSocket pings do not (the server answers them itself). Assumption: IBKR's close code for an
 idle socket is not documented; ibind users report closes from IBKR as 1000 with no reason, so 1000 it is, with a
