@@ -1,8 +1,8 @@
 """Nothing in the repository points to documents outside it: the IBKR facts live in docs/protocol.md.
 
 Forbidden anywhere in a tracked file: a path into a ``shared`` folder beside the repository, the names of the
-design and reliability notes that were never part of it, and ``protocol.md`` other than the repository's own
-``docs/protocol.md`` (written as that path, or as a relative Markdown link, which test_doc_links checks).
+design and reliability notes that were never part of it, and a protocol page other than the repository's own
+``docs/protocol.md`` (written as that path, or as a relative Markdown link and its text, which test_doc_links checks).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ _OUTSIDE = re.compile(
             re.escape("shared/" + "vectors"),
             re.escape("design" + ".md"),
             re.escape("reliability" + ".md"),
-            r"(?<!docs/)(?<!\]\()" + re.escape("protocol" + ".md"),
+            r"(?<!docs/)(?<!\]\()(?<!\[)" + re.escape("protocol" + ".md"),
         ]
     )
 )
@@ -62,5 +62,6 @@ def test_no_reference_points_outside_the_repository() -> None:
 def test_the_pattern_allows_the_repositorys_own_protocol_page() -> None:
     assert _OUTSIDE.search("see docs/" + "protocol" + ".md §4") is None
     assert _OUTSIDE.search("[rule](" + "protocol" + ".md#8-x)") is None
+    assert _OUTSIDE.search("[" + "protocol" + ".md](" + "protocol" + ".md)") is None
     assert _OUTSIDE.search("(" + "protocol" + ".md §7)") is not None
     assert _OUTSIDE.search("../" + "shared/x") is not None
