@@ -341,10 +341,13 @@ class SharedHub:
                         payload = await upstream.receive()
                         text = payload if isinstance(payload, str) else payload.decode("utf-8", "replace")
                         self._apply(self.feed.from_upstream(text, trio.current_time()), reschedule=batching)
-        except WebSocketClosed as exc:
+        # except*: the reader's or the writer's WebSocketClosed leaves the nursery above inside an exception group.
+        except* WebSocketClosed as closed:
+            exc = closed.exceptions[0]
+            assert isinstance(exc, WebSocketClosed)
             log.info("shared WebSocket: IBKR closed its socket (%d %s)", exc.code, exc.reason)
-        except UpstreamError as exc:  # it did not open: refused, unreachable, broken, too slow
-            log.warning("shared WebSocket: IBKR's socket did not open: %s", exc)
+        except* UpstreamError as failed:  # it did not open: refused, unreachable, broken, too slow
+            log.warning("shared WebSocket: IBKR's socket did not open: %s", failed.exceptions[0])
         finally:
             self.upstream_connected = False
             if session.close_code == _SHUTDOWN and session.ended.is_set():
