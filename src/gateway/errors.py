@@ -9,15 +9,18 @@ Hierarchy::
     │   ├── SecretDecryptError           the access-token secret does not decrypt to an IBKR prepend
     │   └── LiveSessionTokenError        IBKR's live_session_token_signature does not match the derived LST
     ├── UpstreamError               502  IBKR (or the simulator) could not be reached or answered wrongly
-    │   ├── UpstreamConnectError    502  connection refused, reset, DNS or TLS failure before a response
+    │   ├── UpstreamConnectError    502  no connection: refused, unreachable, DNS, or the TLS handshake failed
+    │   ├── UpstreamClosed          502  the connection broke or closed in the middle of an exchange
+    │   │   └── UpstreamStale       502  ... a reused idle connection, before any byte of the answer
+    │   ├── UpstreamProtocolError   502  the answer is not valid HTTP/1.1 (or not a WebSocket handshake)
     │   ├── UpstreamTimeout         504  no (complete) answer within the configured deadline
-    │   └── UpstreamStatusError     502  a session call got an unexpected HTTP status or body
+    │   └── UpstreamStatusError     502  an unexpected HTTP status or body from a session call
+    │       └── WebSocketRejected   502  the upstream refused the WebSocket upgrade with an HTTP status
     ├── PacingRejected              429  outbound pacing would not let the request go in time (carries Retry-After)
     ├── RequestRejected             400  a client's request refused at the edge, never forwarded
     │   └── BadQuery                400  a query string the gateway cannot forward exactly as checked
     └── SessionError                503  no usable brokerage session
-        ├── SessionNotReady         503  no session became ready within ready_timeout_s
-        └── SessionEnded            503  the session ended (tickle failed, 401, LST expiry, shutdown)
+        └── SessionNotReady         503  no session became ready within ready_timeout_s
 
 Contract: no message of any error here contains secret material (key bytes, the access-token secret, the
 prepend, a live session token, a signature or a session cookie). Messages name *what* is wrong and *where*.
@@ -26,7 +29,7 @@ prepend, a live session token, a signature or a session cookie). Messages name *
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Self
 
 
 class GatewayError(Exception):
@@ -119,28 +122,59 @@ class ConfigError(GatewayError):
 
 
 class UpstreamError(GatewayError):
-    """IBKR (or the simulator) could not be reached or answered in a way the gateway cannot use."""
+    """IBKR (or the simulator) could not be reached or answered in a way the gateway cannot use.
+
+    Messages read ``"<where>: <phrase> (<detail>)"``: ``where`` names the exchange (``"GET /v1/api/tickle"``, a path
+    without its query), ``phrase`` is the class's own words and ``detail`` a short reason that quotes nothing of the
+    request (:meth:`at` builds them). The one map from trio, OS, TLS and httpx failures to these classes is
+    :func:`gateway.upstream.transport.upstream_error`.
+    """
 
     status = 502
     code = "upstream_error"
+    phrase: ClassVar[str] = "upstream request failed"
+
+    @classmethod
+    def at(cls, where: str, detail: str) -> Self:
+        """The error for ``where`` in the class's words, with ``detail`` in parentheses."""
+        return cls(f"{where}: {cls.phrase} ({detail})")
 
 
 class UpstreamConnectError(UpstreamError):
-    """The connection to the upstream failed before any response (refused, reset, DNS, TLS)."""
+    """No connection to the upstream: refused, unreachable, a name that does not resolve, a failed TLS handshake."""
 
     code = "upstream_connect"
+    phrase = "cannot connect to upstream"
 
 
-class UpstreamStale(UpstreamConnectError):
+class UpstreamClosed(UpstreamError):
+    """The upstream connection broke (reset, closed, a TLS failure) in the middle of an exchange: the answer is
+    missing or incomplete."""
+
+    code = "upstream_closed"
+    phrase = "upstream connection failed"
+
+
+class UpstreamStale(UpstreamClosed):
     """A reused keep-alive connection failed before any byte of the answer: the request may be written again on a
     new connection, if it is idempotent and its sender takes a new pacing turn (IBKR may have counted it)."""
 
 
+class UpstreamProtocolError(UpstreamError):
+    """The upstream's bytes are not an answer the gateway accepts: malformed HTTP/1.1 framing, an unasked protocol
+    switch, or an answer to a WebSocket upgrade that is neither an acceptance nor a refusal."""
+
+    code = "upstream_protocol"
+    phrase = "malformed response from upstream"
+
+
 class UpstreamTimeout(UpstreamError):
-    """The upstream did not answer (completely) within the configured deadline."""
+    """The upstream did not answer (completely) within the configured deadline; the detail names which one
+    (``"connect timeout"``, ``"read timeout"``, ``"write timeout"``, ``"pool timeout"``...)."""
 
     status = 504
     code = "upstream_timeout"
+    phrase = "upstream did not answer in time"
 
 
 class UpstreamStatusError(UpstreamError):
@@ -154,6 +188,20 @@ class UpstreamStatusError(UpstreamError):
     def __init__(self, message: str, *, upstream_status: int = 0) -> None:
         super().__init__(message)
         self.upstream_status = upstream_status
+
+
+class WebSocketRejected(UpstreamStatusError):
+    """The upstream answered a WebSocket upgrade with an HTTP status instead of accepting it (``upstream_status``).
+
+    The message names the status only: a refusal's headers and body may echo the session cookie.
+    """
+
+    @classmethod
+    def status_of(cls, where: str, upstream_status: int) -> WebSocketRejected:
+        """The refusal of the upgrade at ``where`` with ``upstream_status``."""
+        return cls(
+            f"{where}: IBKR refused the WebSocket upgrade: HTTP {upstream_status}", upstream_status=upstream_status
+        )
 
 
 class PacingRejected(GatewayError):
@@ -212,9 +260,3 @@ class SessionNotReady(SessionError):
     """No session became ready within ``session.ready_timeout_s``."""
 
     code = "session_not_ready"
-
-
-class SessionEnded(SessionError):
-    """The session ended: tickle failure, ``authenticated:false``, an upstream 401, LST expiry or shutdown."""
-
-    code = "session_ended"

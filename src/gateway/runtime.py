@@ -59,8 +59,9 @@ from gateway.session.supervisor import SessionManager, SessionSettings
 from gateway.shared.feed import FeedSettings
 from gateway.shared.hub import SharedHub, SharedSettings
 from gateway.simulator import Simulator, SimulatorCredentials, generate_credentials
-from gateway.upstream.client import Timeouts, build_client, tls_context
+from gateway.upstream.client import build_client
 from gateway.upstream.http1 import Http1Pool
+from gateway.upstream.transport import Timeouts, tls_context
 from gateway.web.auth import ApiKeys
 from gateway.web.dispatch import Dispatcher, DispatchSettings
 from gateway.web.examples import ExamplesApp

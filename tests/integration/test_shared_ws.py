@@ -125,6 +125,24 @@ async def test_session_restart_keeps_clients_and_resubscribes(gw: TestGateway) -
     assert len(upstream_sent(gw, f"smd+{AAPL}")) == 2
 
 
+async def test_ibkr_closing_the_shared_socket_reopens_it_under_the_same_session(
+    gw: TestGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """IBKR closes its socket while the session lives: the hub says why, clients stay and hear the notice, the socket
+    is reopened and re-subscribed — and the session is not disturbed (the close never escapes into its nursery)."""
+    async with open_websocket(gw.ws_url + WS_PATH) as ws:
+        await ws.send_message(smd(AAPL, "31"))
+        await next_json(ws, f"smd+{AAPL}")
+        generation = gw.manager.active.generation if gw.manager.active else 0
+        assert await gw.simulator.faults.close_websockets(1011, "maintenance") == 1
+        assert (await next_json(ws, "gateway", timeout_s=5))["state"] == "restarting"
+        assert (await next_json(ws, "gateway", timeout_s=10))["state"] == "ready"
+        await next_json(ws, f"smd+{AAPL}", timeout_s=5)
+        assert gw.manager.active is not None and gw.manager.active.generation == generation
+    assert "IBKR closed its socket (1011 maintenance)" in caplog.text
+    assert len(upstream_sent(gw, f"smd+{AAPL}")) == 2
+
+
 async def test_keepalives_are_answered_by_the_gateway(gw: TestGateway) -> None:
     async with open_websocket(gw.ws_base_url + WS_PATH) as ws:
         await ws.send_message("tic")

@@ -115,8 +115,10 @@ SETTLE_BOUND_S = 10.0  # hypercorn's WebSocket ping task outlives a closed socke
 # Answers the gateway itself may give under these faults: (status, code).
 GATEWAY_ANSWERS = {
     (429, "pacing"),
+    (502, "upstream_closed"),
     (502, "upstream_connect"),
     (502, "upstream_error"),
+    (502, "upstream_protocol"),
     (503, "session_not_ready"),
     (503, "session_renewing"),
     (504, "upstream_timeout"),

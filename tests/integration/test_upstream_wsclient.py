@@ -38,13 +38,15 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError
 
-from gateway.upstream.wsclient import (
-    _CLOSE_TIMEOUT_S,
-    UpstreamWebSocket,
-    WebSocketClosed,
+from gateway.errors import (
+    UpstreamClosed,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
     WebSocketRejected,
-    connect_websocket,
 )
+from gateway.upstream.wsclient import _CLOSE_TIMEOUT_S, UpstreamWebSocket, WebSocketClosed, connect_websocket
 from tests.certs import self_signed
 
 CEILING = 5.0  # no single test step may take longer than this
@@ -52,8 +54,8 @@ SECRET = b"s3cr3t-SESSION-cookie-value"  # the session cookie: must never appear
 HEADERS = [(b"cookie", b"api=" + SECRET), (b"user-agent", b"ibkr-oauth-gateway-test/1.0")]
 PATH = "/v1/api/ws?oauth_token=tok%2Ben&extra=1"
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-# What the relay catches around connect_websocket (src/gateway/proxy/websocket.py); anything else is "relay failed".
-RELAY_CAUGHT = (OSError, trio.BrokenResourceError, trio.TooSlowError, WebSocketRejected)
+# What the relay and the shared hub catch around connect_websocket; anything else is "relay failed".
+RELAY_CAUGHT = UpstreamError
 
 E = TypeVar("E", bound=Event)
 
@@ -537,8 +539,9 @@ async def test_rejected_handshake_raises_with_the_status(name: str, in_pieces: b
                 async with connect(server):
                     pytest.fail("connected")
             await wait_eof(server.peer)
-    assert caught.value.status == status
-    assert str(caught.value) == f"HTTP {status}"
+    assert caught.value.upstream_status == status
+    assert str(caught.value) == f"GET /v1/api/ws: IBKR refused the WebSocket upgrade: HTTP {status}"
+    assert caught.value.status == 502
     assert_no_secret(caught.value)
 
 
@@ -557,7 +560,7 @@ async def test_rejected_by_a_wsproto_server() -> None:
                 async with connect(server):
                     pytest.fail("connected")
             await wait_eof(server.peer)
-    assert caught.value.status == 403
+    assert caught.value.upstream_status == 403
 
 
 async def test_rejection_with_a_close_delimited_body_keeps_the_status() -> None:
@@ -572,7 +575,7 @@ async def test_rejection_with_a_close_delimited_body_keeps_the_status() -> None:
         with trio.fail_after(CEILING), pytest.raises(WebSocketRejected) as caught:
             async with connect(server):
                 pytest.fail("connected")
-    assert caught.value.status == 403
+    assert caught.value.upstream_status == 403
 
 
 @pytest.mark.parametrize(
@@ -585,7 +588,7 @@ async def test_rejection_with_a_close_delimited_body_keeps_the_status() -> None:
     ],
     ids=["garbage", "wrong-accept-token", "no-upgrade-header"],
 )
-async def test_invalid_handshake_answer_is_a_rejection(answer: bytes) -> None:
+async def test_invalid_handshake_answer_is_a_protocol_error(answer: bytes) -> None:
     async def script(peer: WsPeer) -> None:
         assert await peer.read_head() is not None
         await peer.send_raw(answer)
@@ -593,21 +596,21 @@ async def test_invalid_handshake_answer_is_a_rejection(answer: bytes) -> None:
 
     async with open_ws_server(script) as server:
         with trio.fail_after(CEILING):
-            with pytest.raises(WebSocketRejected) as caught:
+            with pytest.raises(UpstreamProtocolError, match="malformed response from upstream") as caught:
                 async with connect(server):
                     pytest.fail("connected")
             await wait_eof(server.peer)
     assert_no_secret(caught.value)
 
 
-async def test_subprotocol_not_offered_is_a_rejection() -> None:
+async def test_subprotocol_not_offered_is_a_protocol_error() -> None:
     async def script(peer: WsPeer) -> None:
         await peer.raw_handshake(extra=b"Sec-WebSocket-Protocol: other\r\n")
         await peer.drain_raw()
 
     async with open_ws_server(script) as server:
         with trio.fail_after(CEILING):
-            with pytest.raises(WebSocketRejected):
+            with pytest.raises(UpstreamProtocolError):
                 async with connect(server, subprotocols=["v1"]):
                     pytest.fail("connected")
             await wait_eof(server.peer)
@@ -620,7 +623,7 @@ async def test_server_closing_during_the_handshake(partial: bytes) -> None:
         await peer.send_raw(partial)
 
     async with open_ws_server(script) as server:
-        with trio.fail_after(CEILING), pytest.raises(trio.BrokenResourceError) as caught:
+        with trio.fail_after(CEILING), pytest.raises(UpstreamClosed, match="during the WebSocket handshake") as caught:
             async with connect(server):
                 pytest.fail("connected")
     assert isinstance(caught.value, RELAY_CAUGHT)
@@ -634,7 +637,7 @@ async def test_server_that_never_answers_times_out_within_connect_timeout() -> N
     async with open_ws_server(script) as server:
         with trio.fail_after(CEILING):
             started = trio.current_time()
-            with pytest.raises(trio.TooSlowError):
+            with pytest.raises(UpstreamTimeout, match="handshake timeout"):
                 async with connect(server, connect_timeout_s=0.4):
                     pytest.fail("connected")
             elapsed = trio.current_time() - started
@@ -656,9 +659,9 @@ async def test_cancelled_while_waiting_for_the_handshake_answer_closes_the_socke
             await wait_eof(server.peer)
 
 
-async def test_connection_refused_is_an_oserror() -> None:
+async def test_connection_refused_is_a_connect_error() -> None:
     port = free_port()
-    with trio.fail_after(CEILING), pytest.raises(OSError, match="connect") as caught:
+    with trio.fail_after(CEILING), pytest.raises(UpstreamConnectError, match="cannot connect") as caught:
         async with connect_websocket(f"ws://127.0.0.1:{port}/ws", extra_headers=HEADERS):
             pytest.fail("connected")
     assert_no_secret(caught.value)
@@ -1434,7 +1437,7 @@ async def test_wss_untrusted_certificate_is_refused(tmp_path: Path, host: str) -
 
     async with open_ws_server(script, tls=server_context) as server:
         context = ssl.create_default_context() if host == "127.0.0.1" else client_context
-        with trio.fail_after(CEILING), pytest.raises((ssl.SSLError, trio.BrokenResourceError)) as caught:
+        with trio.fail_after(CEILING), pytest.raises(UpstreamConnectError, match="CERTIFICATE_VERIFY_FAILED") as caught:
             async with connect_websocket(f"wss://{host}:{server.port}/ws", extra_headers=HEADERS, ssl_context=context):
                 pytest.fail("connected")
         assert isinstance(caught.value, RELAY_CAUGHT)  # the relay handles it (closes its client with 1011)

@@ -17,6 +17,7 @@ from gateway.oauth import (
     DHParams,
     OAuthIdentity,
     QueryRule,
+    RequestSigner,
     decode_live_session_token,
     derive_live_session_token,
     dh_challenge,
@@ -30,6 +31,7 @@ from gateway.oauth import (
     signature_base_string,
     validate_live_session_token,
 )
+from gateway.redact import Secret
 
 VECTORS: dict[str, Any] = json.loads(
     (pathlib.Path(__file__).parent.parent / "vectors" / "ibkr-oauth-vectors.json").read_text(encoding="utf-8")
@@ -165,6 +167,19 @@ def test_get_signature_under_each_query_rule(rule: QueryRule) -> None:
     assert percent_decode(_header_params(header)["oauth_signature"]) == GET_SIGNATURE_PER_QUERY_RULE[rule]
     if rule is QueryRule.INCLUDE:
         assert GET_SIGNATURE_PER_QUERY_RULE[rule] == case["signature"]
+
+
+@pytest.mark.parametrize("rule", list(QueryRule))
+def test_request_signer_draws_a_nonce_and_time_per_request(rule: QueryRule) -> None:
+    """The signer takes its nonces and clock from the caller (the package reads neither) and signs like
+    :func:`request_authorization` with them, under its query rule."""
+    case = HMAC["cases"][1]
+    nonces = iter([HMAC_NONCE, "second0nce"])
+    token = Secret(decode_live_session_token(HMAC["live_session_token"]))
+    signer = RequestSigner(HMAC_IDENTITY, token, rule, nonce=lambda: next(nonces), clock=lambda: HMAC_TIMESTAMP)
+    first, second = signer.authorization("GET", case["url"]), signer.authorization("GET", case["url"])
+    assert percent_decode(_header_params(first)["oauth_signature"]) == SECTION_8_4_GET_SIGNATURES[rule]
+    assert _header_params(second)["oauth_nonce"] == "second0nce"
 
 
 def test_form_params_change_the_signature() -> None:

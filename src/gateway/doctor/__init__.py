@@ -20,7 +20,7 @@ from gateway.doctor.offline import KeyMaterial, check_key_material
 from gateway.doctor.report import Report, Status, Step, complete
 from gateway.oauth.dh import parse_dh_params_pem
 from gateway.oauth.keys import load_rsa_private_key
-from gateway.upstream.client import Timeouts, tls_context
+from gateway.upstream.transport import Timeouts, tls_context
 
 __all__ = ["NOTICE", "diagnose", "key_material"]
 

@@ -25,14 +25,16 @@ import trio
 
 from gateway.config.model import Credentials
 from gateway.doctor.report import Status, Step
-from gateway.errors import GatewayError, OAuthError
+from gateway.errors import GatewayError, OAuthError, UpstreamError, WebSocketRejected
 from gateway.hints import Hint, hint_for
 from gateway.oauth.basestring import QueryRule
+from gateway.oauth.signer import RequestSigner
 from gateway.redact import Secret
 from gateway.session import calls
 from gateway.session.paths import websocket_request
-from gateway.upstream.client import RequestSigner, Timeouts, build_client
-from gateway.upstream.wsclient import WebSocketClosed, WebSocketRejected, connect_websocket
+from gateway.upstream.client import build_client
+from gateway.upstream.transport import Timeouts
+from gateway.upstream.wsclient import WebSocketClosed, connect_websocket
 
 __all__ = ["CLOCK_FAIL_S", "CLOCK_WARN_S", "LiveTarget", "walk"]
 
@@ -182,7 +184,7 @@ class _Walk:
     async def lst_validation(self) -> Step:
         if self.lst is None:
             return _fail("lst_validation", str(self.lst_error or "no live session token"))
-        self.signer = RequestSigner(
+        self.signer = calls.request_signer(
             self.target.credentials.identity, self.lst.token, self.target.credentials.query_rule
         )
         expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self.lst.expires_at_ms / 1000))
@@ -265,15 +267,17 @@ class _Walk:
                     first = await ws.receive()
                 await ws.start_close(1000, "doctor done")
         except WebSocketRejected as exc:
-            return _fail("websocket", f"IBKR refused the WebSocket upgrade with HTTP {exc.status}", _WS_REFUSED)
+            return _fail(
+                "websocket", f"IBKR refused the WebSocket upgrade with HTTP {exc.upstream_status}", _WS_REFUSED
+            )
         except WebSocketClosed as exc:
             return _fail("websocket", f"IBKR closed the WebSocket before its first message ({exc.code})", _WS_REFUSED)
         except trio.TooSlowError:
             return _fail(
                 "websocket", f"no message from IBKR within {WEBSOCKET_FIRST_MESSAGE_S:g} s of opening", _WS_REFUSED
             )
-        except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
-            return _fail("websocket", f"cannot open the WebSocket to {self.where} ({type(exc).__name__})")
+        except UpstreamError as exc:
+            return _fail("websocket", f"cannot open the WebSocket to {self.where}: {exc}")
         return Step("websocket", Status.OK, f"opened; IBKR's first message: {_topic(first)}")
 
     def _snapshot_url(self) -> str:
@@ -294,7 +298,7 @@ class _Walk:
         verdicts: dict[QueryRule, str] = {}
         for rule in QueryRule:
             await trio.sleep(CALL_SPACING_S)
-            answer = await self._signed_get(self._snapshot_url(), RequestSigner(identity, self.lst.token, rule))
+            answer = await self._signed_get(self._snapshot_url(), calls.request_signer(identity, self.lst.token, rule))
             verdicts[rule] = answer if isinstance(answer, str) else str(answer.status_code)
         accepted = [rule for rule, verdict in verdicts.items() if verdict == "200"]
         seen = ", ".join(f"{rule.value}: {verdict}" for rule, verdict in verdicts.items())

@@ -1,13 +1,14 @@
 """Assemble signed ``Authorization`` header values: RSA-SHA256 for the LST request, HMAC-SHA256 for the rest.
 
 This module only composes :mod:`basestring`, :mod:`signatures` and :mod:`header`; nonce, timestamp and keys
-are arguments, so the same inputs always give the same header.
+are arguments, so the same inputs always give the same header. :class:`RequestSigner` holds what stays fixed
+under one live session token and takes its nonces and clock as functions, which the shell supplies.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
@@ -16,11 +17,13 @@ from gateway.errors import OAuthError
 from gateway.oauth.basestring import QueryRule, signature_base_string
 from gateway.oauth.header import authorization_header
 from gateway.oauth.signatures import hmac_sha256_signature, rsa_sha256_signature
+from gateway.redact import Secret
 
 __all__ = [
     "HMAC_SHA256",
     "RSA_SHA256",
     "OAuthIdentity",
+    "RequestSigner",
     "expected_realm",
     "lst_request_authorization",
     "lst_request_params",
@@ -153,3 +156,38 @@ def request_authorization(
     params = request_params(identity, nonce=nonce, timestamp=timestamp)
     base = signature_base_string(method, url, params, query_rule=query_rule, form_params=form_params)
     return authorization_header(params, hmac_sha256_signature(live_session_token, base), identity.realm)
+
+
+class RequestSigner:
+    """Signs ordinary requests with HMAC-SHA256 under one live session token: a fresh nonce and timestamp per call,
+    drawn from ``nonce`` and ``clock`` (Unix seconds), which the caller supplies (this package reads no clock and
+    draws no randomness)."""
+
+    __slots__ = ("_clock", "_identity", "_lst", "_nonce", "_query_rule")
+
+    def __init__(
+        self,
+        identity: OAuthIdentity,
+        live_session_token: Secret[bytes],
+        query_rule: QueryRule = QueryRule.INCLUDE,
+        *,
+        nonce: Callable[[], str],
+        clock: Callable[[], int],
+    ) -> None:
+        self._identity = identity
+        self._lst = live_session_token
+        self._query_rule = query_rule
+        self._nonce = nonce
+        self._clock = clock
+
+    def authorization(self, method: str, url: str) -> str:
+        """The ``Authorization`` header value for ``method url`` (its query signed by the signer's query rule)."""
+        return request_authorization(
+            self._identity,
+            method=method,
+            url=url,
+            live_session_token=self._lst.reveal(),
+            nonce=self._nonce(),
+            timestamp=self._clock(),
+            query_rule=self._query_rule,
+        )

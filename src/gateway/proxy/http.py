@@ -12,15 +12,17 @@ Contract:
   its upstream exchange, so IBKR never sees a complete request. Response bytes are passed raw, so
   ``Content-Encoding`` and ``Content-Length`` stay consistent.
 - No ready session within ``ready_timeout_s`` → 503 JSON with ``Retry-After``; paths outside ``/iserver/`` take a
-  read-only session (brokerage session down, LST working) as ready. Upstream connect failure → 502,
-  timeout → 504, each with a JSON body saying what failed.
+  read-only session (brokerage session down, LST working) as ready. An upstream failure before the response
+  started (:class:`~gateway.errors.UpstreamError`: no connection, a broken one, a malformed answer) → 502, a
+  timeout → 504, each with a JSON body whose ``code`` and message say what failed.
 - IBKR 401 (or 410): if the request merely raced an LST refresh (it was signed with the token just replaced, or
   while a refresh was in flight: IBKR rejects the old token as soon as it issues the new one), it waits for the new
   token. Otherwise the session manager confirms with a tickle under the same token
   (:meth:`~gateway.session.supervisor.SessionManager.confirm`): only a confirmed dead token renews the session. A
-  request without a body and an idempotent method (GET, HEAD, OPTIONS) is then re-signed with a fresh nonce and
-  sent once more (under the same token if it works, under the new session's otherwise); anything else is never
-  re-sent: it gets IBKR's own answer when the token works, 503 ``session_renewing`` when it is being renewed.
+  request without a body and an idempotent method (:data:`~gateway.upstream.http1.REPLAYABLE`: GET, HEAD, OPTIONS)
+  is then re-signed with a fresh nonce and sent once more (under the same token if it works, under the new
+  session's otherwise); anything else is never re-sent: it gets IBKR's own answer when the token works, 503
+  ``session_renewing`` when it is being renewed.
 - Every answer from IBKR carries ``X-Gateway-Session: <generation>``, the session it was sent under; a new value
   means a new brokerage session at IBKR, whose per-session state (snapshot pre-flights, subscriptions) starts over.
 - If the upstream fails after the response started, the client connection is aborted (a chunked response never
@@ -52,11 +54,10 @@ from gateway.metrics import RequestMetrics
 from gateway.pacing import Pacer
 from gateway.proxy import transforms
 from gateway.session.supervisor import LiveSession, SessionManager
-from gateway.upstream.http1 import Http1Pool, UpstreamResponse
+from gateway.upstream.http1 import REPLAYABLE, Http1Pool, UpstreamResponse
 
 log = logging.getLogger("gateway.proxy")
 
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 BROKERAGE_PREFIX = "/v1/api/iserver/"
 PORTFOLIO_PREFIX = "/v1/api/portfolio/"
 REFUSED = frozenset({401, 410})
@@ -301,7 +302,7 @@ class HttpProxy:
             route=scope.get("gateway.route", path),
             headers=headers,
             body=None,
-            retryable=method in IDEMPOTENT and not has_body,
+            retryable=method in REPLAYABLE and not has_body,
             outcome=outcome,
         )
         limit = scope.get("gateway.max_body", 1 << 62)

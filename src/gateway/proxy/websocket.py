@@ -53,10 +53,10 @@ from dataclasses import dataclass, field
 import trio
 
 from gateway.asgi import Message, Receive, Scope, Send, UpgradeRefusal, refuse_over_limit, refuse_upgrade
-from gateway.errors import SessionNotReady
+from gateway.errors import SessionNotReady, UpstreamError
 from gateway.session.paths import websocket_request
 from gateway.session.supervisor import LiveSession, SessionManager
-from gateway.upstream.wsclient import UpstreamWebSocket, WebSocketClosed, WebSocketRejected, connect_websocket
+from gateway.upstream.wsclient import UpstreamWebSocket, WebSocketClosed, connect_websocket
 
 log = logging.getLogger("gateway.websocket")
 
@@ -68,7 +68,7 @@ _UPSTREAM_FAILURE = 1011
 # The watchdog looks at most this far apart (and at least four times per deadline), so a stalled write is found
 # between its deadline and one period later.
 _MAX_WATCH_PERIOD_S = 1.0
-_KEEPALIVE: tuple[str] = ("tic",)  # IBKR's session ping; its answer is {"topic":"tic",...} (protocol.md §7)
+_KEEPALIVE: tuple[str] = ("tic",)  # IBKR's session ping; its answer is {"topic":"tic","alive":true,...}
 _MAX_TIC_REPLY_CHARS = 1024  # IBKR's answer is about 100 characters: anything longer is something else
 
 
@@ -453,14 +453,8 @@ class WebSocketRelay:
                             await self._relay_up(relay, upstream, session)
                         finally:
                             await self._end_upstream(relay, upstream, session)
-                except WebSocketRejected as exc:
-                    self._failed(relay, f"IBKR refused the WebSocket upgrade: HTTP {exc.status}")
-                except OSError as exc:
-                    self._failed(relay, f"cannot connect to IBKR's WebSocket: {exc.strerror or exc}")
-                except trio.BrokenResourceError:
-                    self._failed(relay, "IBKR's WebSocket connection broke during the handshake")
-                except trio.TooSlowError:
-                    self._failed(relay, "IBKR's WebSocket did not connect in time")
+                except UpstreamError as exc:  # it did not open: refused, unreachable, broken, too slow
+                    self._failed(relay, str(exc))
         except trio.Cancelled:
             raise
         except Exception:  # a relay must never take its siblings down

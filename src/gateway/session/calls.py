@@ -19,8 +19,9 @@ import httpx
 
 from gateway.config.model import Credentials
 from gateway.errors import LiveSessionTokenError, OAuthError, UpstreamStatusError
+from gateway.oauth.basestring import QueryRule
 from gateway.oauth.dh import derive_live_session_token, dh_challenge, dh_shared_secret, validate_live_session_token
-from gateway.oauth.signer import lst_request_authorization
+from gateway.oauth.signer import OAuthIdentity, RequestSigner, lst_request_authorization
 from gateway.redact import Secret
 from gateway.session.paths import (
     ISERVER_ACCOUNTS_PATH,
@@ -30,7 +31,24 @@ from gateway.session.paths import (
     SSODH_INIT_PATH,
     TICKLE_PATH,
 )
-from gateway.upstream.client import RequestSigner, map_httpx_error
+from gateway.upstream.transport import upstream_error
+
+
+def new_nonce() -> str:
+    """A fresh OAuth nonce: 32 random hex digits."""
+    return secrets.token_hex(16)
+
+
+def unix_time() -> int:
+    """The OAuth timestamp: Unix time in whole seconds."""
+    return int(time.time())
+
+
+def request_signer(
+    identity: OAuthIdentity, live_session_token: Secret[bytes], query_rule: QueryRule = QueryRule.INCLUDE
+) -> RequestSigner:
+    """A signer for ordinary requests under ``live_session_token``, with a fresh nonce and the current time each."""
+    return RequestSigner(identity, live_session_token, query_rule, nonce=new_nonce, clock=unix_time)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +112,7 @@ async def _call_json(
     try:
         response = await client.request(method, url, headers=headers, **kwargs)
     except httpx.HTTPError as exc:
-        raise map_httpx_error(exc, operation) from None
+        raise upstream_error(exc, operation) from None
     if response.status_code != 200:
         raise UpstreamStatusError(
             f"{operation}: IBKR answered {response.status_code}: {_ibkr_error_text(response)}",
@@ -120,8 +138,8 @@ async def request_live_session_token(
         prepend_hex=credentials.prepend.reveal(),
         challenge_hex=challenge,
         signature_key=credentials.signature_key,
-        nonce=secrets.token_hex(16),
-        timestamp=int(time.time()),
+        nonce=new_nonce(),
+        timestamp=unix_time(),
     )
     body = await _call(
         client, "POST", url, LST_PATH, {"Authorization": authorization, "User-Agent": user_agent, "Accept": "*/*"}

@@ -49,6 +49,7 @@ from gateway.config.model import Credentials
 from gateway.errors import GatewayError, PacingRejected, SessionNotReady, UpstreamError, UpstreamStatusError
 from gateway.hints import Hint, hint_for
 from gateway.logs import register_secret, scrub
+from gateway.oauth.signer import RequestSigner
 from gateway.pacing import Pacer
 from gateway.pacing.model import PacingSettings
 from gateway.redact import Secret
@@ -65,7 +66,6 @@ from gateway.session.state import (
     next_state,
     session_call_trouble,
 )
-from gateway.upstream.client import RequestSigner
 
 log = logging.getLogger("gateway.session")
 _T = TypeVar("_T")
@@ -435,7 +435,7 @@ class SessionManager:
         """Handshake and hold one session until it ends; returns whether it opened (ready or read-only)."""
         try:
             lst = await self._handshake_token()
-            signer = RequestSigner(self._credentials.identity, lst.token, self._credentials.query_rule)
+            signer = calls.request_signer(self._credentials.identity, lst.token, self._credentials.query_rule)
             opened = await self._open_brokerage(signer)
         except GatewayError as exc:
             self._handshake_failed(str(exc))
@@ -726,7 +726,7 @@ class SessionManager:
                 self.stats.note_error(f"LST refresh failed, retrying: {reason}", time.time())
                 await trio.sleep(min(30.0, max(1.0, margin / 4)))
                 continue
-            session.signer = RequestSigner(self._credentials.identity, lst.token, self._credentials.query_rule)
+            session.signer = calls.request_signer(self._credentials.identity, lst.token, self._credentials.query_rule)
             session.end_refresh()
             session.lst_expires_at_ms = lst.expires_at_ms
             session.started_at = time.time()

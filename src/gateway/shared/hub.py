@@ -32,11 +32,12 @@ from dataclasses import dataclass, field
 import trio
 
 from gateway.asgi import Receive, Scope, Send, refuse_over_limit
+from gateway.errors import UpstreamError
 from gateway.proxy.websocket import RelayCounters
 from gateway.session.paths import websocket_request
 from gateway.session.supervisor import LiveSession, SessionManager
 from gateway.shared.feed import Action, ClientId, Feed, FeedSettings, ToClients, ToUpstream
-from gateway.upstream.wsclient import UpstreamWebSocket, WebSocketClosed, WebSocketRejected, connect_websocket
+from gateway.upstream.wsclient import UpstreamWebSocket, WebSocketClosed, connect_websocket
 from gateway.web.server import FrameWriter, frame_writer, text_frame
 
 log = logging.getLogger("gateway.websocket")
@@ -340,12 +341,13 @@ class SharedHub:
                         payload = await upstream.receive()
                         text = payload if isinstance(payload, str) else payload.decode("utf-8", "replace")
                         self._apply(self.feed.from_upstream(text, trio.current_time()), reschedule=batching)
-        except WebSocketRejected as exc:
-            log.warning("shared WebSocket: IBKR refused the upgrade (HTTP %d)", exc.status)
-        except WebSocketClosed as exc:
+        # except*: the reader's or the writer's WebSocketClosed leaves the nursery above inside an exception group.
+        except* WebSocketClosed as closed:
+            exc = closed.exceptions[0]
+            assert isinstance(exc, WebSocketClosed)
             log.info("shared WebSocket: IBKR closed its socket (%d %s)", exc.code, exc.reason)
-        except (OSError, trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError) as exc:
-            log.warning("shared WebSocket: IBKR's socket failed (%s)", type(exc).__name__)
+        except* UpstreamError as failed:  # it did not open: refused, unreachable, broken, too slow
+            log.warning("shared WebSocket: IBKR's socket did not open: %s", failed.exceptions[0])
         finally:
             self.upstream_connected = False
             if session.close_code == _SHUTDOWN and session.ended.is_set():

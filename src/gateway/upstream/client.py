@@ -1,34 +1,24 @@
-"""The one upstream HTTP client: deadlines, no cookie jar, no redirects, and httpx errors mapped once.
+"""The session's upstream HTTP client (httpx): login, live session token, ssodh/init, tickle, logout.
 
-Contract: every network call to IBKR goes through the client built here; every httpx exception that escapes
-a call is turned into a :class:`~gateway.errors.UpstreamError` subclass by :func:`map_httpx_error`, whose
-message names the operation and the upstream path but never a header, token or signature.
+The proxy's requests go through :mod:`gateway.upstream.http1` and the WebSocket through
+:mod:`gateway.upstream.wsclient`; this client serves the session's own calls, where convenience matters more than
+microseconds.
+
+Contract: the client built here has deadlines, no cookie jar, no redirects and no proxies from the environment;
+the session's calls (:mod:`gateway.session.calls`) turn every httpx exception that escapes a call into the same
+:class:`~gateway.errors.UpstreamError` family the other upstream clients raise, through the one map
+(:func:`gateway.upstream.transport.upstream_error`), whose message names the operation and the upstream path but
+never a header, token or signature.
 """
 
 from __future__ import annotations
 
 import http.cookiejar
-import secrets
 import ssl
-import time
-from dataclasses import dataclass
 
 import httpx
 
-from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamTimeout
-from gateway.oauth.basestring import QueryRule
-from gateway.oauth.signer import OAuthIdentity, request_authorization
-from gateway.redact import Secret
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    """Upstream deadlines in seconds (reliability.md §1.6)."""
-
-    connect_s: float = 5.0
-    read_s: float = 15.0
-    write_s: float = 15.0
-    pool_s: float = 2.0
+from gateway.upstream.transport import Timeouts
 
 
 class _RefuseAllCookies(http.cookiejar.DefaultCookiePolicy):
@@ -39,13 +29,6 @@ class _RefuseAllCookies(http.cookiejar.DefaultCookiePolicy):
 
     def return_ok(self, cookie: http.cookiejar.Cookie, request: object) -> bool:
         return False
-
-
-def tls_context() -> ssl.SSLContext:
-    """The verified TLS context shared by httpx and the WebSocket client (TLS >= 1.2, system trust store)."""
-    context = ssl.create_default_context()
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
 
 
 def build_client(timeouts: Timeouts, *, tls: ssl.SSLContext, max_connections: int = 100) -> httpx.AsyncClient:
@@ -65,46 +48,3 @@ def build_client(timeouts: Timeouts, *, tls: ssl.SSLContext, max_connections: in
         trust_env=False,
         verify=tls,
     )
-
-
-def map_httpx_error(exc: httpx.HTTPError, operation: str) -> UpstreamError:
-    """The gateway error for an httpx failure during ``operation`` (e.g. ``"POST /v1/api/tickle"``)."""
-    if isinstance(exc, httpx.TimeoutException):
-        kind = type(exc).__name__.replace("Timeout", " timeout").strip().lower()
-        return UpstreamTimeout(f"{operation}: upstream did not answer in time ({kind})")
-    if isinstance(exc, httpx.ConnectError):
-        return UpstreamConnectError(f"{operation}: cannot connect to upstream ({_reason(exc)})")
-    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError | httpx.WriteError):
-        return UpstreamConnectError(f"{operation}: upstream connection failed ({_reason(exc)})")
-    return UpstreamError(f"{operation}: upstream request failed ({type(exc).__name__})")
-
-
-def _reason(exc: BaseException) -> str:
-    """A short reason from an httpx error without echoing request details."""
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
-
-
-class RequestSigner:
-    """Signs ordinary requests with HMAC-SHA256 under one live session token (fresh nonce and time per call)."""
-
-    __slots__ = ("_identity", "_lst", "_query_rule")
-
-    def __init__(
-        self, identity: OAuthIdentity, live_session_token: Secret[bytes], query_rule: QueryRule = QueryRule.INCLUDE
-    ) -> None:
-        self._identity = identity
-        self._lst = live_session_token
-        self._query_rule = query_rule
-
-    def authorization(self, method: str, url: str) -> str:
-        """The ``Authorization`` header value for ``method url`` (its query signed by the signer's query rule)."""
-        return request_authorization(
-            self._identity,
-            method=method,
-            url=url,
-            live_session_token=self._lst.reveal(),
-            nonce=secrets.token_hex(16),
-            timestamp=int(time.time()),
-            query_rule=self._query_rule,
-        )

@@ -14,13 +14,15 @@ Contract:
   have arrived. The caller must read the body to its end with :meth:`UpstreamResponse.receive` or call
   :meth:`UpstreamResponse.close`; only a connection whose exchange completed cleanly (whole body read, HTTP/1.1,
   no ``Connection: close``, nothing unasked after the body) goes back to the pool.
-- Deadlines (:class:`~gateway.upstream.client.Timeouts`): ``connect_s`` for TCP + TLS, ``write_s`` for each write,
-  ``read_s`` for each read, ``pool_s`` to wait for one of ``max_connections``. Every failure surfaces as
-  :class:`~gateway.errors.UpstreamConnectError` (502) or :class:`~gateway.errors.UpstreamTimeout` (504), whose
-  message names the operation and never a header value; errors raised by the request body iterator (the client
-  went away, the body is too large) propagate unchanged.
+- Deadlines (:class:`~gateway.upstream.transport.Timeouts`): ``connect_s`` for TCP + TLS, ``write_s`` for each
+  write, ``read_s`` for each read (all kept by :class:`~gateway.upstream.transport.UpstreamStream`), ``pool_s`` to
+  wait for one of ``max_connections``. Every failure surfaces as an :class:`~gateway.errors.UpstreamError`:
+  ``UpstreamConnectError`` (no connection), ``UpstreamClosed`` (it broke, or ended before the answer did),
+  ``UpstreamProtocolError`` (malformed answer), all 502, or ``UpstreamTimeout`` (504); the message names the
+  exchange and never a header value. Errors raised by the request body iterator (the client went away, the body is
+  too large) propagate unchanged.
 - A reused idle connection may have been closed by the server a moment before it was picked: if it fails before any
-  response byte arrived and the request is an idempotent one without a body (GET, HEAD, OPTIONS), the request is
+  response byte arrived and the request is an idempotent one without a body (:data:`REPLAYABLE`), the request is
   written once more on a new connection (or, with ``resend_stale=False``, :class:`~gateway.errors.UpstreamStale`
   tells the caller it may send it again, e.g. after a new pacing turn); anything else gets the error (it may have
   reached the server).
@@ -39,13 +41,16 @@ from urllib.parse import urlsplit
 
 import trio
 
-from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamStale, UpstreamTimeout
-from gateway.upstream.client import Timeouts
+from gateway.errors import UpstreamClosed, UpstreamError, UpstreamProtocolError, UpstreamStale, UpstreamTimeout
+from gateway.upstream.transport import Timeouts, UpstreamStream
 from gateway.upstream.wire import ChunkedDecoder, Head, WireError, parse_head
 
 Headers = Sequence[tuple[bytes, bytes]]
 
-_REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})  # may be written twice if a stale connection fails first
+REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS"})
+"""Idempotent methods: a request with one of them and no body may be written twice (a stale connection failed
+before any answer, a 401 that only raced a token refresh). The proxy decides with this set too."""
+_REPLAYABLE = frozenset(method.encode("ascii") for method in REPLAYABLE)
 MAX_HEAD_BYTES = 64 * 1024  # an upstream response head larger than this is refused (502)
 READ_SIZE = 256 * 1024  # large reads: a 1 GiB stream costs fewer loop turns; small answers arrive in one read anyway
 
@@ -53,37 +58,21 @@ READ_SIZE = 256 * 1024  # large reads: a 1 GiB stream costs fewer loop turns; sm
 class _Connection:
     """One upstream connection and the bytes received on it but not yet consumed."""
 
-    __slots__ = ("_socket", "answered", "buffer", "idle_since", "stream")
+    __slots__ = ("answered", "buffer", "idle_since", "stream")
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: UpstreamStream) -> None:
         self.stream = stream
         self.buffer = bytearray()
         self.idle_since = 0.0
         self.answered = False  # some byte of the current response arrived (a failed request is then not re-sent)
-        transport = stream
-        while isinstance(transport, trio.SSLStream):
-            transport = transport.transport_stream
-        assert isinstance(transport, trio.SocketStream)
-        self._socket = transport.socket
 
     def holds_unread_bytes(self) -> bool:
-        """Whether anything arrived that no one asked for: in the socket, or already inside the TLS layer.
-
-        trio's SSLStream has no public "pending" view, and an upstream that writes bytes after a complete response
-        in a later TLS record leaves them in its buffers, invisible to the socket check. Reusing such a connection
-        would hand those bytes to the next request as its answer, so the check looks inside (trio is pinned; a
-        test covers this path).
-        """
-        stream = self.stream
-        while isinstance(stream, trio.SSLStream):
-            if stream._ssl_object.pending() or stream._incoming.pending:  # private: see the docstring
-                return True
-            stream = stream.transport_stream
-        return self._socket.is_readable()
+        """Whether the idle connection received anything (the server's EOF included): it is not reused then."""
+        return self.stream.holds_unread_bytes()
 
     def close(self) -> None:
         """Close at once, without awaiting (safe in cancelled and cleanup paths; no TLS close_notify)."""
-        self._socket.close()
+        self.stream.close()
 
     def take_buffered(self) -> bytes:
         """Everything received and not yet consumed, once."""
@@ -152,9 +141,7 @@ class UpstreamResponse:
             # Not min(remaining, ...): bytes an upstream sends after the body should show up here and be refused.
             data = await self._pool.read_raw(connection, READ_SIZE, self._where)
             if not data:
-                raise UpstreamConnectError(
-                    f"{self._where}: upstream connection failed (closed with {remaining} body bytes missing)"
-                )
+                raise UpstreamClosed.at(self._where, f"closed with {remaining} body bytes missing")
         clean = len(data) <= remaining  # bytes after the body: nothing was asked for, so the connection is not reused
         if not clean:
             data = data[:remaining]
@@ -171,13 +158,11 @@ class UpstreamResponse:
             if not data:
                 data = await self._pool.read_raw(connection, READ_SIZE, self._where)
                 if not data:
-                    raise UpstreamConnectError(
-                        f"{self._where}: upstream connection failed (closed inside a chunked body)"
-                    )
+                    raise UpstreamClosed.at(self._where, "closed inside a chunked body")
             try:
                 pieces = chunks.feed(data)
             except WireError as exc:
-                raise UpstreamConnectError(f"{self._where}: malformed response from upstream ({exc})") from None
+                raise UpstreamProtocolError.at(self._where, str(exc)) from None
             data = b""
             if chunks.done:
                 self._finish(connection, reusable=not chunks.leftover)
@@ -219,7 +204,7 @@ class Http1Pool:
         self._hostname = parts.hostname
         self._port = parts.port or (443 if self._https else 80)
         self._host_header = parts.netloc.encode("ascii")
-        self._tls = tls if tls is not None else ssl.create_default_context()
+        self._tls = (tls if tls is not None else ssl.create_default_context()) if self._https else None
         self._timeouts = timeouts
         self._slots = trio.Semaphore(max_connections)
         self._idle: list[_Connection] = []  # oldest first; reuse takes the newest
@@ -265,25 +250,16 @@ class Http1Pool:
             self.prune()
 
     async def _connect(self, where: str) -> _Connection:
-        try:
-            with trio.fail_after(self._timeouts.connect_s):
-                stream: trio.abc.Stream
-                if self._https:
-                    tls_stream = await trio.open_ssl_over_tcp_stream(
-                        self._hostname, self._port, ssl_context=self._tls, https_compatible=True
-                    )
-                    try:
-                        await tls_stream.do_handshake()
-                    except BaseException:
-                        await trio.aclose_forcefully(tls_stream)
-                        raise
-                    stream = tls_stream
-                else:
-                    stream = await trio.open_tcp_stream(self._hostname, self._port)
-        except trio.TooSlowError:
-            raise UpstreamTimeout(f"{where}: upstream did not answer in time (connect timeout)") from None
-        except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
-            raise UpstreamConnectError(f"{where}: cannot connect to upstream ({_reason(exc)})") from None
+        timeouts = self._timeouts
+        stream = await UpstreamStream.open(
+            self._hostname,
+            self._port,
+            tls=self._tls,
+            connect_s=timeouts.connect_s,
+            read_s=timeouts.read_s,
+            write_s=timeouts.write_s,
+            where=where,
+        )
         return _Connection(stream)
 
     def release(self, connection: _Connection, *, reusable: bool) -> None:
@@ -349,7 +325,7 @@ class Http1Pool:
             if connection is not None and body is None and method in _REPLAYABLE:
                 try:
                     return await self._exchange(connection, method, head(), None, length, where)
-                except UpstreamConnectError as exc:
+                except UpstreamClosed as exc:
                     if connection.answered:
                         raise
                     # A stale keep-alive connection: the server closed it as we picked it; one fresh try.
@@ -391,7 +367,7 @@ class Http1Pool:
                 if length is None:
                     await self._write(connection, b"0\r\n\r\n", where)
                 elif sent != length:  # the client's framing was checked upstream of here; never send a short body
-                    raise UpstreamConnectError(f"{where}: request body was {sent} bytes, not the declared {length}")
+                    raise UpstreamError(f"{where}: request body was {sent} bytes, not the declared {length}")
             response_head = await self._read_head(connection, method, where)
         except BaseException:
             connection.close()
@@ -405,12 +381,13 @@ class Http1Pool:
             try:
                 parsed = parse_head(buffer, request_method=method, max_head_bytes=MAX_HEAD_BYTES)
             except WireError as exc:
-                raise UpstreamConnectError(f"{where}: malformed response from upstream ({exc})") from None
+                raise UpstreamProtocolError.at(where, str(exc)) from None
             if parsed is None:
                 data = await self.read_raw(connection, READ_SIZE, where)
                 if not data:
-                    what = "closed before answering" if not buffer else "closed inside the response head"
-                    raise UpstreamConnectError(f"{where}: upstream connection failed ({what})")
+                    raise UpstreamClosed.at(
+                        where, "closed inside the response head" if buffer else "closed before answering"
+                    )
                 buffer += data
                 continue
             head, size = parsed
@@ -418,30 +395,18 @@ class Http1Pool:
             if head.status >= 200:
                 return head
             if head.status == 101:
-                raise UpstreamConnectError(f"{where}: malformed response from upstream (unasked protocol switch)")
+                raise UpstreamProtocolError.at(where, "unasked protocol switch")
 
-    async def _write(self, connection: _Connection, data: bytes, where: str) -> None:
-        try:
-            # A bare CancelScope, not fail_after: this runs once per body chunk, and the generator-based context
-            # manager cost more than the deadline itself.
-            with trio.CancelScope(deadline=trio.current_time() + self._timeouts.write_s) as deadline:
-                await connection.stream.send_all(data)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
-            raise UpstreamConnectError(f"{where}: upstream connection failed ({_reason(exc)})") from None
-        if deadline.cancelled_caught:
-            raise UpstreamTimeout(f"{where}: upstream did not answer in time (write timeout)")
+    @staticmethod
+    async def _write(connection: _Connection, data: bytes, where: str) -> None:
+        await connection.stream.send_all(data, where)
 
-    async def read_raw(self, connection: _Connection, size: int, where: str) -> bytes:
+    @staticmethod
+    async def read_raw(connection: _Connection, size: int, where: str) -> bytes:
         """One read of at most ``size`` bytes under the read deadline (``b""`` at EOF)."""
-        data = b""
-        try:
-            with trio.CancelScope(deadline=trio.current_time() + self._timeouts.read_s) as deadline:
-                data = bytes(await connection.stream.receive_some(size))
-                connection.answered = connection.answered or bool(data)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
-            raise UpstreamConnectError(f"{where}: upstream connection failed ({_reason(exc)})") from None
-        if deadline.cancelled_caught:
-            raise UpstreamTimeout(f"{where}: upstream did not answer in time (read timeout)")
+        data = await connection.stream.receive_some(size, where)
+        if data:
+            connection.answered = True
         return data
 
 
@@ -467,10 +432,4 @@ def _request_head(method: bytes, target: bytes, host: bytes, headers: Headers, *
     return b"\r\n".join(lines)
 
 
-def _reason(exc: BaseException) -> str:
-    """A short reason from a socket, TLS or framing error, without request details."""
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
-
-
-__all__ = ["Http1Pool", "UpstreamError", "UpstreamResponse"]
+__all__ = ["REPLAYABLE", "Http1Pool", "UpstreamResponse"]

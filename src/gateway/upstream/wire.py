@@ -46,10 +46,6 @@ class Head:
     length: int = 0  # with framing "length"
 
 
-def _line_end(buffer: bytes | bytearray, start: int) -> int:
-    return buffer.find(b"\n", start)
-
-
 def parse_head(buffer: bytes | bytearray, *, request_method: bytes, max_head_bytes: int) -> tuple[Head, int] | None:
     """Parse the response head at the start of ``buffer``; see the module contract."""
     end = buffer.find(b"\r\n\r\n")

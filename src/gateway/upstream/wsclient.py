@@ -1,4 +1,5 @@
-"""The relay's upstream WebSocket client: wsproto over a stream the relay owns, with no task or queue of its own.
+"""The upstream WebSocket client (the relay's, the shared hub's, the doctor's): wsproto over an upstream stream, with
+no task or queue of its own.
 
 Why not trio-websocket here: a relay already has a task reading each direction. trio-websocket adds a reader task
 and a message queue per connection and a send lock plus a system call per message; profiled, that leg cost more
@@ -7,9 +8,13 @@ the relay's upstream→client task reads frames itself (:meth:`UpstreamWebSocket
 task writes (:meth:`UpstreamWebSocket.send_many` coalesces what is ready into one write).
 
 Contract:
-- :func:`connect_websocket` opens TCP (+TLS), performs the opening handshake within ``connect_timeout_s`` and yields
-  an :class:`UpstreamWebSocket`. A refused handshake raises :class:`WebSocketRejected` (with the HTTP status);
-  a network failure raises ``OSError``/``trio.BrokenResourceError``; a slow one ``trio.TooSlowError``.
+- :func:`connect_websocket` opens TCP (+TLS, the handshake included) on an
+  :class:`~gateway.upstream.transport.UpstreamStream` within ``connect_timeout_s``, then performs the opening
+  handshake within ``connect_timeout_s`` more, and yields an :class:`UpstreamWebSocket`. Every failure to open is an
+  :class:`~gateway.errors.UpstreamError` named ``GET <path>`` (never the query: it carries the access token):
+  :class:`~gateway.errors.WebSocketRejected` (with IBKR's HTTP status) for a refusal, ``UpstreamConnectError``,
+  ``UpstreamClosed`` (closed during the handshake), ``UpstreamProtocolError`` (an answer that is neither an
+  acceptance nor a refusal) or ``UpstreamTimeout`` (``connect timeout``, ``handshake timeout``).
 - :meth:`~UpstreamWebSocket.receive` returns whole messages (``str`` for text, ``bytes`` for binary), answers
   pings, and raises :class:`WebSocketClosed` with the peer's code once the peer closes (the close is answered)
   or the connection breaks (code 1006). A message over ``max_message_bytes`` closes the connection with 1009.
@@ -46,18 +51,13 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-_SEND_FAILURES = (LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+from gateway.errors import UpstreamClosed, UpstreamError, UpstreamProtocolError, UpstreamTimeout, WebSocketRejected
+from gateway.upstream.transport import UpstreamStream
+
+_SEND_FAILURES = (LocalProtocolError, UpstreamError)
 _CLOSE_TIMEOUT_S = 2.0
 _READ_SIZE = 65536
 _ABNORMAL = 1006
-
-
-class WebSocketRejected(Exception):
-    """The upstream refused the WebSocket handshake with an HTTP status."""
-
-    def __init__(self, status: int) -> None:
-        super().__init__(f"HTTP {status}")
-        self.status = status
 
 
 class WebSocketClosed(Exception):
@@ -72,8 +72,9 @@ class WebSocketClosed(Exception):
 class UpstreamWebSocket:
     """An open client WebSocket; one task may :meth:`receive` while another sends."""
 
-    def __init__(self, stream: trio.abc.Stream, ws: WSConnection, max_message_bytes: int) -> None:
+    def __init__(self, stream: UpstreamStream, ws: WSConnection, max_message_bytes: int, where: str) -> None:
         self._stream = stream
+        self._where = where
         self._ws = ws
         self._max = max_message_bytes
         self._send_lock = trio.StrictFIFOLock()
@@ -87,10 +88,10 @@ class UpstreamWebSocket:
     async def _write(self, data: bytes) -> None:
         async with self._send_lock:
             if self.write_failed:
-                raise trio.BrokenResourceError("an earlier write did not complete")
+                raise UpstreamClosed.at(self._where, "an earlier write did not complete")
             written = False
             try:
-                await self._stream.send_all(data)
+                await self._stream.send_all(data, self._where)
                 written = True
             finally:
                 if not written:
@@ -179,9 +180,9 @@ class UpstreamWebSocket:
 
     async def _read(self) -> None:
         try:
-            data = await self._stream.receive_some(_READ_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            data = b""
+            data = await self._stream.receive_some(_READ_SIZE, self._where)
+        except UpstreamError:
+            data = b""  # a broken connection ends like one closed without a Close frame: 1006
         try:
             self._ws.receive_data(bytes(data) if data else None)
             self._events.extend(self._ws.events())
@@ -216,64 +217,64 @@ async def connect_websocket(
         raise ValueError("WebSocket URL must be ws:// or wss:// with a host")
     secure = parts.scheme == "wss"
     port = parts.port or (443 if secure else 80)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    stream: trio.abc.Stream
-    with trio.fail_after(connect_timeout_s):
-        if secure:
-            stream = await trio.open_ssl_over_tcp_stream(
-                parts.hostname, port, ssl_context=ssl_context or ssl.create_default_context(), https_compatible=True
-            )
-        else:
-            stream = await trio.open_tcp_stream(parts.hostname, port)
+    path = parts.path or "/"
+    target = path + (f"?{parts.query}" if parts.query else "")
+    where = f"GET {path}"  # in every error: the path, never the query (it carries the access token)
+    tls = (ssl_context or ssl.create_default_context()) if secure else None
+    stream = await UpstreamStream.open(parts.hostname, port, tls=tls, connect_s=connect_timeout_s, where=where)
     try:
-        with trio.fail_after(connect_timeout_s):
+        with trio.move_on_after(connect_timeout_s) as handshake:
             host = parts.netloc.rsplit("@", 1)[-1]  # never user information in the Host header
-            connection = await _handshake(stream, host, target, extra_headers, subprotocols, max_message_bytes)
+            connection = await _handshake(stream, host, target, where, extra_headers, subprotocols, max_message_bytes)
+        if handshake.cancelled_caught:
+            raise UpstreamTimeout.at(where, "handshake timeout")
         try:
             yield connection
         finally:
             with trio.CancelScope(shield=True):
                 await connection._finish()
     finally:
-        with trio.move_on_after(_CLOSE_TIMEOUT_S) as closing:
-            closing.shield = True
-            await stream.aclose()  # a TLS close_notify that cannot be sent in time: trio closes the socket anyway
+        await stream.aclose(_CLOSE_TIMEOUT_S)  # a TLS close_notify that cannot be sent in time: closed anyway
 
 
 async def _handshake(
-    stream: trio.abc.Stream,
+    stream: UpstreamStream,
     host: str,
     target: str,
+    where: str,
     extra_headers: Iterable[tuple[bytes, bytes]],
     subprotocols: Iterable[str],
     max_message_bytes: int,
 ) -> UpstreamWebSocket:
+    """The opening handshake; the caller bounds it (the stream's own deadlines are infinite)."""
     ws = WSConnection(ConnectionType.CLIENT)
     request = Request(host=host, target=target, extra_headers=list(extra_headers), subprotocols=list(subprotocols))
-    await stream.send_all(ws.send(request))
+    await stream.send_all(ws.send(request), where)
     status: int | None = None
     while True:
-        data = await stream.receive_some(_READ_SIZE)
+        data = await stream.receive_some(_READ_SIZE, where)
         if not data and status is None:
-            raise trio.BrokenResourceError("upstream closed during the WebSocket handshake")
+            raise UpstreamClosed.at(where, "closed during the WebSocket handshake")
         try:
-            ws.receive_data(bytes(data) if data else None)  # None: EOF, which may end a refusal's body
+            ws.receive_data(data or None)  # None: EOF, which may end a refusal's body
             events = list(ws.events())
         except RemoteProtocolError as exc:
-            # A refusal is an event, not an error; an error means the answer was not a WebSocket handshake at all.
+            # A refusal is an event, not an error; an error means the answer was not a WebSocket handshake at all
+            # (wsproto then hints a RejectConnection with its own default status, 400).
             hint = exc.event_hint
-            known = isinstance(hint, RejectConnection) and hint.status_code != 400  # 400: wsproto's own default
-            raise WebSocketRejected(hint.status_code if known else 502) from None  # type: ignore[union-attr]
+            if isinstance(hint, RejectConnection) and hint.status_code != 400:
+                raise WebSocketRejected.status_of(where, hint.status_code) from None
+            raise UpstreamProtocolError.at(where, "not a WebSocket handshake answer") from None
         for index, event in enumerate(events):
             if isinstance(event, AcceptConnection):
-                connection = UpstreamWebSocket(stream, ws, max_message_bytes)
+                connection = UpstreamWebSocket(stream, ws, max_message_bytes, where)
                 connection._events.extend(events[index + 1 :])  # frames that came with the handshake answer
                 return connection
             if isinstance(event, RejectConnection):
                 status = event.status_code
                 if not event.has_body:
-                    raise WebSocketRejected(status)
+                    raise WebSocketRejected.status_of(where, status)
             elif isinstance(event, RejectData) and event.body_finished:
-                raise WebSocketRejected(status or 502)
+                raise WebSocketRejected.status_of(where, status or 502)
         if not data:
-            raise WebSocketRejected(status or 502)  # the refusal's body ended with the connection
+            raise WebSocketRejected.status_of(where, status or 502)  # the refusal's body ended with the connection
