@@ -178,7 +178,7 @@ def test_request_signer_draws_a_nonce_and_time_per_request(rule: QueryRule) -> N
     token = Secret(decode_live_session_token(HMAC["live_session_token"]))
     signer = RequestSigner(HMAC_IDENTITY, token, rule, nonce=lambda: next(nonces), clock=lambda: HMAC_TIMESTAMP)
     first, second = signer.authorization("GET", case["url"]), signer.authorization("GET", case["url"])
-    assert percent_decode(_header_params(first)["oauth_signature"]) == SECTION_8_4_GET_SIGNATURES[rule]
+    assert percent_decode(_header_params(first)["oauth_signature"]) == GET_SIGNATURE_PER_QUERY_RULE[rule]
     assert _header_params(second)["oauth_nonce"] == "second0nce"
 
 

@@ -494,7 +494,7 @@ def test_denied_request_header_never_goes_upstream(name: bytes) -> None:
 
 
 def test_headers_named_in_client_connection_are_not_forwarded() -> None:
-    # reliability.md §1 rule 2: never forward "any header named in Connection" (RFC 9110 §7.6.1), even an
+    # Never forward "any header named in Connection" (RFC 9110 §7.6.1), even an
     # otherwise allow-listed one.
     headers: Headers = [
         (b"Connection", b"close, X-Request-Id, Accept-Language"),
