@@ -27,11 +27,13 @@ import gc
 import logging
 import math
 import signal
+import ssl
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import cast
 
+import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
 
@@ -176,6 +178,154 @@ def _register_secrets(credentials: Credentials, access_token_secret: str) -> Non
     register_secret(credentials.identity.access_token)
 
 
+@dataclass(frozen=True, slots=True)
+class _Upstream:
+    """Where the gateway's IBKR is: the base URL, the credentials to sign with, and the simulator when it is one."""
+
+    base_url: str
+    credentials: Credentials
+    simulator: Simulator | None
+
+
+async def _start_upstream(loaded: LoadedConfig, simulator: Simulator | None, root: trio.Nursery) -> _Upstream:
+    """IBKR from the config, or the built-in simulator started in ``root``; registers the secrets for scrubbing."""
+    config = loaded.config
+    if config.simulator.enabled:
+        if simulator is None:
+            simulator = Simulator(generate_credentials(), **config.simulator.simulator_options())
+        base_url = await root.start(simulator.serve, "127.0.0.1", config.simulator.port)
+        credentials = simulator_credentials(simulator.credentials, config.ibkr.query_rule)
+        _register_secrets(credentials, simulator.credentials.access_token_secret)
+        log.info("simulator mode: the built-in IBKR simulator listens on %s (this is NOT IBKR)", base_url)
+        return _Upstream(base_url, credentials, simulator)
+    if loaded.credentials is None:
+        raise RuntimeError("credentials are required when the simulator is disabled")
+    _register_secrets(loaded.credentials, config.ibkr.access_token_secret.reveal())
+    return _Upstream(config.ibkr.base_url, loaded.credentials, None)
+
+
+def _session_manager(config: Config, upstream: _Upstream, client: httpx.AsyncClient, pacer: Pacer) -> SessionManager:
+    return SessionManager(
+        pacer=pacer,
+        client=client,
+        credentials=upstream.credentials,
+        settings=SessionSettings(
+            base_url=upstream.base_url,
+            user_agent=config.ibkr.user_agent,
+            compete=config.ibkr.compete,
+            tickle_interval_s=config.session.tickle_interval_s,
+            backoff=Backoff(config.session.reconnect_delay_s, config.session.reconnect_max_delay_s),
+        ),
+    )
+
+
+def _websockets(
+    config: Config, upstream: _Upstream, manager: SessionManager, tls: ssl.SSLContext
+) -> WebSocketRelay | SharedHub:
+    """The WebSocket side of ``[websocket] mode``: a relay per client, or one shared IBKR socket."""
+    ws_base_url = "ws" + upstream.base_url.removeprefix("http")
+    access_token = upstream.credentials.identity.access_token
+    if config.websocket.mode == "shared":
+        return SharedHub(
+            manager=manager,
+            settings=SharedSettings(
+                ws_base_url=ws_base_url,
+                access_token=access_token,
+                user_agent=config.ibkr.user_agent,
+                tls=tls,
+                max_message_bytes=MAX_WS_MESSAGE_BYTES,
+                max_clients=config.server.max_websockets,
+                client_buffer=config.websocket.client_buffer,
+                upstream_keepalive_s=config.websocket.upstream_keepalive_s,
+                feed=FeedSettings(
+                    unsubscribe_delay_s=config.websocket.unsubscribe_delay_s,
+                    renew_s=config.websocket.renew_subscriptions_s,
+                    batch_interval_s=config.websocket.batch_interval_ms / 1000,
+                ),
+            ),
+        )
+    return WebSocketRelay(
+        manager=manager,
+        settings=RelaySettings(
+            ws_base_url=ws_base_url,
+            access_token=access_token,
+            user_agent=config.ibkr.user_agent,
+            ready_timeout_s=config.session.ready_timeout_s,
+            max_message_bytes=MAX_WS_MESSAGE_BYTES,
+            max_relays=config.server.max_websockets,
+            tls=tls,
+            # A client that takes none of our bytes for a whole ping interval has not taken the ping either: it
+            # is as dead as the ping would find it. Toward IBKR, the upstream write timeout.
+            client_write_timeout_s=config.server.websocket_ping_interval_s,
+            upstream_write_timeout_s=config.upstream.write_timeout_s,
+            upstream_keepalive_s=config.websocket.upstream_keepalive_s,
+        ),
+    )
+
+
+def _http_proxy(
+    config: Config, base_url: str, manager: SessionManager, pool: Http1Pool, pacer: Pacer, metrics: RequestMetrics
+) -> HttpProxy:
+    return HttpProxy(
+        manager=manager,
+        upstream=pool,
+        pacer=pacer,
+        metrics=metrics,
+        settings=ProxySettings(
+            base_url=base_url,
+            user_agent=config.ibkr.user_agent.encode("ascii"),
+            ready_timeout_s=config.session.ready_timeout_s,
+            body_timeout_s=config.server.body_timeout_s,
+        ),
+    )
+
+
+def _dispatcher(
+    loaded: LoadedConfig,
+    source: StatusSource,
+    proxy: HttpProxy,
+    websockets: WebSocketRelay | SharedHub,
+    metrics: RequestMetrics,
+) -> Dispatcher:
+    """The edge: every request's checks, then the proxy, the WebSocket side or the gateway's own pages."""
+    config = loaded.config
+    return Dispatcher(
+        settings=dispatch_settings(config, loaded.api_keys.reveal()),
+        pages=cast(ASGIApp, build_pages_app(source)),
+        http_proxy=proxy,
+        relay=websockets,
+        examples_app=ExamplesApp() if config.server.examples else None,
+        metrics=metrics,
+        metrics_page=MetricsPage(source, metrics),
+        tickle=LocalTickle(source.manager, config.session.ready_timeout_s),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Parts:
+    """What the drain needs to reach: the session, the proxy, the WebSocket side and the server's stop trigger."""
+
+    manager: SessionManager
+    proxy: HttpProxy
+    websockets: WebSocketRelay | SharedHub
+    stop_accepting: trio.Event
+
+
+async def _drain(parts: _Parts, notifier: Notifier) -> None:
+    """SIGTERM's order: close WebSockets (1001), stop accepting, let requests in flight finish (bounded by
+    :data:`GRACEFUL_TIMEOUT_S`), then log out of IBKR."""
+    log.info("shutting down: closing WebSockets, draining requests")
+    notifier.stopping("shutting down: closing WebSockets, draining requests")
+    await parts.manager.stop()
+    parts.stop_accepting.set()  # hypercorn stops accepting and closes idle keep-alive connections
+    with trio.move_on_after(GRACEFUL_TIMEOUT_S) as drain:
+        await parts.proxy.wait_idle()
+        await parts.websockets.wait_all_closed()  # they were told to close (1001); wait until they have
+    if drain.cancelled_caught:
+        log.warning("drain deadline passed with %d request(s) in flight", parts.proxy.in_flight)
+    await parts.manager.logout()
+
+
 async def serve_gateway(
     loaded: LoadedConfig,
     *,
@@ -197,128 +347,49 @@ async def serve_gateway(
     async with trio.open_nursery() as root:
         if notifier.watchdog_s is not None:
             root.start_soon(_watchdog, notifier, notifier.watchdog_s)
-        if config.simulator.enabled:
-            if simulator is None:
-                simulator = Simulator(generate_credentials(), **config.simulator.simulator_options())
-            base_url = await root.start(simulator.serve, "127.0.0.1", config.simulator.port)
-            credentials = simulator_credentials(simulator.credentials, config.ibkr.query_rule)
-            _register_secrets(credentials, simulator.credentials.access_token_secret)
-            log.info("simulator mode: the built-in IBKR simulator listens on %s (this is NOT IBKR)", base_url)
-        else:
-            simulator = None
-            if loaded.credentials is None:
-                raise RuntimeError("credentials are required when the simulator is disabled")
-            credentials = loaded.credentials
-            base_url = config.ibkr.base_url
-            _register_secrets(credentials, config.ibkr.access_token_secret.reveal())
-
+        upstream = await _start_upstream(loaded, simulator, root)
+        base_url = upstream.base_url
         tls = tls_context()
         up = config.upstream
         timeouts = Timeouts(up.connect_timeout_s, up.read_timeout_s, up.write_timeout_s, up.pool_timeout_s)
         async with build_client(timeouts, tls=tls) as client:
             pacer = Pacer(pacing_settings(config.pacing))
-            manager = SessionManager(
-                pacer=pacer,
-                client=client,
-                credentials=credentials,
-                settings=SessionSettings(
-                    base_url=base_url,
-                    user_agent=config.ibkr.user_agent,
-                    compete=config.ibkr.compete,
-                    tickle_interval_s=config.session.tickle_interval_s,
-                    backoff=Backoff(config.session.reconnect_delay_s, config.session.reconnect_max_delay_s),
-                ),
-            )
-            relay: WebSocketRelay | SharedHub = WebSocketRelay(
-                manager=manager,
-                settings=RelaySettings(
-                    ws_base_url="ws" + base_url.removeprefix("http"),
-                    access_token=credentials.identity.access_token,
-                    user_agent=config.ibkr.user_agent,
-                    ready_timeout_s=config.session.ready_timeout_s,
-                    max_message_bytes=MAX_WS_MESSAGE_BYTES,
-                    max_relays=config.server.max_websockets,
-                    tls=tls,
-                    # A client that takes none of our bytes for a whole ping interval has not taken the ping
-                    # either: it is as dead as the ping would find it. Toward IBKR, the upstream write timeout.
-                    client_write_timeout_s=config.server.websocket_ping_interval_s,
-                    upstream_write_timeout_s=up.write_timeout_s,
-                    upstream_keepalive_s=config.websocket.upstream_keepalive_s,
-                ),
-            )
-            if config.websocket.mode == "shared":
-                relay = SharedHub(
-                    manager=manager,
-                    settings=SharedSettings(
-                        ws_base_url="ws" + base_url.removeprefix("http"),
-                        access_token=credentials.identity.access_token,
-                        user_agent=config.ibkr.user_agent,
-                        tls=tls,
-                        max_message_bytes=MAX_WS_MESSAGE_BYTES,
-                        max_clients=config.server.max_websockets,
-                        client_buffer=config.websocket.client_buffer,
-                        upstream_keepalive_s=config.websocket.upstream_keepalive_s,
-                        feed=FeedSettings(
-                            unsubscribe_delay_s=config.websocket.unsubscribe_delay_s,
-                            renew_s=config.websocket.renew_subscriptions_s,
-                            batch_interval_s=config.websocket.batch_interval_ms / 1000,
-                        ),
-                    ),
-                )
-            await root.start(relay.run)  # client writers and write deadlines: beside the server, not inside it
-            upstream = Http1Pool(base_url, timeouts, tls=tls, max_connections=UPSTREAM_MAX_CONNECTIONS)
-            root.start_soon(upstream.keep_tidy)  # idle connections IBKR closed do not linger in CLOSE-WAIT
+            manager = _session_manager(config, upstream, client, pacer)
+            websockets = _websockets(config, upstream, manager, tls)
+            await root.start(websockets.run)  # client writers and write deadlines: beside the server, not inside it
+            pool = Http1Pool(base_url, timeouts, tls=tls, max_connections=UPSTREAM_MAX_CONNECTIONS)
+            root.start_soon(pool.keep_tidy)  # idle connections IBKR closed do not linger in CLOSE-WAIT
             metrics = RequestMetrics()
-            proxy = HttpProxy(
-                manager=manager,
-                upstream=upstream,
-                pacer=pacer,
-                metrics=metrics,
-                settings=ProxySettings(
-                    base_url=base_url,
-                    user_agent=config.ibkr.user_agent.encode("ascii"),
-                    ready_timeout_s=config.session.ready_timeout_s,
-                    body_timeout_s=config.server.body_timeout_s,
-                ),
-            )
+            proxy = _http_proxy(config, base_url, manager, pool, pacer, metrics)
             source = StatusSource(
                 manager=manager,
-                relays=relay.counters,
+                relays=websockets.counters,
                 pacer=pacer,
                 upstream=base_url,
-                simulator=simulator is not None,
+                simulator=upstream.simulator is not None,
                 started_at=started_at,
                 label=config.ibkr.label,
-                shared=relay.snapshot if isinstance(relay, SharedHub) else None,
+                shared=websockets.snapshot if isinstance(websockets, SharedHub) else None,
             )
-            app = Dispatcher(
-                settings=dispatch_settings(config, loaded.api_keys.reveal()),
-                pages=cast(ASGIApp, build_pages_app(source)),
-                http_proxy=proxy,
-                relay=relay,
-                examples_app=ExamplesApp() if config.server.examples else None,
-                metrics=metrics,
-                metrics_page=MetricsPage(source, metrics),
-                tickle=LocalTickle(manager, config.session.ready_timeout_s),
-            )
-            trigger = trio.Event()
+            app = _dispatcher(loaded, source, proxy, websockets, metrics)
+            stop_accepting = trio.Event()
             hconfig = _hypercorn_config(
                 config.server, host or config.server.host, config.server.port if port is None else port
             )
             # hypercorn's protocol on the gateway's own accept loop (web/server.py says why). Its drain waits
-            # for busy connections; the gateway's own in-flight accounting below decides when to stop.
-            urls = await root.start(partial(serve_http, app, hconfig, trigger))
+            # for busy connections; the gateway's own in-flight accounting in _drain decides when to stop.
+            urls = await root.start(partial(serve_http, app, hconfig, stop_accepting))
             await root.start(manager.run)
             gateway = Gateway(
                 url=urls[0],
                 config=config,
                 manager=manager,
-                relays=relay.counters,
+                relays=websockets.counters,
                 upstream_url=base_url,
                 dispatcher=app,
                 pacer=pacer,
                 metrics=metrics,
-                simulator=simulator,
+                simulator=upstream.simulator,
             )
             log.info("gateway listening on %s, upstream %s", gateway.url, base_url)
             if notifier.enabled:
@@ -327,19 +398,10 @@ async def serve_gateway(
             task_status.started(gateway)
             try:
                 await gateway._shutdown.wait()
-                log.info("shutting down: closing WebSockets, draining requests")
-                notifier.stopping("shutting down: closing WebSockets, draining requests")
-                await manager.stop()
-                trigger.set()  # hypercorn stops accepting and closes idle keep-alive connections
-                with trio.move_on_after(GRACEFUL_TIMEOUT_S) as drain:
-                    await proxy.wait_idle()
-                    await relay.wait_all_closed()  # relays were told to close (1001); wait until they have
-                if drain.cancelled_caught:
-                    log.warning("drain deadline passed with %d request(s) in flight", proxy.in_flight)
-                await manager.logout()
+                await _drain(_Parts(manager, proxy, websockets, stop_accepting), notifier)
             finally:
                 root.cancel_scope.cancel()
-                upstream.close()
+                pool.close()
                 gateway._stopped.set()
     log.info("gateway stopped")
 
