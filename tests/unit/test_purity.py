@@ -1,4 +1,5 @@
-"""The pure core imports nothing that does I/O, reads the clock or draws randomness (design.md §2)."""
+"""The pure core imports nothing that does I/O, reads the clock or draws randomness: its modules can be tested and
+reasoned about without a network, a clock or a running event loop."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ PURE_MODULES = [
     SRC / "session" / "state.py",
     SRC / "session" / "paths.py",
     SRC / "web" / "auth.py",
+    SRC / "web" / "request.py",
     SRC / "pacing" / "model.py",
     SRC / "pacing" / "bucket.py",
     SRC / "pacing" / "breaker.py",
