@@ -280,7 +280,7 @@ class HttpProxy:
         method, raw_path, query = request.method, request.raw_path, admitted.query
         headers = transforms.upstream_request_headers(request.raw_headers)
         headers.append((b"user-agent", settings.user_agent))
-        if transforms.header_value(headers, b"accept-encoding") is None:  # none of the client's goes upstream
+        if transforms.header_value(headers, b"accept-encoding") is None:  # the client sent none that may go upstream
             headers.append((b"accept-encoding", b"identity"))
         length = request.header(b"content-length")  # the dispatcher let through one, all digits, or none
         chunked = request.chunked

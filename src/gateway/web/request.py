@@ -130,21 +130,22 @@ def index_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[HeaderIndex, int]
     """``raw`` by lower-case name, every value of a name in the order sent, in one pass; and the block's size as
     the header limit counts it (name + value + 4 bytes per line)."""
     index: HeaderIndex = {}
-    repeated: dict[bytes, list[bytes]] = {}  # names sent more than once: collected here, so the pass stays linear
+    repeated: dict[bytes, list[bytes]] | None = None  # names sent more than once, collected so the pass stays linear
     size = 0
     for name, value in raw:
         size += len(name) + len(value) + 4
         key = name.lower()
-        if key in index:
-            more = repeated.get(key)
-            if more is None:
-                repeated[key] = [*index[key], value]
-            else:
-                more.append(value)
-        else:
+        if key not in index:
             index[key] = (value,)
-    for key, values in repeated.items():
-        index[key] = tuple(values)
+        elif repeated is None:
+            repeated = {key: [*index[key], value]}
+        elif key in repeated:
+            repeated[key].append(value)
+        else:
+            repeated[key] = [*index[key], value]
+    if repeated is not None:
+        for key, values in repeated.items():
+            index[key] = tuple(values)
     return index, size
 
 
@@ -223,6 +224,8 @@ class Client:
     ) -> Client:
         """The client behind ``peer`` (see :func:`client_address`); ``scheme`` is the hop's, which a trusted
         proxy's ``X-Forwarded-Proto`` replaces."""
+        if peer is None or not trusted:  # the common case, without a look at any header
+            return cls(peer, scheme)
         proto = headers.get(b"x-forwarded-proto")
         address, forwarded = client_address(
             peer, headers.get(b"x-forwarded-for", ()), proto[0] if proto else None, trusted
@@ -307,7 +310,7 @@ class Request:
             raise BadPath(problem)
         query: bytes = scope.get("query_string", b"")
         params = parse_query(query)
-        query_keys = auth.query_keys(params)
+        query_keys = auth.query_keys(params) if params else ()
         if len(query_keys) > 1:
             raise BadQuery(f"query string carries {len(query_keys)} access_key parameters; send one")
         websocket = scope["type"] == "websocket"
@@ -317,9 +320,10 @@ class Request:
         peer = scope_peer(scope)
         lengths = headers.get(b"content-length", ())
         chunked = b"transfer-encoding" in headers
-        framing = framing_problem(lengths, chunked, version)
+        framing = framing_problem(lengths, chunked, version) if lengths or chunked else None
         origin = headers.get(b"origin")
         host = headers.get(b"host")
+        authorization = headers.get(b"authorization")
         return cls(
             websocket=websocket,
             method=scope.get("method", "GET"),
@@ -337,7 +341,7 @@ class Request:
             content_length=int(lengths[0]) if lengths and framing is None else None,
             chunked=chunked,
             framing=framing,
-            bearer_key=auth.bearer_key(headers.get(b"authorization", ())),
+            bearer_key=auth.bearer_key(authorization) if authorization else None,
             query_key=query_keys[0] if query_keys else None,
             subprotocol_key=subprotocol_key,
             subprotocol=subprotocol,
