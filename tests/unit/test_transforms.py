@@ -184,6 +184,36 @@ def test_property_accepted_paths_are_canonical(raw: bytes) -> None:
         assert "" not in segments[:-1]
 
 
+def _path_problem_by_segments(raw_path: bytes) -> str | None:
+    """path_problem written the slow, obvious way: byte by byte, then segment by segment."""
+    allowed = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~/!$&'()*+,=:@"
+    if not raw_path.startswith(b"/"):
+        return "path must start with /"
+    if b"%" in raw_path:
+        return "percent-encoded paths are not accepted"
+    bad = next((byte for byte in raw_path if byte not in allowed), None)
+    if bad is not None:
+        return f"path contains a forbidden character (0x{bad:02x})"
+    segments = raw_path.split(b"/")[1:]
+    if any(segment in (b".", b"..") for segment in segments):
+        return "path contains a dot segment"
+    if any(segment == b"" for segment in segments[:-1]):
+        return "path contains an empty segment"
+    return None
+
+
+_path_bytes = st.lists(
+    st.sampled_from([b"/", b".", b"..", b"a", b"%", b";", b"\\", b"\x00", b"\xc3", b" ", b"~"]), max_size=12
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_path_bytes, st.binary(max_size=6))
+def test_property_path_problem_equals_the_segment_by_segment_reading(pieces: list[bytes], tail: bytes) -> None:
+    raw_path = b"".join(pieces) + tail
+    assert path_problem(raw_path) == _path_problem_by_segments(raw_path)
+
+
 # --- match_route -----------------------------------------------------------------------------------------------
 
 ROUTES = (

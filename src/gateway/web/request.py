@@ -33,7 +33,7 @@ ADMITTED_KEY = "gateway.admitted"
 
 HeaderIndex = dict[bytes, tuple[bytes, ...]]
 
-_PATH_ALLOWED = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~/!$&'()*+,=:@")
+_PATH_ALLOWED = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~/!$&'()*+,=:@"
 # What a query string may hold: printable ASCII except "#" (a fragment is never sent to a server). Anything else
 # (spaces, controls, non-ASCII) has no single reading: the signer would sign one string and IBKR rebuild another.
 _QUERY_ALLOWED = frozenset(range(0x21, 0x7F)) - {ord("#")}
@@ -50,13 +50,15 @@ def path_problem(raw_path: bytes) -> str | None:
         return "path must start with /"
     if b"%" in raw_path:
         return "percent-encoded paths are not accepted"
-    bad = next((byte for byte in raw_path if byte not in _PATH_ALLOWED), None)
-    if bad is not None:
-        return f"path contains a forbidden character (0x{bad:02x})"
-    segments = raw_path.split(b"/")[1:]
-    if any(segment in (b".", b"..") for segment in segments):
+    forbidden = raw_path.translate(None, _PATH_ALLOWED)  # what is left once every allowed byte is deleted
+    if forbidden:
+        return f"path contains a forbidden character (0x{forbidden[0]:02x})"
+    # Every segment sits between two slashes once one is appended: a dot segment is "/./" or "/../", and an empty
+    # segment anywhere but at the end (a trailing slash) is "//".
+    slashed = raw_path + b"/"
+    if b"/./" in slashed or b"/../" in slashed:
         return "path contains a dot segment"
-    if any(segment == b"" for segment in segments[:-1]):
+    if b"//" in raw_path:
         return "path contains an empty segment"
     return None
 
