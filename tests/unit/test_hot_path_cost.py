@@ -90,7 +90,7 @@ def test_request_id_and_metrics_cost_per_request(figure: Figure) -> None:
     def checks_only() -> None:
         request = settings.parse(SCOPE)
         answer = _Answer((b"x-request-id", b"r"))
-        _run(lambda: dispatcher._http_request(request, SCOPE, _receive, _send, answer, "r", settings))
+        _run(lambda: dispatcher._http_request(request, SCOPE, _receive, _send, answer, "r"))
 
     full()
     assert metrics.requests == {("/v1/api/iserver/*", "GET", 200): 1}

@@ -167,10 +167,9 @@ class Dispatcher:
             return
         # HTTP, the hot path, inline: one view, one id, one closure, one header appended to the response start, one
         # dict increment. Logs written while handling carry the id (REQUEST_ID); the answer is counted by route.
-        settings = self.settings
         request: Request | RequestRejected
         try:
-            request = settings.parse(scope)
+            request = self.settings.parse(scope)
         except RequestRejected as exc:
             request = exc
         if isinstance(request, RequestRejected):
@@ -190,7 +189,7 @@ class Dispatcher:
             if isinstance(request, RequestRejected):
                 await _refuse_malformed(stamped, request)
             else:
-                await self._http_request(request, scope, receive, stamped, answer, rid, settings)
+                await self._http_request(request, scope, receive, stamped, answer, rid)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError) as exc:
             _connection_lost(exc)
         finally:
@@ -226,16 +225,10 @@ class Dispatcher:
     # --- HTTP -----------------------------------------------------------------------------------------
 
     async def _http_request(
-        self,
-        request: Request,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        answer: _Answer,
-        rid: str,
-        settings: DispatchSettings,
+        self, request: Request, scope: Scope, receive: Receive, send: Send, answer: _Answer, rid: str
     ) -> None:
-        """The checks after parsing (see the module docstring), for ``request`` parsed under ``settings``."""
+        """The checks after parsing, in the order of the module docstring."""
+        settings = self.settings
         path = request.path
         method = request.method
         if path in INTERNAL_PATHS and method in ("GET", "HEAD"):
@@ -406,6 +399,8 @@ class Dispatcher:
         malformed request pays for that."""
         headers, _ = index_headers(scope["headers"])
         rid = choose_request_id(headers.get(REQUEST_ID_HEADER, ()))
+        client = Client.resolve(scope_peer(scope), scope.get("scheme", "http"), headers, self.settings.trusted_proxies)
+        origin = headers.get(b"origin")
         token = REQUEST_ID.set(rid)
         try:
             message = await receive()
@@ -417,16 +412,13 @@ class Dispatcher:
                 text = f"{exc} (server.max_header_bytes, server.max_header_count)"
             else:
                 text = f"{exc}; upgrade refused"
-            origin = headers.get(b"origin")
             await refuse_upgrade(
                 send,
                 scope,
                 UpgradeRefusal(exc.status, exc.code, text, level=logging.INFO),
                 logger=log,
                 path=scope_raw_path(scope).decode("latin-1"),
-                client=Client.resolve(
-                    scope_peer(scope), scope.get("scheme", "http"), headers, self.settings.trusted_proxies
-                ),
+                client=client,
                 origin=origin[0] if origin else None,
                 request_id=rid,
             )
