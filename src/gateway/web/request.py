@@ -254,8 +254,9 @@ class Request:
     Contract: ``raw_headers`` is the scope's header list as it arrived (what the proxy filters for forwarding);
     ``headers`` holds the same headers by lower-case name, every value in the order sent. ``path`` is the ASCII
     text of ``raw_path`` (the canonical-path check guarantees it is ASCII). The API key candidates are as
-    presented: ``bearer_key`` (``Authorization: Bearer``), ``subprotocol_key`` (WebSocket only) and ``query_key``;
-    none of them is checked here.
+    presented: :attr:`bearer_key` (``Authorization: Bearer``), :attr:`subprotocol_key` (WebSocket only) and
+    ``query_key``; none of them is checked here. Fields are what parsing found; properties read the headers by
+    name (one lookup each), so the view is built with no more work than a request needs.
     """
 
     websocket: bool
@@ -270,13 +271,7 @@ class Request:
     peer: str | None
     client: Client
     origin: bytes | None
-    host: bytes | None
-    content_length: int | None  # the one well-formed Content-Length; None without one, or when framing is faulty
-    chunked: bool  # the request has Transfer-Encoding
-    framing: str | None  # why the framing headers are ambiguous (400), or None
-    bearer_key: str | None
     query_key: str | None
-    subprotocol_key: str | None
     subprotocol: str | None  # the ``access_key.<key>`` entry to echo on accept
 
     @classmethod
@@ -316,16 +311,9 @@ class Request:
         if len(query_keys) > 1:
             raise BadQuery(f"query string carries {len(query_keys)} access_key parameters; send one")
         websocket = scope["type"] == "websocket"
-        subprotocol_key, subprotocol = (
-            auth.subprotocol_key(scope.get("subprotocols") or ()) if websocket else (None, None)
-        )
+        subprotocol = auth.subprotocol_key(scope.get("subprotocols") or ())[1] if websocket else None
         peer = scope_peer(scope)
-        lengths = headers.get(b"content-length", ())
-        chunked = b"transfer-encoding" in headers
-        framing = framing_problem(lengths, chunked, version) if lengths or chunked else None
         origin = headers.get(b"origin")
-        host = headers.get(b"host")
-        authorization = headers.get(b"authorization")
         return cls(
             websocket=websocket,
             method=scope.get("method", "GET"),
@@ -339,13 +327,7 @@ class Request:
             peer=peer,
             client=Client.resolve(peer, scope.get("scheme", "http"), headers, trusted_proxies),
             origin=origin[0] if origin else None,
-            host=host[0] if host else None,
-            content_length=int(lengths[0]) if lengths and framing is None else None,
-            chunked=chunked,
-            framing=framing,
-            bearer_key=auth.bearer_key(authorization) if authorization else None,
             query_key=query_keys[0] if query_keys else None,
-            subprotocol_key=subprotocol_key,
             subprotocol=subprotocol,
         )
 
@@ -357,6 +339,42 @@ class Request:
     def header_values(self, name: bytes) -> tuple[bytes, ...]:
         """Every value of header ``name`` (lower-case), in the order sent."""
         return self.headers.get(name, ())
+
+    # Read from the headers by name on demand: each is one dictionary lookup, and most requests never ask.
+
+    @property
+    def host(self) -> bytes | None:
+        """The first ``Host`` value."""
+        return self.header(b"host")
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the request has ``Transfer-Encoding``."""
+        return b"transfer-encoding" in self.headers
+
+    @property
+    def framing(self) -> str | None:
+        """Why the framing headers are ambiguous (400; see :func:`framing_problem`), or ``None``."""
+        lengths = self.headers.get(b"content-length", ())
+        chunked = b"transfer-encoding" in self.headers
+        return framing_problem(lengths, chunked, self.http_version) if lengths or chunked else None
+
+    @property
+    def content_length(self) -> int | None:
+        """The one well-formed ``Content-Length``; ``None`` without one, or when :attr:`framing` is faulty."""
+        lengths = self.headers.get(b"content-length")
+        return int(lengths[0]) if lengths and self.framing is None else None
+
+    @property
+    def bearer_key(self) -> str | None:
+        """The key of the first ``Authorization: Bearer <key>``, or ``None``."""
+        authorization = self.headers.get(b"authorization")
+        return auth.bearer_key(authorization) if authorization else None
+
+    @property
+    def subprotocol_key(self) -> str | None:
+        """The key of the ``access_key.<key>`` subprotocol entry (WebSocket upgrades only), or ``None``."""
+        return self.subprotocol[len(auth.SUBPROTOCOL_PREFIX) :] if self.subprotocol else None
 
     @property
     def keys_presented(self) -> tuple[str, ...]:
