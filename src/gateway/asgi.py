@@ -14,7 +14,10 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # for the annotation only: this module stays below the edge, which builds on it
+    from gateway.web.request import Admitted
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -52,8 +55,6 @@ async def send_error(
     await send_json(send, status, error_body(status, code, message), headers=headers)
 
 
-Headers = Sequence[tuple[bytes, bytes]]
-
 _LOGGED_CHARS = 200  # a path or Origin in a log line is cut here (headers may be kilobytes)
 
 
@@ -79,19 +80,11 @@ def printable(text: str, limit: int = _LOGGED_CHARS) -> str:
     return escaped if len(escaped) <= limit else escaped[:limit] + "..."
 
 
-def _header(headers: Headers, name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key.lower() == name:
-            return value
-    return None
-
-
 def log_refusal(
-    logger: logging.Logger, code: str, message: str, *, level: int, path: str, client: object, headers: Headers
+    logger: logging.Logger, code: str, message: str, *, level: int, path: str, client: object, origin: bytes | None
 ) -> None:
     """The one log line of a refused WebSocket upgrade: code, route (the path, never the query: it may hold a key),
     client address, Origin (``-`` when none) and the message."""
-    origin = _header(headers, b"origin")
     logger.log(
         level,
         "WebSocket upgrade refused (%s): route=%s client=%s origin=%s: %s",
@@ -103,16 +96,23 @@ def log_refusal(
     )
 
 
-async def refuse_over_limit(send: Send, scope: Scope, *, limit: int, holders: str, logger: logging.Logger) -> None:
+async def refuse_over_limit(
+    send: Send, admitted: Admitted, *, limit: int, holders: str, logger: logging.Logger
+) -> None:
     """One upgrade over ``server.max_websockets``: logged, accepted and closed at once with 1013 and a reason naming
     ``websocket_limit`` and the key (at most 123 bytes, as a Close reason must be). It is accepted first because a
     browser learns nothing from a refused handshake but does see a Close's code and reason. ``holders`` says what
     the limit counts (e.g. "relays are open or opening")."""
     message = f"server.max_websockets ({limit}) reached: that many {holders}; try again later"
-    path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
-    client = scope.get("gateway.client", "-")
+    request = admitted.request
     log_refusal(
-        logger, "websocket_limit", message, level=logging.WARNING, path=path, client=client, headers=scope["headers"]
+        logger,
+        "websocket_limit",
+        message,
+        level=logging.WARNING,
+        path=request.path,
+        client=request.client,
+        origin=request.origin,
     )
     await send({"type": "websocket.accept"})
     reason = f"websocket_limit: server.max_websockets ({limit}) reached; try again later"
@@ -127,6 +127,7 @@ async def refuse_upgrade(
     logger: logging.Logger,
     path: str,
     client: object,
+    origin: bytes | None,
     request_id: str | None,
 ) -> None:
     """Log ``refusal`` (:func:`log_refusal`) and answer the upgrade with it before accept, so no relay starts.
@@ -135,8 +136,7 @@ async def refuse_upgrade(
     server offers the ``websocket.http.response`` extension (hypercorn does); elsewhere a close before accept, which
     the server answers with a bare 403. The caller must have received ``websocket.connect`` and not accepted.
     """
-    headers: Headers = scope["headers"]
-    log_refusal(logger, refusal.code, refusal.message, level=refusal.level, path=path, client=client, headers=headers)
+    log_refusal(logger, refusal.code, refusal.message, level=refusal.level, path=path, client=client, origin=origin)
     if "websocket.http.response" not in (scope.get("extensions") or {}):
         await send({"type": "websocket.close", "code": 1008})  # before accept: HTTP 403
         return

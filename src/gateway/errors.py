@@ -18,6 +18,9 @@ Hierarchy::
     │       └── WebSocketRejected   502  the upstream refused the WebSocket upgrade with an HTTP status
     ├── PacingRejected              429  outbound pacing would not let the request go in time (carries Retry-After)
     ├── RequestRejected             400  a client's request refused at the edge, never forwarded
+    │   ├── UnsupportedHttpVersion  505  not HTTP/1.0 or HTTP/1.1
+    │   ├── HeadersTooLarge         431  more header lines or bytes than server.max_header_count / max_header_bytes
+    │   ├── BadPath                 400  a path that is not plain and canonical
     │   └── BadQuery                400  a query string the gateway cannot forward exactly as checked
     └── SessionError                503  no usable brokerage session
         └── SessionNotReady         503  no session became ready within ready_timeout_s
@@ -226,6 +229,32 @@ class RequestRejected(GatewayError):
 
     status = 400
     code = "bad_request"
+
+
+class UnsupportedHttpVersion(RequestRejected):
+    """A request in an HTTP version other than 1.0 and 1.1 (HTTP/2 belongs to a proxy in front). ``version`` is
+    the version as the server reported it."""
+
+    status = 505
+    code = "http_version_not_supported"
+
+    def __init__(self, version: str) -> None:
+        super().__init__(f"HTTP/{version} is not spoken here")
+        self.version = version
+
+
+class HeadersTooLarge(RequestRejected):
+    """A header block with more lines or bytes than the configured limits; the message gives both figures."""
+
+    status = 431
+    code = "headers_too_large"
+
+
+class BadPath(RequestRejected):
+    """A path that is not plain and canonical (see :func:`gateway.web.request.path_problem`); the message says
+    which rule it breaks."""
+
+    code = "bad_path"
 
 
 class BadQuery(RequestRejected):

@@ -88,7 +88,9 @@ def test_request_id_and_metrics_cost_per_request(figure: Figure) -> None:
         _run(lambda: dispatcher(SCOPE, _receive, _send))
 
     def checks_only() -> None:
-        _run(lambda: dispatcher._http_request(SCOPE, _receive, _send, _Answer((b"x-request-id", b"r")), "r"))
+        request = settings.parse(SCOPE)
+        answer = _Answer((b"x-request-id", b"r"))
+        _run(lambda: dispatcher._http_request(request, SCOPE, _receive, _send, answer, "r"))
 
     full()
     assert metrics.requests == {("/v1/api/iserver/*", "GET", 200): 1}

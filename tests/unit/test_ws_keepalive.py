@@ -13,6 +13,7 @@ from gateway.config.parse import parse_config
 from gateway.errors import ConfigError
 from gateway.proxy.websocket import RelaySettings, WebSocketRelay, _Relay, is_tic_reply
 from gateway.session.supervisor import SessionManager
+from gateway.web.request import Admitted, Request
 
 TIC_ANSWER = '{"topic":"tic","alive":true,"id":"0123456789abcdef0123456789abcdef","lastAccessed":1712596911593}'
 
@@ -76,7 +77,9 @@ async def test_a_stalled_keepalive_write_ends_the_relay_like_a_stalled_client_wr
         ws_base_url="ws://127.0.0.1:9", access_token="t", user_agent="u", ready_timeout_s=1, upstream_write_timeout_s=2
     )
     relays = WebSocketRelay(manager=cast(SessionManager, None), settings=settings)
-    relay = _Relay(scope={}, receive=_no_receive, send=_no_send, path="/v1/api/ws")
+    scope = {"type": "websocket", "path": "/v1/api/ws", "headers": [], "client": ("127.0.0.1", 50000)}
+    admitted = Admitted(Request.from_scope(scope), "rid", b"", "/v1/api/ws")
+    relay = _Relay(scope=scope, admitted=admitted, receive=_no_receive, send=_no_send, path="/v1/api/ws")
     relay.keepalive_since = 10.0
     relays._check_writes(relay, now=11.9)
     assert relay.close_code is None and not relay.cancel_scope.cancel_called

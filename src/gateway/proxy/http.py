@@ -55,6 +55,7 @@ from gateway.pacing import Pacer
 from gateway.proxy import transforms
 from gateway.session.supervisor import LiveSession, SessionManager
 from gateway.upstream.http1 import REPLAYABLE, Http1Pool, UpstreamResponse
+from gateway.web.request import ADMITTED_KEY, Admitted
 
 log = logging.getLogger("gateway.proxy")
 
@@ -251,61 +252,58 @@ class HttpProxy:
             await self._idle.wait()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Handle one ASGI ``http`` exchange whose path and route were already checked by the dispatcher."""
-        method: str = scope["method"]
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode("ascii")
-        query: bytes = scope.get("query_string", b"")
-        path_text = raw_path.decode("ascii")
+        """Handle one ASGI ``http`` exchange the dispatcher admitted (its :class:`Admitted` is in the scope)."""
+        admitted: Admitted = scope[ADMITTED_KEY]
+        request = admitted.request
         started = time.monotonic()
         outcome = Outcome()
         self.in_flight += 1
         self._idle = trio.Event() if self.in_flight == 1 else self._idle
         try:
-            await self._exchange(scope, receive, send, method, raw_path, query, outcome)
+            await self._exchange(admitted, receive, send, outcome)
         finally:
             self.in_flight -= 1
             if not self.in_flight:
                 self._idle.set()
             log.info(
                 "%s %s -> %d %.1f ms %d bytes client=%s",
-                method,
-                path_text,
+                request.method,
+                request.path,
                 outcome.status,
                 (time.monotonic() - started) * 1000,
                 outcome.sent,
-                scope.get("gateway.client", "-"),  # the dispatcher's ClientLabel: X-Forwarded-For from trusted proxies
+                request.client,  # X-Forwarded-For from trusted proxies
             )
 
-    async def _exchange(
-        self, scope: Scope, receive: Receive, send: Send, method: str, raw_path: bytes, query: bytes, outcome: Outcome
-    ) -> None:
+    async def _exchange(self, admitted: Admitted, receive: Receive, send: Send, outcome: Outcome) -> None:
         settings = self._settings
-        client_headers: list[tuple[bytes, bytes]] = scope["headers"]
-        headers = transforms.upstream_request_headers(client_headers)
+        request = admitted.request
+        method, raw_path, query = request.method, request.raw_path, admitted.query
+        headers = transforms.upstream_request_headers(request.raw_headers)
         headers.append((b"user-agent", settings.user_agent))
-        if transforms.header_value(headers, b"accept-encoding") is None:
+        if transforms.header_value(headers, b"accept-encoding") is None:  # the client sent none that may go upstream
             headers.append((b"accept-encoding", b"identity"))
-        length = transforms.header_value(client_headers, b"content-length")
-        chunked = transforms.header_value(client_headers, b"transfer-encoding") is not None
+        length = request.header(b"content-length")  # the dispatcher let through one, all digits, or none
+        chunked = request.chunked
         has_body = chunked or (length is not None and length.strip() not in (b"", b"0"))
         if length is not None and not chunked:
             headers.append((b"content-length", length.strip()))
         elif not chunked and method in BODY_METHODS:
             headers.append((b"content-length", b"0"))  # IBKR's edge answers 411 to a POST without a length
-        path = raw_path.decode("ascii")
+        path = request.path
         exchange = _Exchange(
             send=send,
             method=method,
             path=path,
             url=transforms.upstream_url(settings.base_url, raw_path, query),
             target=raw_path + b"?" + query if query else raw_path,
-            route=scope.get("gateway.route", path),
+            route=admitted.route,
             headers=headers,
             body=None,
             retryable=method in REPLAYABLE and not has_body,
             outcome=outcome,
         )
-        limit = scope.get("gateway.max_body", 1 << 62)
+        limit = admitted.max_body
         deadline = trio.current_time() + settings.body_timeout_s
         start, complete = b"", not has_body
         if has_body and (chunked or int(length or 0) <= BUFFER_BODY_BYTES):

@@ -57,6 +57,7 @@ from gateway.errors import SessionNotReady, UpstreamError
 from gateway.session.paths import websocket_request
 from gateway.session.supervisor import LiveSession, SessionManager
 from gateway.upstream.wsclient import UpstreamWebSocket, WebSocketClosed, connect_websocket
+from gateway.web.request import ADMITTED_KEY, Admitted
 
 log = logging.getLogger("gateway.websocket")
 
@@ -158,6 +159,7 @@ class _Relay:
     """State of one relay, shared by the handler, the relay task and the client writer."""
 
     scope: Scope
+    admitted: Admitted  # the request as the dispatcher let it through
     receive: Receive
     send: Send
     path: str
@@ -239,19 +241,20 @@ class WebSocketRelay:
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        path = (scope.get("raw_path") or scope["path"].encode()).decode("ascii")
+        admitted: Admitted = scope[ADMITTED_KEY]
+        path = admitted.request.path
         writers = self._writers
         if writers is None:
             raise RuntimeError("WebSocketRelay.run() is not running")
         counters = self.counters
         if counters.slots >= self._settings.max_relays:
             await refuse_over_limit(
-                send, scope, limit=self._settings.max_relays, holders="relays are open or opening", logger=log
+                send, admitted, limit=self._settings.max_relays, holders="relays are open or opening", logger=log
             )
             return
         # The slot is taken here, with no checkpoint since the check: concurrent upgrades cannot all pass it.
         counters.slots += 1
-        relay = _Relay(scope=scope, receive=receive, send=send, path=path)
+        relay = _Relay(scope=scope, admitted=admitted, receive=receive, send=send, path=path)
         writer_started = False
         try:
             session = await self._start(relay)
@@ -317,18 +320,19 @@ class WebSocketRelay:
         if relay.client_closed:
             return
         relay.client_closed = True
-        scope = relay.scope
+        request = relay.admitted.request
         with trio.move_on_after(_CLOSE_TIMEOUT_S) as cancel:
             cancel.shield = True
             try:
                 await refuse_upgrade(
                     relay.send,
-                    scope,
+                    relay.scope,
                     refusal,
                     logger=log,
                     path=relay.path,
-                    client=scope.get("gateway.client", "-"),
-                    request_id=scope.get("gateway.request_id"),
+                    client=request.client,
+                    origin=request.origin,
+                    request_id=relay.admitted.request_id,
                 )
             except Exception as exc:  # the client may already be gone; nothing left to tell it
                 log.debug("%s: refusal not delivered: %s", relay.path, type(exc).__name__)
@@ -336,10 +340,10 @@ class WebSocketRelay:
     @staticmethod
     def _accept_message(relay: _Relay) -> Message:
         accept: dict[str, object] = {"type": "websocket.accept"}
-        if relay.scope.get("gateway.request_id"):
-            accept["headers"] = [(b"x-request-id", relay.scope["gateway.request_id"].encode("ascii"))]
-        if relay.scope.get("gateway.subprotocol"):
-            accept["subprotocol"] = relay.scope["gateway.subprotocol"]
+        if relay.admitted.request_id:
+            accept["headers"] = [(b"x-request-id", relay.admitted.request_id.encode("ascii"))]
+        if relay.admitted.request.subprotocol:
+            accept["subprotocol"] = relay.admitted.request.subprotocol
         return accept
 
     @staticmethod
@@ -436,7 +440,7 @@ class WebSocketRelay:
                     access_token=settings.access_token,
                     cookie=session.cookie.reveal(),
                     user_agent=settings.user_agent,
-                    query=relay.scope.get("query_string", b""),
+                    query=relay.admitted.query,
                 )
                 try:
                     async with connect_websocket(
@@ -481,7 +485,7 @@ class WebSocketRelay:
         counters.opened_total += 1
         if counters.open == 1:
             self._none_open = trio.Event()
-        client = relay.scope.get("gateway.client", "-")  # real address behind trusted proxies
+        client = relay.admitted.request.client  # real address behind trusted proxies
         counters.clients[id(relay)] = client
         relay.counted_open = True
         log.info("%s: WebSocket relay open client=%s", relay.path, client)
@@ -668,6 +672,6 @@ class WebSocketRelay:
             peer,
             deadline_s,
             relay.close_code,
-            relay.scope.get("gateway.client", "-"),
+            relay.admitted.request.client,
         )
         relay.cancel_scope.cancel()

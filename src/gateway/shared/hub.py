@@ -38,6 +38,7 @@ from gateway.session.paths import websocket_request
 from gateway.session.supervisor import LiveSession, SessionManager
 from gateway.shared.feed import Action, ClientId, Feed, FeedSettings, ToClients, ToUpstream
 from gateway.upstream.wsclient import UpstreamWebSocket, WebSocketClosed, connect_websocket
+from gateway.web.request import ADMITTED_KEY
 from gateway.web.server import FrameWriter, frame_writer, text_frame
 
 log = logging.getLogger("gateway.websocket")
@@ -200,7 +201,11 @@ class SharedHub:
             raise RuntimeError("SharedHub.run() is not running")
         if len(self._clients) >= self._settings.max_clients:
             await refuse_over_limit(
-                send, scope, limit=self._settings.max_clients, holders="clients share the WebSocket", logger=log
+                send,
+                scope[ADMITTED_KEY],
+                limit=self._settings.max_clients,
+                holders="clients share the WebSocket",
+                logger=log,
             )
             return
         queue, out = trio.open_memory_channel[str | bytes](self._settings.client_buffer)

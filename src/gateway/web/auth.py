@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from gateway.proxy.transforms import QueryParam
+if TYPE_CHECKING:  # gateway.web.request parses with these helpers; it is imported for the type only
+    from gateway.web.request import QueryParam
 
 SUBPROTOCOL_PREFIX = "access_key."
 QUERY_PARAMETER = "access_key"
@@ -51,13 +53,12 @@ class ApiKeys:
         return matched
 
 
-def bearer_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """The token of an ``Authorization: Bearer <token>`` header, or ``None``."""
-    for name, value in headers:
-        if name.lower() == b"authorization":
-            scheme, _, token = value.decode("latin-1").strip().partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+def bearer_key(authorization: Iterable[bytes]) -> str | None:
+    """The token of the first ``Bearer <token>`` among a request's ``Authorization`` header values, or ``None``."""
+    for value in authorization:
+        scheme, _, token = value.decode("latin-1").strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
     return None
 
 

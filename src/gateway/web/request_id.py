@@ -11,6 +11,7 @@ import itertools
 import re
 import secrets
 import string
+from collections.abc import Iterable, Sequence
 
 HEADER = b"x-request-id"
 MAX_LENGTH = 64
@@ -30,14 +31,15 @@ def is_valid(value: bytes) -> bool:
     return _VALID.fullmatch(value) is not None
 
 
-def request_id(headers: list[tuple[bytes, bytes]]) -> str:
-    """The client's ``X-Request-Id`` if it is well-formed (and the only one), else a new id."""
-    supplied: bytes | None = None
-    for name, value in headers:  # ASGI header names are lower-case
-        if name == HEADER:
-            if supplied is not None:  # two of them: believe neither
-                return new_request_id()
-            supplied = value
-    if supplied is not None and _VALID.fullmatch(supplied):
-        return supplied.decode("ascii")
+def choose_request_id(supplied: Sequence[bytes]) -> str:
+    """The client's id when it sent exactly one ``X-Request-Id`` (``supplied``: every value) and it is well-formed
+    (two of them: believe neither), else a new id."""
+    if len(supplied) == 1 and _VALID.fullmatch(supplied[0]):
+        return supplied[0].decode("ascii")
     return new_request_id()
+
+
+def request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """:func:`choose_request_id` over a header list (ASGI names are lower-case): for a request that has no
+    :class:`~gateway.web.request.Request` because it was refused while parsed."""
+    return choose_request_id([value for name, value in headers if name == HEADER])
