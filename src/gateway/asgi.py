@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # for the annotation only: this module stays below the edge, which builds on it
-    from gateway.web.request import Admitted
+    from gateway.edge.request import Admitted
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -251,7 +251,7 @@ class HeadersTooLarge(RequestRejected):
 
 
 class BadPath(RequestRejected):
-    """A path that is not plain and canonical (see :func:`gateway.web.request.path_problem`); the message says
+    """A path that is not plain and canonical (see :func:`gateway.edge.request.path_problem`); the message says
     which rule it breaks."""
 
     code = "bad_path"

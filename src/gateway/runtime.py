@@ -43,6 +43,7 @@ from gateway.config.load import LoadedConfig, load_config
 from gateway.config.model import Config, Credentials, ServerConfig
 from gateway.config.pacing import pacing_settings
 from gateway.config.reload import ReloadPlan, plan_reload
+from gateway.edge.auth import ApiKeys
 from gateway.errors import ConfigError, ListenError
 from gateway.logs import configure_logging, register_secret, set_level
 from gateway.metrics import RequestMetrics
@@ -64,7 +65,6 @@ from gateway.simulator import Simulator, SimulatorCredentials, generate_credenti
 from gateway.upstream.client import build_client
 from gateway.upstream.http1 import Http1Pool
 from gateway.upstream.transport import Timeouts, tls_context
-from gateway.web.auth import ApiKeys
 from gateway.web.dispatch import Dispatcher, DispatchSettings
 from gateway.web.examples import ExamplesApp
 from gateway.web.metrics import MetricsPage

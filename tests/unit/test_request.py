@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 
 from gateway.asgi import Message, Receive, Scope, Send
 from gateway.config.model import IPNetwork, RouteConfig
+from gateway.edge.request import Request, index_headers
 from gateway.errors import BadPath, BadQuery, HeadersTooLarge, RequestRejected, UnsupportedHttpVersion
 from gateway.web.dispatch import Dispatcher, DispatchSettings
-from gateway.web.request import Request, index_headers
 
 Headers = list[tuple[bytes, bytes]]
 fast = settings(max_examples=50, deadline=None)

@@ -1,4 +1,4 @@
-"""The edge's path, route and query checks (gateway.web.request) and the proxy transforms: query rewriting, header
+"""The edge's path, route and query checks (gateway.edge.request) and the proxy transforms: query rewriting, header
 allow-lists. The request view and the client address behind trusted proxies: tests/unit/test_request.py."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.config.model import RouteConfig
+from gateway.edge.request import QueryParam, match_route, parse_query, path_problem, reserved_parameter
 from gateway.errors import BadQuery
 from gateway.proxy.transforms import (
     HOP_BY_HOP,
@@ -21,7 +22,6 @@ from gateway.proxy.transforms import (
     upstream_request_headers,
     upstream_url,
 )
-from gateway.web.request import QueryParam, match_route, parse_query, path_problem, reserved_parameter
 
 Headers = list[tuple[bytes, bytes]]
 fast = settings(max_examples=25, deadline=None)  # pure and cheap; keep the unit suite well under a few seconds

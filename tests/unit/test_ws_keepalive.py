@@ -10,10 +10,10 @@ import pytest
 
 from gateway.asgi import Message
 from gateway.config.parse import parse_config
+from gateway.edge.request import Admitted, Request
 from gateway.errors import ConfigError
 from gateway.proxy.websocket import RelaySettings, WebSocketRelay, _Relay, is_tic_reply
 from gateway.session.supervisor import SessionManager
-from gateway.web.request import Admitted, Request
 
 TIC_ANSWER = '{"topic":"tic","alive":true,"id":"0123456789abcdef0123456789abcdef","lastAccessed":1712596911593}'
 

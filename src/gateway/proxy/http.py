@@ -49,13 +49,13 @@ from dataclasses import dataclass
 import trio
 
 from gateway.asgi import Receive, Scope, Send, send_error
+from gateway.edge.request import ADMITTED_KEY, Admitted
 from gateway.errors import PacingRejected, SessionNotReady, UpstreamError, UpstreamStale
 from gateway.metrics import RequestMetrics
 from gateway.pacing import Pacer
 from gateway.proxy import transforms
 from gateway.session.supervisor import LiveSession, SessionManager
 from gateway.upstream.http1 import REPLAYABLE, Http1Pool, UpstreamResponse
-from gateway.web.request import ADMITTED_KEY, Admitted
 
 log = logging.getLogger("gateway.proxy")
 

@@ -2,7 +2,7 @@
 query without the API key, the upstream URL (pure).
 
 The checks of what a request may be (path, query, route, framing, header limits) are the edge's, in
-:mod:`gateway.web.request`. Everything here works on bytes as they arrived (ASGI ``raw_path``, ``query_string``
+:mod:`gateway.edge.request`. Everything here works on bytes as they arrived (ASGI ``raw_path``, ``query_string``
 and header pairs), so the request that goes upstream is exactly the one that was checked.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from gateway.web.request import QueryParam
+from gateway.edge.request import QueryParam
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -95,7 +95,7 @@ def downstream_response_headers(upstream_headers: Iterable[tuple[bytes, bytes]])
 
 def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     """The first value of header ``name`` (lower-case) in a list of pairs that is not the client's request (the
-    client's headers are read from its :class:`~gateway.web.request.Request`), or ``None``."""
+    client's headers are read from its :class:`~gateway.edge.request.Request`), or ``None``."""
     for key, value in headers:
         if key.lower() == name:
             return value

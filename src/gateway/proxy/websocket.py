@@ -53,11 +53,11 @@ from dataclasses import dataclass, field
 import trio
 
 from gateway.asgi import Message, Receive, Scope, Send, UpgradeRefusal, refuse_over_limit, refuse_upgrade
+from gateway.edge.request import ADMITTED_KEY, Admitted
 from gateway.errors import SessionNotReady, UpstreamError
 from gateway.session.paths import websocket_request
 from gateway.session.supervisor import LiveSession, SessionManager
 from gateway.upstream.wsclient import UpstreamWebSocket, WebSocketClosed, connect_websocket
-from gateway.web.request import ADMITTED_KEY, Admitted
 
 log = logging.getLogger("gateway.websocket")
 

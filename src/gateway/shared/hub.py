@@ -32,13 +32,13 @@ from dataclasses import dataclass, field
 import trio
 
 from gateway.asgi import Receive, Scope, Send, refuse_over_limit
+from gateway.edge.request import ADMITTED_KEY
 from gateway.errors import UpstreamError
 from gateway.proxy.websocket import RelayCounters
 from gateway.session.paths import websocket_request
 from gateway.session.supervisor import LiveSession, SessionManager
 from gateway.shared.feed import Action, ClientId, Feed, FeedSettings, ToClients, ToUpstream
 from gateway.upstream.wsclient import UpstreamWebSocket, WebSocketClosed, connect_websocket
-from gateway.web.request import ADMITTED_KEY
 from gateway.web.server import FrameWriter, frame_writer, text_frame
 
 log = logging.getLogger("gateway.websocket")

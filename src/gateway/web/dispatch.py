@@ -20,10 +20,10 @@ see :mod:`gateway.web.request_id`), and every log line written while handling it
 (:data:`gateway.logs.REQUEST_ID`). Every answered HTTP request is counted in
 :class:`~gateway.metrics.RequestMetrics` by route pattern (not raw path), method and status.
 
-Each request is parsed once, on arrival, into a :class:`~gateway.web.request.Request` (which raises the 505, 431
+Each request is parsed once, on arrival, into a :class:`~gateway.edge.request.Request` (which raises the 505, 431
 and the malformed-path and malformed-query 400s); every later check reads that view. Contract: the proxy and the
-relay are handed the scope with an :class:`~gateway.web.request.Admitted` under
-:data:`~gateway.web.request.ADMITTED_KEY` — the view, the request id, the matched route pattern (the metrics label),
+relay are handed the scope with an :class:`~gateway.edge.request.Admitted` under
+:data:`~gateway.edge.request.ADMITTED_KEY` — the view, the request id, the matched route pattern (the metrics label),
 the route's body limit and the query to forward, which never carries ``access_key``.
 
 :attr:`Dispatcher.settings` may be replaced at any time (config reload): a request's checks run without yielding
@@ -40,13 +40,8 @@ import trio
 
 from gateway.asgi import ASGIApp, Message, Receive, Scope, Send, UpgradeRefusal, printable, refuse_upgrade, send_error
 from gateway.config.model import IPNetwork, RouteConfig
-from gateway.errors import HeadersTooLarge, RequestRejected, UnsupportedHttpVersion
-from gateway.logs import REQUEST_ID
-from gateway.metrics import UNROUTED, RequestMetrics
-from gateway.proxy import transforms
-from gateway.session.paths import TICKLE_PATH, WEBSOCKET_PATH, session_owned
-from gateway.web import auth, examples
-from gateway.web.request import (
+from gateway.edge import auth
+from gateway.edge.request import (
     ADMITTED_KEY,
     Admitted,
     Client,
@@ -57,6 +52,12 @@ from gateway.web.request import (
     scope_peer,
     scope_raw_path,
 )
+from gateway.errors import HeadersTooLarge, RequestRejected, UnsupportedHttpVersion
+from gateway.logs import REQUEST_ID
+from gateway.metrics import UNROUTED, RequestMetrics
+from gateway.proxy import transforms
+from gateway.session.paths import TICKLE_PATH, WEBSOCKET_PATH, session_owned
+from gateway.web import examples
 from gateway.web.request_id import HEADER as REQUEST_ID_HEADER
 from gateway.web.request_id import choose_request_id, request_id
 

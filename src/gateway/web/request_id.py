@@ -41,5 +41,5 @@ def choose_request_id(supplied: Sequence[bytes]) -> str:
 
 def request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:
     """:func:`choose_request_id` over a header list (ASGI names are lower-case): for a request that has no
-    :class:`~gateway.web.request.Request` because it was refused while parsed."""
+    :class:`~gateway.edge.request.Request` because it was refused while parsed."""
     return choose_request_id([value for name, value in headers if name == HEADER])

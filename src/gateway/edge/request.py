@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.config.model import IPNetwork, RouteConfig
+from gateway.edge import auth
 from gateway.errors import BadPath, BadQuery, HeadersTooLarge, OAuthError, UnsupportedHttpVersion
 from gateway.oauth.basestring import decode_query_pair
-from gateway.web import auth
 
 HTTP_VERSIONS = frozenset({"1.0", "1.1"})
 ADMITTED_KEY = "gateway.admitted"

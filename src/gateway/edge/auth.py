@@ -19,8 +19,8 @@ import hmac
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # gateway.web.request parses with these helpers; it is imported for the type only
-    from gateway.web.request import QueryParam
+if TYPE_CHECKING:  # gateway.edge.request parses with these helpers; it is imported for the type only
+    from gateway.edge.request import QueryParam
 
 SUBPROTOCOL_PREFIX = "access_key."
 QUERY_PARAMETER = "access_key"
