@@ -130,7 +130,7 @@ async def test_ibkr_closing_the_shared_socket_reopens_it_under_the_same_session(
 ) -> None:
     """IBKR closes its socket while the session lives: the hub says why, clients stay and hear the notice, the socket
     is reopened and re-subscribed — and the session is not disturbed (the close never escapes into its nursery)."""
-    async with open_websocket(gw.ws_url + WS_PATH) as ws:
+    async with open_websocket(gw.ws_url) as ws:
         await ws.send_message(smd(AAPL, "31"))
         await next_json(ws, f"smd+{AAPL}")
         generation = gw.manager.active.generation if gw.manager.active else 0

@@ -20,7 +20,8 @@ Why not ``hypercorn.trio.serve`` as it comes (each point was reproduced against 
 - **A client that stops reading is let go.** hypercorn writes to the client shielded and with no deadline, so a
   client that reads nothing held its connection (and whatever waited on that write) until it closed its socket.
   Each write here has a deadline — ``websocket_ping_interval`` on a WebSocket, ``read_timeout`` otherwise — after
-  which the connection is closed; a connection closed here is not read any further.
+  which the connection is closed; a connection closed here is not read any further. When the server itself is
+  going away (its connection tasks are cancelled at the end of the drain), a write still in flight ends at once.
 - **A WebSocket protocol violation is answered with a Close frame.** wsproto reports a frame it cannot accept
   (bad UTF-8, an unmasked client frame, reserved bits) as a ``CloseConnection`` event while the connection is still
   open; hypercorn then dropped TCP without the Close frame (1002/1007) that RFC 6455 §7.1.7 asks for.
@@ -295,39 +296,65 @@ class Connection(TCPServer):
         self._gone = False  # the peer broke the connection (a write failed)
         self._frame_rest = b""  # the unwritten end of a frame FrameWriter.try_write began: written before anything
         self._peer: tuple[str, int] | None = None
+        self._writing: trio.CancelScope | None = None  # the shielded scope of the write in flight, if any
 
     async def run(self) -> None:
         """Serve the connection until it closes; never raises (except cancellation)."""
-        peer: tuple[str, int] | None = None
+        served = trio.Event()
         try:
-            sock = self.stream.socket
-            peer = self._peer = parse_socket_addr(sock.family, sock.getpeername())
-            local = parse_socket_addr(sock.family, sock.getsockname())
-            async with _TaskGroup() as task_group:
-                self._task_group = task_group
-                protocol = self.protocol_class(
-                    self.app,
-                    self.config,
-                    self.context,
-                    task_group,
-                    ConnectionState(self.state),
-                    False,
-                    peer,
-                    local,
-                    self.protocol_send,
-                )
-                protocol.gateway_connection = self  # its WebSocket streams write frames through this connection
-                self.protocol = protocol  # type: ignore[assignment]  # TCPServer declares ProtocolWrapper
-                await self.protocol.initiate()
-                await self.idle_task.restart(task_group, self._idle_timeout)
-                with self._reading:  # cancelled by _close: a closed connection is not read any further
-                    await self._read_data()
+            async with trio.open_nursery() as guard:
+                guard.start_soon(self._abandon_write_if_cancelled, served)
+                try:
+                    await self._serve()
+                finally:
+                    served.set()
         except* OSError:
             pass  # the peer went away: nothing to report
         except* Exception as group:
-            _log_failure(peer, group)
+            _log_failure(self._peer, group)
         finally:
             await self._close()
+
+    async def _serve(self) -> None:
+        sock = self.stream.socket
+        peer = self._peer = parse_socket_addr(sock.family, sock.getpeername())
+        local = parse_socket_addr(sock.family, sock.getsockname())
+        async with _TaskGroup() as task_group:
+            self._task_group = task_group
+            protocol = self.protocol_class(
+                self.app,
+                self.config,
+                self.context,
+                task_group,
+                ConnectionState(self.state),
+                False,
+                peer,
+                local,
+                self.protocol_send,
+            )
+            protocol.gateway_connection = self  # its WebSocket streams write frames through this connection
+            self.protocol = protocol  # type: ignore[assignment]  # TCPServer declares ProtocolWrapper
+            await self.protocol.initiate()
+            await self.idle_task.restart(task_group, self._idle_timeout)
+            with self._reading:  # cancelled by _close: a closed connection is not read any further
+                await self._read_data()
+
+    async def _abandon_write_if_cancelled(self, served: trio.Event) -> None:
+        """Beside the connection until it is served; if the connection is cancelled first (the server is going
+        away), end a write in flight at once. The connection's own tasks cannot: the write is shielded, and they
+        wait for it before they see the cancellation."""
+        try:
+            await served.wait()
+        except trio.Cancelled:
+            self._abandon_write()
+            raise
+
+    def _abandon_write(self) -> None:
+        """End a write in flight now instead of at its deadline: once the server is going away (the gateway's drain
+        is over), a client that reads nothing must not hold the process for a whole ping interval."""
+        if self._writing is not None:
+            self._gone = True  # no warning: the connection is closed because the server stops, not for the client
+            self._writing.cancel()
 
     async def _close(self) -> None:
         """Send EOF after any write in flight, then close the socket and stop reading; shielded (the caller may be a
@@ -353,7 +380,8 @@ class Connection(TCPServer):
         client) and the write itself are shielded together, under the write deadline.
         """
         if isinstance(event, RawData):
-            with trio.CancelScope(shield=True), trio.move_on_after(self._write_deadline_s()) as deadline:
+            with trio.CancelScope(shield=True) as writing, trio.move_on_after(self._write_deadline_s()) as deadline:
+                self._writing = writing
                 async with self.send_lock:
                     data, self._frame_rest = self._frame_rest + event.data, b""
                     try:
@@ -361,6 +389,11 @@ class Connection(TCPServer):
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         self._gone = True
                         deadline.cancel()  # gone: closed like a missed deadline, without the warning
+            self._writing = None
+            if writing.cancelled_caught:  # abandoned: the server is going away and closes every connection itself
+                with trio.CancelScope(shield=True):
+                    await self.stream.aclose()
+                return
             if deadline.cancelled_caught:
                 if not self._reading.cancel_called and not self._gone:
                     log.warning(
@@ -394,11 +427,19 @@ def _where(peer: tuple[str, int] | None) -> str:
     return f"{peer[0]}:{peer[1]}" if peer else "-"
 
 
+def _leaves(group: BaseExceptionGroup[Exception]) -> list[Exception]:
+    """The exceptions in ``group``, nested groups flattened (the connection's guard nursery adds a level)."""
+    found: list[Exception] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
 def _log_failure(peer: tuple[str, int] | None, group: BaseExceptionGroup[Exception]) -> None:
     # One line per failure: the type and hypercorn's message (no request data: its exceptions carry stream ids and
     # states). The traceback is for developers, at debug level.
     where = _where(peer)
-    for exc in group.exceptions:
+    for exc in _leaves(group):
         log.warning(
             "connection from %s closed after an error in the HTTP server: %s: %s", where, type(exc).__name__, exc
         )
