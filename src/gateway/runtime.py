@@ -301,29 +301,25 @@ def _dispatcher(
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _Parts:
-    """What the drain needs to reach: the session, the proxy, the WebSocket side and the server's stop trigger."""
-
-    manager: SessionManager
-    proxy: HttpProxy
-    websockets: WebSocketRelay | SharedHub
-    stop_accepting: trio.Event
-
-
-async def _drain(parts: _Parts, notifier: Notifier) -> None:
+async def _drain(
+    manager: SessionManager,
+    proxy: HttpProxy,
+    websockets: WebSocketRelay | SharedHub,
+    stop_accepting: trio.Event,
+    notifier: Notifier,
+) -> None:
     """SIGTERM's order: close WebSockets (1001), stop accepting, let requests in flight finish (bounded by
     :data:`GRACEFUL_TIMEOUT_S`), then log out of IBKR."""
     log.info("shutting down: closing WebSockets, draining requests")
     notifier.stopping("shutting down: closing WebSockets, draining requests")
-    await parts.manager.stop()
-    parts.stop_accepting.set()  # hypercorn stops accepting and closes idle keep-alive connections
+    await manager.stop()
+    stop_accepting.set()  # hypercorn stops accepting and closes idle keep-alive connections
     with trio.move_on_after(GRACEFUL_TIMEOUT_S) as drain:
-        await parts.proxy.wait_idle()
-        await parts.websockets.wait_all_closed()  # they were told to close (1001); wait until they have
+        await proxy.wait_idle()
+        await websockets.wait_all_closed()  # they were told to close (1001); wait until they have
     if drain.cancelled_caught:
-        log.warning("drain deadline passed with %d request(s) in flight", parts.proxy.in_flight)
-    await parts.manager.logout()
+        log.warning("drain deadline passed with %d request(s) in flight", proxy.in_flight)
+    await manager.logout()
 
 
 async def serve_gateway(
@@ -398,7 +394,7 @@ async def serve_gateway(
             task_status.started(gateway)
             try:
                 await gateway._shutdown.wait()
-                await _drain(_Parts(manager, proxy, websockets, stop_accepting), notifier)
+                await _drain(manager, proxy, websockets, stop_accepting, notifier)
             finally:
                 root.cancel_scope.cancel()
                 pool.close()
